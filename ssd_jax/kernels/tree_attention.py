@@ -1,0 +1,110 @@
+"""Tree attention: one op for verification, the draft's glue forward and its tree branches.
+
+Query t of sequence b attends to
+  (1) main-cache slots s < lengths[b] + depth[t] + 1: the committed prefix plus the glue tokens
+      up to its fork depth (for plain causal attention over new tokens, depth = arange(T)), and
+  (2) optionally its own tree slots (r, t) for r <= tree_step: the branch's earlier tokens.
+
+The mask is derived from `lengths` and `depth` inside each implementation; no [T, S] mask is
+ever materialized by callers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax
+
+from ssd_jax.kernels.reference import tree_attention_reference
+from ssd_jax.kernels.xla import tree_attention_xla
+
+Impl = Literal["reference", "xla", "pallas"]
+IMPLS: tuple[str, ...] = ("reference", "xla", "pallas")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class BlockSizes:
+  """Tiling of the Pallas kernel: `block_kv` main-cache slots per step."""
+
+  block_kv: int = 128
+
+  def __post_init__(self):
+    if self.block_kv <= 0 or self.block_kv & (self.block_kv - 1):
+      raise ValueError(f"block_kv must be a positive power of two, got {self.block_kv}")
+
+
+def static_validate_inputs(q, k, v, lengths, depth, tree_k, tree_v, tree_step) -> None:
+  """Shape checks at trace time; each error names the offending argument."""
+  if q.ndim != 4:
+    raise ValueError(f"q must be [B, T, N, H], got shape {q.shape}")
+  B, T, N, H = q.shape
+  if k.ndim != 4 or k.shape[0] != B or k.shape[3] != H:
+    raise ValueError(f"k must be [B={B}, S, K, H={H}], got shape {k.shape}")
+  if v.shape != k.shape:
+    raise ValueError(f"v must have k's shape {k.shape}, got {v.shape}")
+  if N % k.shape[2]:
+    raise ValueError(f"query heads N={N} must be a multiple of KV heads K={k.shape[2]}")
+  if lengths.shape != (B,):
+    raise ValueError(f"lengths must be i32[B={B}], got shape {lengths.shape}")
+  if depth.shape != (T,):
+    raise ValueError(f"depth must be i32[T={T}], got shape {depth.shape}")
+  if (tree_k is None) != (tree_v is None):
+    raise ValueError("tree_k and tree_v must be given together")
+  if tree_k is not None:
+    K = k.shape[2]
+    if tree_k.ndim != 5 or tree_k.shape[0] != B or tree_k.shape[2:] != (T, K, H):
+      raise ValueError(f"tree_k must be [B={B}, R, T={T}, K={K}, H={H}], got {tree_k.shape}")
+    if tree_v.shape != tree_k.shape:
+      raise ValueError(f"tree_v must have tree_k's shape {tree_k.shape}, got {tree_v.shape}")
+    if tree_step is None:
+      raise ValueError("tree_step is required when a tree is given")
+
+
+def tree_attention(
+  q: jax.Array,  # [B, T, N, H]
+  k: jax.Array,  # [B, S, K, H]
+  v: jax.Array,  # [B, S, K, H]
+  lengths: jax.Array,  # i32[B]
+  depth: jax.Array,  # i32[T]
+  tree_k: jax.Array | None = None,  # [B, R, T, K, H]
+  tree_v: jax.Array | None = None,  # [B, R, T, K, H]
+  tree_step: jax.Array | int | None = None,  # i32[]
+  *,
+  impl: Impl = "xla",
+  scale: float | None = None,
+  block_sizes: BlockSizes | None = None,
+  interpret: bool | None = None,
+) -> jax.Array:
+  """Grouped-query attention of T queries over a shared prefix, glue and private tree slots.
+
+  Args:
+    q: queries [B, T, N, H].
+    k, v: main cache of one layer [B, S, K, H]; slots past what a query may see are never read.
+    lengths: i32[B], committed tokens of each sequence before the queries' glue.
+    depth: i32[T], fork depth of each query (query t sees slots < lengths + depth[t] + 1).
+    tree_k, tree_v: optional private slots [B, R, T, K, H] (query t owns column t).
+    tree_step: the last visible tree step (query t sees tree slots (r, t) with r <= tree_step).
+    impl: "reference" (the specification), "xla" (dense masked einsums), "pallas" (kernel).
+    scale: softmax scale, 1 / sqrt(H) by default.
+    block_sizes: tiling of the Pallas kernel.
+    interpret: run the Pallas kernel in interpret mode (default: when not on GPU/TPU).
+
+  Returns:
+    [B, T, N, H] in q's dtype.
+  """
+  static_validate_inputs(q, k, v, lengths, depth, tree_k, tree_v, tree_step)
+  if scale is None:
+    scale = q.shape[-1] ** -0.5
+  args = (q, k, v, lengths, depth, tree_k, tree_v, tree_step)
+  if impl == "reference":
+    return tree_attention_reference(*args, scale=scale)
+  if impl == "xla":
+    return tree_attention_xla(*args, scale=scale)
+  if impl == "pallas":
+    from ssd_jax.kernels import pallas_tree_attention  # noqa: PLC0415 (Pallas imports are slow)
+
+    return pallas_tree_attention.tree_attention_pallas(
+      *args, scale=scale, block_sizes=block_sizes or BlockSizes(), interpret=interpret
+    )
+  raise ValueError(f"unknown attention impl {impl!r}; expected one of {IMPLS}")

@@ -1,0 +1,225 @@
+"""One decoder-only transformer for Llama-3, Qwen2, Qwen3 and SmolLM2, as pure functions.
+
+Params are a plain dict pytree with the layers stacked on a leading L axis, so one compiled
+layer body runs under `lax.scan`; the KV cache travels in the scan carry and is written with a
+scatter, which XLA performs in place when the cache is donated (jax.md §4.2: the carry layout is
+4x faster than scanning the cache as xs/ys).
+
+Two entry points share the layer body:
+  forward       T new tokens per sequence at positions lengths + arange(T), written to the main
+                cache (prefill, verification, the draft's glue forward and its decode steps).
+  tree_forward  one token per tree branch at step r, written to the tree scratch; reads the main
+                cache without changing it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from ssd_jax.config import ModelConfig
+from ssd_jax.kernels import tree_attention
+from ssd_jax.models import layers
+from ssd_jax.models.kv_cache import KVCache, TreeKV
+
+Params = dict[str, Any]
+
+# Logical axis names of every parameter (see ssd_jax.sharding for the rule table).
+_LAYER_AXES = {
+  "attn_norm": ("layers", "embed"),
+  "wq": ("layers", "embed", "heads", "head_dim"),
+  "wk": ("layers", "embed", "kv_heads", "head_dim"),
+  "wv": ("layers", "embed", "kv_heads", "head_dim"),
+  "wo": ("layers", "heads", "head_dim", "embed"),
+  "bq": ("layers", "heads", "head_dim"),
+  "bk": ("layers", "kv_heads", "head_dim"),
+  "bv": ("layers", "kv_heads", "head_dim"),
+  "q_norm": ("layers", "head_dim"),
+  "k_norm": ("layers", "head_dim"),
+  "mlp_norm": ("layers", "embed"),
+  "w_gate": ("layers", "embed", "mlp"),
+  "w_up": ("layers", "embed", "mlp"),
+  "w_down": ("layers", "mlp", "embed"),
+}
+
+
+def param_shapes(config: ModelConfig) -> Params:
+  """Shapes of every parameter, in the same tree as the params."""
+  L, D, N, K = config.num_layers, config.hidden_size, config.num_heads, config.num_kv_heads
+  H, F, V = config.head_dim, config.intermediate_size, config.vocab_size
+  layer = {
+    "attn_norm": (L, D),
+    "wq": (L, D, N, H),
+    "wk": (L, D, K, H),
+    "wv": (L, D, K, H),
+    "wo": (L, N, H, D),
+    "mlp_norm": (L, D),
+    "w_gate": (L, D, F),
+    "w_up": (L, D, F),
+    "w_down": (L, F, D),
+  }
+  if config.qkv_bias:
+    layer |= {"bq": (L, N, H), "bk": (L, K, H), "bv": (L, K, H)}
+  if config.qk_norm:
+    layer |= {"q_norm": (L, H), "k_norm": (L, H)}
+  shapes = {"embed": (V, D), "layers": layer, "final_norm": (D,)}
+  if not config.tie_embeddings:
+    shapes["lm_head"] = (D, V)
+  return shapes
+
+
+def param_axes(config: ModelConfig) -> Params:
+  """Logical axis names of every parameter, in the same tree as the params."""
+  shapes = param_shapes(config)
+  axes = {
+    "embed": ("vocab", "embed"),
+    "layers": {name: _LAYER_AXES[name] for name in shapes["layers"]},
+    "final_norm": ("embed",),
+  }
+  if "lm_head" in shapes:
+    axes["lm_head"] = ("embed", "vocab")
+  return axes
+
+
+def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32, scale: float = 1.0) -> Params:
+  """Random params (tests, tiny demo models). Norm weights are 1 + noise so they matter."""
+  shapes = param_shapes(config)
+  leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
+  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(
+    shapes, is_leaf=lambda x: isinstance(x, tuple))[0]]
+  keys = jax.random.split(key, len(leaves))
+  out = []
+  for path, shape, k in zip(paths, leaves, keys, strict=True):
+    if "norm" in path:
+      x = 1.0 + 0.1 * jax.random.normal(k, shape)
+    else:
+      fan_in = shape[-2] if len(shape) >= 2 else shape[-1]
+      if path.endswith("['wo']"):
+        fan_in = shape[-3] * shape[-2]
+      x = jax.random.normal(k, shape) * (scale / fan_in**0.5)
+    out.append(x.astype(dtype))
+  return jax.tree.unflatten(treedef, out)
+
+
+def _qkv(x, lp, positions, config: ModelConfig):
+  """Projections, optional bias (Qwen2) and q/k norm (Qwen3), then RoPE."""
+  q = jnp.einsum("BTD,DNH->BTNH", x, lp["wq"])
+  k = jnp.einsum("BTD,DKH->BTKH", x, lp["wk"])
+  v = jnp.einsum("BTD,DKH->BTKH", x, lp["wv"])
+  if config.qkv_bias:
+    q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
+  if config.qk_norm:
+    q = layers.rms_norm(q, lp["q_norm"], config.rms_norm_eps)
+    k = layers.rms_norm(k, lp["k_norm"], config.rms_norm_eps)
+  inv_freq = layers.rope_inv_freq(config)
+  return layers.apply_rope(q, positions, inv_freq), layers.apply_rope(k, positions, inv_freq), v
+
+
+# attend(layer_index, q, k_new, v_new, kv_state) -> (attention output [B, T, N, H], kv_state)
+AttendFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
+
+
+def _decoder(params: Params, tokens, positions, kv_state, attend: AttendFn, config: ModelConfig,
+             return_logits: bool):
+  """Embed, run all layers under one scan with `kv_state` in the carry, then the LM head."""
+  x = params["embed"][tokens]  # [B, T, D]
+
+  def layer(carry, xs):
+    x, kv_state = carry
+    lp, index = xs
+    h = layers.rms_norm(x, lp["attn_norm"], config.rms_norm_eps)
+    q, k, v = _qkv(h, lp, positions, config)
+    out, kv_state = attend(index, q, k, v, kv_state)
+    x = x + jnp.einsum("BTNH,NHD->BTD", out, lp["wo"])
+    h = layers.rms_norm(x, lp["mlp_norm"], config.rms_norm_eps)
+    x = x + layers.gated_mlp(h, lp["w_gate"], lp["w_up"], lp["w_down"])
+    return (x, kv_state), None
+
+  xs = (params["layers"], jnp.arange(config.num_layers))
+  (x, kv_state), _ = jax.lax.scan(layer, (x, kv_state), xs)
+  if not return_logits:
+    return None, kv_state
+  x = layers.rms_norm(x, params["final_norm"], config.rms_norm_eps)
+  head = params["embed"].T if config.tie_embeddings else params["lm_head"]
+  logits = jnp.einsum("BTD,DV->BTV", x, head, preferred_element_type=jnp.float32)
+  return logits, kv_state
+
+
+def forward(
+  params: Params,
+  tokens: jax.Array,  # i32[B, T]
+  cache: KVCache,
+  *,
+  config: ModelConfig,
+  attention_impl: str = "xla",
+  return_logits: bool = True,
+  kv_window: int | None = None,
+) -> tuple[jax.Array | None, KVCache]:
+  """T new tokens per sequence at positions `cache.lengths + arange(T)`.
+
+  Keys and values are written to the main cache; `cache.lengths` is left unchanged (the caller
+  commits tokens by setting lengths). Each new token attends causally to the slots before it.
+
+  Args:
+    kv_window: static bound on the slots attention reads; every position the call reaches
+      (lengths + T) must be below it. Smaller windows skip reading unused slots.
+
+  Returns:
+    f32 logits [B, T, V] (None when `return_logits` is False) and the updated cache.
+  """
+  B, T = tokens.shape
+  positions = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)  # i32[B, T]
+  rows = jnp.arange(B)[:, None]
+  depth = jnp.arange(T, dtype=jnp.int32)
+  window = kv_window or cache.capacity
+
+  def attend(index, q, k, v, kv):
+    k_all, v_all = kv
+    k_all = k_all.at[index, rows, positions].set(k.astype(k_all.dtype))
+    v_all = v_all.at[index, rows, positions].set(v.astype(v_all.dtype))
+    out = tree_attention(q, k_all[index, :, :window], v_all[index, :, :window], cache.lengths,
+                         depth, impl=attention_impl)
+    return out, (k_all, v_all)
+
+  logits, (k_all, v_all) = _decoder(params, tokens, positions, (cache.k, cache.v), attend, config,
+                                    return_logits)
+  return logits, KVCache(k=k_all, v=v_all, lengths=cache.lengths)
+
+
+def tree_forward(
+  params: Params,
+  tokens: jax.Array,  # i32[B, T]  one token per branch
+  cache: KVCache,
+  tree: TreeKV,
+  depth: jax.Array,  # i32[T]  fork depth of each branch
+  step: jax.Array,  # i32[]  tree step r
+  *,
+  config: ModelConfig,
+  attention_impl: str = "xla",
+  kv_window: int | None = None,
+) -> tuple[jax.Array, TreeKV]:
+  """Tree step `step` of the draft's branch decode.
+
+  Branch t, forked at depth[t], sits at position lengths + depth[t] + 1 + step; it sees the
+  main-cache slots up to its fork point (prefix and glue) and its own tree slots 0..step. Its
+  key/value goes to tree slot (step, t); the main cache is only read.
+
+  Returns:
+    f32 logits [B, T, V] and the updated tree scratch.
+  """
+  positions = cache.lengths[:, None] + depth[None, :] + 1 + step  # i32[B, T]
+  window = kv_window or cache.capacity
+
+  def attend(index, q, k, v, kv):
+    tk, tv = kv
+    tk = tk.at[index, :, step].set(k.astype(tk.dtype))
+    tv = tv.at[index, :, step].set(v.astype(tv.dtype))
+    out = tree_attention(q, cache.k[index, :, :window], cache.v[index, :, :window],
+                         cache.lengths, depth, tk[index], tv[index], step, impl=attention_impl)
+    return out, (tk, tv)
+
+  logits, (tk, tv) = _decoder(params, tokens, positions, (tree.k, tree.v), attend, config, True)
+  return logits, TreeKV(k=tk, v=tv)
