@@ -34,12 +34,16 @@ def tree_attention_xla(
   visible = jnp.arange(S)[None, None, :] < limit[:, :, None]  # bool[B, T, S]
   scores = jnp.where(visible[:, None, None], scores, _NEG)
   # Unused slots may hold anything (NaN in tests); zero them so 0 * NaN cannot leak.
-  v_main = jnp.where(jnp.arange(S)[None, :, None, None] < jnp.max(limit, axis=1)[:, None, None, None],
-                     v, jnp.zeros((), v.dtype))
+  v_main = jnp.where(
+    jnp.arange(S)[None, :, None, None] < jnp.max(limit, axis=1)[:, None, None, None],
+    v,
+    jnp.zeros((), v.dtype),
+  )
   if tree_k is None:
     weights = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", weights.astype(v.dtype), v_main,
-                     preferred_element_type=f32)
+    out = jnp.einsum(
+      "BKGTS,BSKH->BTKGH", weights.astype(v.dtype), v_main, preferred_element_type=f32
+    )
     return out.reshape(B, T, N, H).astype(q.dtype)
   R = tree_k.shape[1]
   tree_scores = jnp.einsum("BTKGH,BRTKH->BKGTR", qg, tree_k, preferred_element_type=f32) * scale
@@ -49,6 +53,7 @@ def tree_attention_xla(
   w_main, w_tree = weights[..., :S], weights[..., S:]
   v_tree = jnp.where(tree_visible[None, :, None, None, None], tree_v, jnp.zeros((), tree_v.dtype))
   out = jnp.einsum("BKGTS,BSKH->BTKGH", w_main.astype(v.dtype), v_main, preferred_element_type=f32)
-  out += jnp.einsum("BKGTR,BRTKH->BTKGH", w_tree.astype(v.dtype), v_tree,
-                    preferred_element_type=f32)
+  out += jnp.einsum(
+    "BKGTR,BRTKH->BTKGH", w_tree.astype(v.dtype), v_tree, preferred_element_type=f32
+  )
   return out.reshape(B, T, N, H).astype(q.dtype)

@@ -84,12 +84,18 @@ def param_axes(config: ModelConfig) -> Params:
   return axes
 
 
-def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32, scale: float = 1.0) -> Params:
+def init_params(
+  config: ModelConfig, key: jax.Array, dtype=jnp.float32, scale: float = 1.0
+) -> Params:
   """Random params (tests, tiny demo models). Norm weights are 1 + noise so they matter."""
   shapes = param_shapes(config)
   leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
-  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(
-    shapes, is_leaf=lambda x: isinstance(x, tuple))[0]]
+  paths = [
+    jax.tree_util.keystr(p)
+    for p, _ in jax.tree_util.tree_flatten_with_path(
+      shapes, is_leaf=lambda x: isinstance(x, tuple)
+    )[0]
+  ]
   keys = jax.random.split(key, len(leaves))
   out = []
   for path, shape, k in zip(paths, leaves, keys, strict=True):
@@ -122,8 +128,15 @@ def _qkv(x, lp, positions, config: ModelConfig):
 AttendFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
 
 
-def _decoder(params: Params, tokens, positions, kv_state, attend: AttendFn, config: ModelConfig,
-             return_logits: bool):
+def _decoder(
+  params: Params,
+  tokens,
+  positions,
+  kv_state,
+  attend: AttendFn,
+  config: ModelConfig,
+  return_logits: bool,
+):
   """Embed, run all layers under one scan with `kv_state` in the carry, then the LM head."""
   x = params["embed"][tokens]  # [B, T, D]
 
@@ -180,12 +193,19 @@ def forward(
     k_all, v_all = kv
     k_all = k_all.at[index, rows, positions].set(k.astype(k_all.dtype))
     v_all = v_all.at[index, rows, positions].set(v.astype(v_all.dtype))
-    out = tree_attention(q, k_all[index, :, :window], v_all[index, :, :window], cache.lengths,
-                         depth, impl=attention_impl)
+    out = tree_attention(
+      q,
+      k_all[index, :, :window],
+      v_all[index, :, :window],
+      cache.lengths,
+      depth,
+      impl=attention_impl,
+    )
     return out, (k_all, v_all)
 
-  logits, (k_all, v_all) = _decoder(params, tokens, positions, (cache.k, cache.v), attend, config,
-                                    return_logits)
+  logits, (k_all, v_all) = _decoder(
+    params, tokens, positions, (cache.k, cache.v), attend, config, return_logits
+  )
   return logits, KVCache(k=k_all, v=v_all, lengths=cache.lengths)
 
 
@@ -217,8 +237,17 @@ def tree_forward(
     tk, tv = kv
     tk = tk.at[index, :, step].set(k.astype(tk.dtype))
     tv = tv.at[index, :, step].set(v.astype(tv.dtype))
-    out = tree_attention(q, cache.k[index, :, :window], cache.v[index, :, :window],
-                         cache.lengths, depth, tk[index], tv[index], step, impl=attention_impl)
+    out = tree_attention(
+      q,
+      cache.k[index, :, :window],
+      cache.v[index, :, :window],
+      cache.lengths,
+      depth,
+      tk[index],
+      tv[index],
+      step,
+      impl=attention_impl,
+    )
     return out, (tk, tv)
 
   logits, (tk, tv) = _decoder(params, tokens, positions, (tree.k, tree.v), attend, config, True)

