@@ -102,3 +102,75 @@ class ModelConfig:
     per_layer = attn + 3 * D * F + 2 * D
     head = 0 if self.tie_embeddings else self.vocab_size * D
     return self.num_layers * per_layer + self.vocab_size * D + head + D
+
+
+Mode = Literal["ar", "sd", "ssd"]
+Backup = Literal["neural", "fast", "auto"]
+MODES: tuple[str, ...] = ("ar", "sd", "ssd")
+BACKUPS: tuple[str, ...] = ("neural", "fast", "auto")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SpecConfig:
+  """How to decode: the mode and, for speculation, its knobs.
+
+  Attributes:
+    mode: "ar" (target only), "sd" (synchronous speculative decoding) or "ssd" (speculative
+      speculative decoding: the draft pre-speculates on its own device during verification).
+    lookahead: draft tokens per round (the paper's K).
+    fan_out: fork candidates per accept depth 0..lookahead after a cache hit (the paper's F^p),
+      a tuple of lookahead + 1 ints.
+    fan_out_miss: the same after a miss (F^b); must have the same sum as `fan_out` so the
+      expansion has one static shape. Defaults to `fan_out`.
+    saguaro_c: Saguaro sampling's C in [0, 1] (1 = plain draft sampling).
+    backup: what a cache miss falls back to: "neural" (draft now), "fast" (random tokens) or
+      "auto" (neural below the batch size `auto_batch_threshold`, fast from it on: Theorem 17).
+    auto_batch_threshold: b* for "auto"; None = computed from measured latencies.
+  """
+
+  mode: Mode = "ssd"
+  lookahead: int = 4
+  fan_out: tuple[int, ...] = ()
+  fan_out_miss: tuple[int, ...] = ()
+  saguaro_c: float = 1.0
+  backup: Backup = "neural"
+  auto_batch_threshold: float | None = None
+
+  def __post_init__(self):
+    if self.mode not in MODES:
+      raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+    if self.backup not in BACKUPS:
+      raise ValueError(f"backup must be one of {BACKUPS}, got {self.backup!r}")
+    if not isinstance(self.lookahead, int) or self.lookahead < (0 if self.mode == "ar" else 1):
+      raise ValueError(f"lookahead must be an int >= 1 for {self.mode}, got {self.lookahead!r}")
+    if not 0.0 <= self.saguaro_c <= 1.0:
+      raise ValueError(f"saguaro_c must be in [0, 1], got {self.saguaro_c}")
+    for name in ("fan_out", "fan_out_miss"):
+      value = getattr(self, name)
+      if value and len(value) != self.lookahead + 1:
+        raise ValueError(
+          f"{name} needs lookahead + 1 = {self.lookahead + 1} entries (one per accept depth "
+          f"0..{self.lookahead}), got {len(value)}: {list(value)}"
+        )
+      if any((not isinstance(f, int)) or f < 0 for f in value):
+        raise ValueError(f"{name} entries must be ints >= 0, got {list(value)}")
+    if self.saguaro_c < 1.0 and not self.fan_out:
+      raise ValueError("saguaro_c < 1 scales the top-F draft tokens, so it needs a fan_out list")
+    if self.mode == "ssd" and not self.fan_out:
+      raise ValueError("ssd needs a fan_out list (one entry per accept depth 0..lookahead)")
+    if self.fan_out and sum(self.fan_out) == 0:
+      raise ValueError("fan_out must fork at least one branch (its sum is 0)")
+    if self.fan_out_miss and sum(self.fan_out_miss) != sum(self.fan_out):
+      raise ValueError(
+        f"fan_out and fan_out_miss must have equal sums (one static expansion shape): "
+        f"{sum(self.fan_out)} != {sum(self.fan_out_miss)}"
+      )
+
+  @property
+  def miss_fan_out(self) -> tuple[int, ...]:
+    return self.fan_out_miss or self.fan_out
+
+  @property
+  def branches(self) -> int:
+    """N: branches expanded per sequence per round."""
+    return sum(self.fan_out)

@@ -24,7 +24,7 @@ def tree_attention_reference(
 ) -> jax.Array:
   """Query t of sequence b attends to main slots s < lengths[b] + depth[t] + 1 and, when a tree
   is given, to its own tree slots (r, t) for r <= tree_step. Returns [B, T, N, H]."""
-  B, T, N, H = q.shape
+  B, T, N, _ = q.shape
   K = k.shape[2]
   G = N // K
   S = k.shape[1]
