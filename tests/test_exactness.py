@@ -88,3 +88,53 @@ def test_negative_controls_fail(engine, monkeypatch, broken):
     monkeypatch.undo()
     jax.clear_caches()
   assert exact.fit_z(observed, law) > 3 * exact.Z_MAX
+
+
+def ssd_spec(fan_out, backup="neural", c=1.0):
+  return SpecConfig(mode="ssd", lookahead=1, fan_out=fan_out, backup=backup, saguaro_c=c)
+
+
+def later_hit_rate(metrics):
+  """Hit rate over rounds after each sequence's first (which always misses: empty cache)."""
+  return metrics.accept_hist[1].sum() / (metrics.rounds - N)
+
+
+# (spec, check on the metrics that the intended path carried most rounds)
+SSD_PATHS = {
+  "hit": (ssd_spec((4, 4)), lambda m: later_hit_rate(m) > 0.8),
+  "neural miss": (ssd_spec((1, 1)), lambda m: later_hit_rate(m) < 0.5),
+  "fast miss": (ssd_spec((1, 1), backup="fast"), lambda m: later_hit_rate(m) < 0.5),
+}
+
+
+@pytest.mark.parametrize("path", list(SSD_PATHS))
+@pytest.mark.parametrize("temperature", [0.5, 1.0])
+def test_ssd_paths_are_exact(engine, path, temperature):
+  spec, exercised = SSD_PATHS[path]
+  observed, law, metrics = decode_law(engine, spec, temperature)
+  assert exercised(metrics), later_hit_rate(metrics)
+  assert exact.fit_z(observed, law) < exact.Z_MAX, exact.total_variation(observed, law)
+
+
+@pytest.mark.parametrize("c", [1.0, 0.5, 0.0])
+def test_ssd_saguaro_is_exact(engine, c):
+  observed, law, metrics = decode_law(engine, ssd_spec((3, 3), c=c), 1.0)
+  assert later_hit_rate(metrics) > 0.5
+  assert exact.fit_z(observed, law) < exact.Z_MAX, exact.total_variation(observed, law)
+
+
+def test_ssd_negative_control_fails(engine, monkeypatch):
+  """Branch tokens drawn greedily while the cache stores q: sampler and verifier disagree."""
+  from ssd_jax.decode import speculate  # noqa: PLC0415
+
+  monkeypatch.setattr(
+    speculate, "sample", lambda key, probs: jnp.argmax(probs, -1).astype(jnp.int32)
+  )
+  jax.clear_caches()
+  try:
+    observed, law, metrics = decode_law(engine, ssd_spec((4, 4)), 1.0)
+  finally:
+    monkeypatch.undo()
+    jax.clear_caches()
+  assert later_hit_rate(metrics) > 0.8
+  assert exact.fit_z(observed, law) > 3 * exact.Z_MAX

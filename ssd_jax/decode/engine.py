@@ -28,6 +28,7 @@ from ssd_jax import sharding
 from ssd_jax.config import SpecConfig
 from ssd_jax.decode import draft as draft_lib
 from ssd_jax.decode import target as target_lib
+from ssd_jax.decode import theory
 from ssd_jax.decode.metrics import Metrics, RoundTimer
 from ssd_jax.decode.sampling import Sampling
 from ssd_jax.decode.state import Report
@@ -115,23 +116,41 @@ class Engine:
         "tokenizer and vocabulary for both"
       )
     devices = list(devices if devices is not None else jax.devices())
-    need = target_devices + (draft_devices if draft is not None else 0)
-    self.shared = draft is not None and len(devices) < need and len(devices) >= target_devices
+    # One device in all: the draft shares it (allowed, with a warning). Otherwise too few
+    # devices is an error from make_meshes.
+    self.shared = draft is not None and len(devices) == 1 and target_devices == 1
     if self.shared:
       warnings.warn(
-        f"only {len(devices)} device(s) for {target_devices} target + {draft_devices} draft: "
-        "the draft shares the target's device, so ssd cannot overlap drafting with verification",
+        "only one device: the draft shares the target's device, so ssd cannot overlap drafting "
+        "with verification (on CPU, ask for more virtual devices: see --help)",
         stacklevel=2,
       )
     self.target, self.draft = target, draft
     self.target_mesh, self.draft_mesh = sharding.make_meshes(
-      target_devices, draft_devices, devices, share=self.shared
+      target_devices, draft_devices, devices, share=self.shared or draft is None
     )
     self.attention_impl = attention_impl or "xla"
     self.target_params = sharding.place_params(target.params, target.config, self.target_mesh)
+    self.calibration: dict[str, float] = {}
     self.draft_params = None
     if draft is not None:
       self.draft_params = sharding.place_params(draft.params, draft.config, self.draft_mesh)
+
+  def backup_threshold(self, spec: SpecConfig) -> float:
+    """b* of Theorem 17 for this pair: the batch size from which the fast backup wins.
+
+    Uses `self.calibration` when set (measured: p_hit, e_hit, e_miss_neural, t_neural = backup
+    drafting time / verify time, e.g. from a previous run's metrics); otherwise estimates the
+    backup's cost from parameter counts (lookahead draft steps, each costing the draft/target
+    parameter ratio of a verification) with the paper's typical p_hit = 0.85 and a = 0.7.
+    """
+    c = dict(self.calibration)
+    ratio = self.draft.config.num_params / self.target.config.num_params
+    c.setdefault("t_neural", spec.lookahead * ratio)
+    c.setdefault("p_hit", 0.85)
+    c.setdefault("e_hit", theory.expected_tokens_sd(0.7, spec.lookahead))
+    c.setdefault("e_miss_neural", c["e_hit"])
+    return theory.backup_threshold(c["p_hit"], c["e_hit"], c["e_miss_neural"], c["t_neural"])
 
   def generate(
     self,

@@ -15,14 +15,14 @@ def tree_attention_reference(
   k: jax.Array,  # [B, S, K, H]
   v: jax.Array,  # [B, S, K, H]
   lengths: jax.Array,  # i32[B]
-  depth: jax.Array,  # i32[T]
+  depth: jax.Array,  # i32[B, T]
   tree_k: jax.Array | None = None,  # [B, R, T, K, H]
   tree_v: jax.Array | None = None,  # [B, R, T, K, H]
   tree_step: jax.Array | int | None = None,
   *,
   scale: float,
 ) -> jax.Array:
-  """Query t of sequence b attends to main slots s < lengths[b] + depth[t] + 1 and, when a tree
+  """Query t of sequence b attends to main slots s < lengths[b] + depth[b, t] + 1 and, if a tree
   is given, to its own tree slots (r, t) for r <= tree_step. Returns [B, T, N, H]."""
   B, T, N, _ = q.shape
   K = k.shape[2]
@@ -32,7 +32,7 @@ def tree_attention_reference(
   for b in range(B):
     rows = []
     for t in range(T):
-      visible = jnp.arange(S) < lengths[b] + depth[t] + 1  # bool[S]
+      visible = jnp.arange(S) < lengths[b] + depth[b, t] + 1  # bool[S]
       keys, values, mask = k[b], v[b], visible
       if tree_k is not None:
         R = tree_k.shape[1]

@@ -15,6 +15,7 @@ import dataclasses
 from typing import Literal
 
 import jax
+import jax.numpy as jnp
 
 from ssd_jax.kernels.reference import tree_attention_reference
 from ssd_jax.kernels.xla import tree_attention_xla
@@ -47,8 +48,8 @@ def static_validate_inputs(q, k, v, lengths, depth, tree_k, tree_v, tree_step) -
     raise ValueError(f"query heads N={N} must be a multiple of KV heads K={k.shape[2]}")
   if lengths.shape != (B,):
     raise ValueError(f"lengths must be i32[B={B}], got shape {lengths.shape}")
-  if depth.shape != (T,):
-    raise ValueError(f"depth must be i32[T={T}], got shape {depth.shape}")
+  if depth.shape not in ((T,), (B, T)):
+    raise ValueError(f"depth must be i32[T={T}] or i32[B={B}, T={T}], got shape {depth.shape}")
   if (tree_k is None) != (tree_v is None):
     raise ValueError("tree_k and tree_v must be given together")
   if tree_k is not None:
@@ -66,7 +67,7 @@ def tree_attention(
   k: jax.Array,  # [B, S, K, H]
   v: jax.Array,  # [B, S, K, H]
   lengths: jax.Array,  # i32[B]
-  depth: jax.Array,  # i32[T]
+  depth: jax.Array,  # i32[T] or i32[B, T]
   tree_k: jax.Array | None = None,  # [B, R, T, K, H]
   tree_v: jax.Array | None = None,  # [B, R, T, K, H]
   tree_step: jax.Array | int | None = None,  # i32[]
@@ -82,7 +83,8 @@ def tree_attention(
     q: queries [B, T, N, H].
     k, v: main cache of one layer [B, S, K, H]; slots past what a query may see are never read.
     lengths: i32[B], committed tokens of each sequence before the queries' glue.
-    depth: i32[T], fork depth of each query (query t sees slots < lengths + depth[t] + 1).
+    depth: i32[T] (shared by all sequences) or i32[B, T], the fork depth of each query (query
+      t of sequence b sees slots < lengths[b] + depth[b, t] + 1).
     tree_k, tree_v: optional private slots [B, R, T, K, H] (query t owns column t).
     tree_step: the last visible tree step (query t sees tree slots (r, t) with r <= tree_step).
     impl: "reference" (the specification), "xla" (dense masked einsums), "pallas" (kernel).
@@ -96,6 +98,7 @@ def tree_attention(
   static_validate_inputs(q, k, v, lengths, depth, tree_k, tree_v, tree_step)
   if scale is None:
     scale = q.shape[-1] ** -0.5
+  depth = jnp.broadcast_to(depth, q.shape[:2])  # implementations take i32[B, T]
   args = (q, k, v, lengths, depth, tree_k, tree_v, tree_step)
   if impl == "reference":
     return tree_attention_reference(*args, scale=scale)

@@ -17,7 +17,7 @@ def tree_attention_xla(
   k: jax.Array,  # [B, S, K, H]
   v: jax.Array,  # [B, S, K, H]
   lengths: jax.Array,  # i32[B]
-  depth: jax.Array,  # i32[T]
+  depth: jax.Array,  # i32[B, T]
   tree_k: jax.Array | None = None,  # [B, R, T, K, H]
   tree_v: jax.Array | None = None,  # [B, R, T, K, H]
   tree_step: jax.Array | int | None = None,
@@ -30,7 +30,7 @@ def tree_attention_xla(
   qg = q.reshape(B, T, K, G, H)
   f32 = jnp.float32
   scores = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=f32) * scale
-  limit = lengths[:, None] + depth[None, :] + 1  # i32[B, T]
+  limit = lengths[:, None] + depth + 1  # i32[B, T]
   visible = jnp.arange(S)[None, None, :] < limit[:, :, None]  # bool[B, T, S]
   scores = jnp.where(visible[:, None, None], scores, _NEG)
   # Unused slots may hold anything (NaN in tests); zero them so 0 * NaN cannot leak.

@@ -214,7 +214,7 @@ def tree_forward(
   tokens: jax.Array,  # i32[B, T]  one token per branch
   cache: KVCache,
   tree: TreeKV,
-  depth: jax.Array,  # i32[T]  fork depth of each branch
+  depth: jax.Array,  # i32[T] or i32[B, T]  fork depth of each branch
   step: jax.Array,  # i32[]  tree step r
   *,
   config: ModelConfig,
@@ -230,7 +230,8 @@ def tree_forward(
   Returns:
     f32 logits [B, T, V] and the updated tree scratch.
   """
-  positions = cache.lengths[:, None] + depth[None, :] + 1 + step  # i32[B, T]
+  depth = jnp.broadcast_to(depth, tokens.shape)  # i32[B, T]
+  positions = cache.lengths[:, None] + depth + 1 + step  # i32[B, T]
   window = kv_window or cache.capacity
 
   def attend(index, q, k, v, kv):

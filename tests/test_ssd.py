@@ -1,0 +1,286 @@
+"""The SSD engine: greedy equality, hand-computed fork/lookup cases, placement, recompilation,
+bad input. Statistical exactness of its paths is in test_exactness.py."""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ssd_jax import sharding
+from ssd_jax.config import SpecConfig
+from ssd_jax.decode import Engine, Sampling, speculate, tree
+from ssd_jax.decode import draft as draft_lib
+from ssd_jax.decode import target as target_lib
+from ssd_jax.decode.state import SpecCache, Speculation
+from ssd_jax.decode.verify import Outcome
+from ssd_jax.models import KVCache
+from ssd_jax.models.registry import load_model
+
+PROMPTS = [[5, 17, 99, 3, 42, 8, 8, 120], [7, 1], [200, 201, 202, 203, 204]]
+FAMILIES = ["tiny-llama", "tiny-qwen2", "tiny-qwen3"]
+
+
+@pytest.fixture(scope="module")
+def models():
+  return {name: load_model(name) for name in [*FAMILIES, "tiny-llama-draft"]}
+
+
+@pytest.fixture(scope="module")
+def ar_tokens(models):
+  return {
+    (f, b): Engine(models[f]).generate(PROMPTS[:b], max_new_tokens=20, ignore_eos=True).tokens
+    for f in FAMILIES
+    for b in (1, 3)
+  }
+
+
+def fan_outs(lookahead, kind):
+  if kind == "uniform":
+    return tree.uniform(lookahead, 2), ()
+  if kind == "geometric":
+    return tree.geometric(lookahead, 2 * (lookahead + 1), acceptance=0.7), ()
+  # "miss": nothing cached for the all-accepted outcome, so draft == target always misses.
+  return (3,) * lookahead + (0,), ()
+
+
+# Every family with hit-heavy configurations; the miss paths (one per backup) on one family.
+CASES = [(f, k, b) for f in FAMILIES for k, b in (("uniform", "neural"), ("geometric", "fast"))]
+CASES += [("tiny-llama", "miss", "neural"), ("tiny-llama", "miss", "fast")]
+
+
+@pytest.mark.parametrize(("family", "kind", "backup"), CASES)
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("lookahead", [2, 5])
+def test_greedy_ssd_equals_ar(models, ar_tokens, family, batch, lookahead, kind, backup):
+  target = models[family]
+  fan_out, fan_out_miss = fan_outs(lookahead, kind)
+  spec = SpecConfig(
+    mode="ssd", lookahead=lookahead, fan_out=fan_out, fan_out_miss=fan_out_miss, backup=backup
+  )
+  out = Engine(target, target).generate(
+    PROMPTS[:batch], spec=spec, max_new_tokens=20, ignore_eos=True
+  )
+  assert out.tokens == ar_tokens[family, batch]
+  m = out.metrics
+  if kind == "miss":
+    # Always a miss after a neural backup (it drafts like the target: all accepted, uncached);
+    # after a fast backup the rejection at depth 0 is cached, so hits and misses alternate.
+    misses = m.accept_hist[0].sum()
+    assert misses == m.rounds if backup == "neural" else misses > batch
+  else:  # draft == target: every round after the first hits (all accepted, bonus = argmax)
+    first_rounds = batch
+    assert m.hit_rate == pytest.approx((m.rounds - first_rounds) / m.rounds)
+    assert m.mean_accepted_hit == lookahead + 1
+
+
+@pytest.mark.parametrize("backup", ["neural", "fast"])
+def test_greedy_ssd_with_unrelated_draft(models, ar_tokens, backup):
+  spec = SpecConfig(mode="ssd", lookahead=3, fan_out=(3, 2, 2, 1), backup=backup)
+  out = Engine(models["tiny-qwen2"], models["tiny-llama-draft"]).generate(
+    PROMPTS, spec=spec, max_new_tokens=20, ignore_eos=True
+  )
+  assert out.tokens == ar_tokens["tiny-qwen2", 3]
+
+
+def test_fork_hand_computed():
+  """Depth j forks the top-F_j glue tokens, skipping the token speculated there."""
+  V = 6
+  glue = jnp.log(
+    jnp.asarray(
+      [
+        [
+          [0.5, 0.2, 0.1, 0.1, 0.05, 0.05],  # depth 0: x_1 = 0 is excluded -> 1, then 2
+          [0.1, 0.1, 0.6, 0.1, 0.05, 0.05],  # depth 1: x_2 = 3 excluded -> 2
+          [0.0, 0.0, 0.0, 0.0, 0.3, 0.7],  # depth 2 (all accepted): nothing excluded -> 5, 4
+        ]
+      ]
+    )
+  )
+  spec = Speculation(
+    tokens=jnp.asarray([[9 % V, 0, 3]]),
+    probs=None,
+    point_mass=jnp.zeros(1, bool),
+    hit=jnp.asarray([True]),
+  )
+  keys, depth, valid = speculate.fork(glue, spec, (2, 1, 2), (1, 1, 3))
+  np.testing.assert_array_equal(keys, [[1, 2, 2, 5, 4]])
+  np.testing.assert_array_equal(depth, [[0, 0, 1, 2, 2]])
+  assert valid.all()
+  # A row whose speculation was a miss uses the miss list; tokens of zero mass are invalid.
+  spec = Speculation(
+    tokens=spec.tokens, probs=None, point_mass=spec.point_mass, hit=jnp.asarray([False])
+  )
+  keys, depth, valid = speculate.fork(glue, spec, (2, 1, 2), (1, 1, 3))
+  np.testing.assert_array_equal(keys[0, :3], [1, 2, 5])
+  np.testing.assert_array_equal(depth, [[0, 1, 2, 2, 2]])
+  assert valid[0, :4].all() and not valid[0, 4]  # the third candidate at depth 2 has p = 0
+
+
+def _cache(B=3, lookahead=2):
+  """Branches: (depth 0, key 7), (depth 1, key 8), (depth 2, key 9) for every row."""
+  keys = jnp.asarray([[7, 8, 9]] * B)
+  tokens = jnp.arange(B * 3 * lookahead).reshape(B, 3, lookahead) + 100
+  return SpecCache(
+    keys=keys,
+    depth=jnp.asarray([[0, 1, 2]] * B),
+    tokens=tokens,
+    probs=None,
+    valid=jnp.ones((B, 3), bool),
+  )
+
+
+def test_lookup_hit_miss_partial_batch_and_all_accepted(models):
+  draft = models["tiny-llama-draft"]
+  B, lookahead = 3, 2
+  state = draft_lib.start(
+    draft.params,
+    jnp.ones((B, 4), jnp.int32),
+    jnp.full((B,), 4),
+    KVCache.init(draft.config, B, 32),
+    jnp.zeros(B),
+    jax.random.key(0),
+    config=draft.config,
+  )
+  # Row 0: depth 1, bonus 8 -> hit. Row 1: depth 1, bonus 7 -> miss (7 is a depth-0 key).
+  # Row 2: all accepted (depth 2 = lookahead), bonus 9 -> hit.
+  outcome = Outcome(
+    accepted=jnp.asarray([1, 1, 2]), bonus=jnp.asarray([8, 7, 9]), committed=jnp.asarray([2, 2, 3])
+  )
+  cache = _cache(B, lookahead)
+  hit, index = speculate.find(cache, outcome)
+  np.testing.assert_array_equal(hit, [True, False, True])
+  np.testing.assert_array_equal(index[jnp.asarray([0, 2])], [1, 2])
+  kwargs = dict(
+    config=draft.config, lookahead=lookahead, fan_out_miss=(1, 1, 1), sampling=Sampling()
+  )
+  new_state, spec = speculate.lookup(draft.params, state, cache, outcome, backup="fast", **kwargs)
+  np.testing.assert_array_equal(new_state.cache.lengths, [5, 5, 6])  # 3 + committed
+  np.testing.assert_array_equal(spec.tokens[:, 0], [8, 7, 9])
+  np.testing.assert_array_equal(spec.tokens[0, 1:], cache.tokens[0, 1])
+  np.testing.assert_array_equal(spec.tokens[2, 1:], cache.tokens[2, 2])
+  np.testing.assert_array_equal(spec.hit, [True, False, True])
+  np.testing.assert_array_equal(spec.point_mass, [False, True, False])
+  # Neural backup: the miss row gets exactly what the draft proposes from its bonus.
+  state = draft_lib.start(
+    draft.params,
+    jnp.ones((B, 4), jnp.int32),
+    jnp.full((B,), 4),
+    KVCache.init(draft.config, B, 32),
+    jnp.zeros(B),
+    jax.random.key(0),
+    config=draft.config,
+  )
+  _, spec = speculate.lookup(draft.params, state, cache, outcome, backup="neural", **kwargs)
+  state = draft_lib.start(
+    draft.params,
+    jnp.ones((B, 4), jnp.int32),
+    jnp.full((B,), 4),
+    KVCache.init(draft.config, B, 32),
+    jnp.zeros(B),
+    jax.random.key(0),
+    config=draft.config,
+  )
+  _, fresh = draft_lib.propose(
+    draft.params,
+    state,
+    outcome,
+    outcome.bonus,
+    config=draft.config,
+    lookahead=lookahead,
+    sampling=Sampling(),
+  )
+  np.testing.assert_array_equal(spec.tokens[1], fresh.tokens[1])
+  assert not spec.point_mass.any()
+
+
+def test_programs_run_on_disjoint_devices(models):
+  target, draft = models["tiny-qwen3"], models["tiny-llama-draft"]
+  engine = Engine(target, draft, target_devices=4)
+  t_devices = {d for x in jax.tree.leaves(engine.target_params) for d in x.devices()}
+  d_devices = {d for x in jax.tree.leaves(engine.draft_params) for d in x.devices()}
+  assert len(t_devices) == 4 and len(d_devices) == 1 and not t_devices & d_devices
+  (device,) = d_devices
+  put = lambda x: jax.device_put(x, device)
+  dstate = draft_lib.start(
+    engine.draft_params,
+    put(jnp.ones((1, 4), jnp.int32)),
+    put(jnp.full((1,), 4)),
+    sharding.init_cache(draft.config, engine.draft_mesh, 1, 32, jnp.float32),
+    put(jnp.zeros(1)),
+    put(jax.random.key(0)),
+    config=draft.config,
+  )
+  kwargs = dict(config=draft.config, lookahead=3, sampling=Sampling())
+  dstate, proposal = draft_lib.propose(
+    engine.draft_params, dstate, None, put(jnp.ones((1,), jnp.int32)), **kwargs
+  )
+  _, spec_cache = speculate.expand(
+    engine.draft_params, dstate, proposal, fan_out=(2, 2, 2, 2), fan_out_miss=(2, 2, 2, 2), **kwargs
+  )
+  assert {d for x in jax.tree.leaves(spec_cache) for d in x.devices()} == d_devices
+
+
+def test_tensor_parallel_target_matches_single_device(models):
+  target = models["tiny-qwen3"]  # 4 query heads, 4 KV heads: splits over 4 devices
+  spec = SpecConfig(mode="ssd", lookahead=3, fan_out=(2, 2, 1, 1))
+  one = Engine(target, models["tiny-llama-draft"]).generate(
+    PROMPTS, spec=spec, max_new_tokens=16, ignore_eos=True
+  )
+  four = Engine(target, models["tiny-llama-draft"], target_devices=4).generate(
+    PROMPTS, spec=spec, max_new_tokens=16, ignore_eos=True
+  )
+  assert four.tokens == one.tokens
+
+
+def test_no_recompilation_after_warmup(models):
+  engine = Engine(models["tiny-llama"], models["tiny-llama-draft"])
+  spec = SpecConfig(mode="ssd", lookahead=3, fan_out=(2, 2, 1, 1))
+  programs = (target_lib.step, speculate.expand, speculate.lookup, draft_lib.propose)
+  engine.generate([[1, 2, 3]], spec=spec, max_new_tokens=24, capacity=64)
+  sizes = [p._cache_size() for p in programs]
+  for prompt in ([4, 5, 6, 7, 8, 9], [10] * 15, [3]):  # same bucket (16), other lengths
+    engine.generate([prompt], spec=spec, max_new_tokens=24, capacity=64)
+  assert [p._cache_size() for p in programs] == sizes
+
+
+def test_bad_input(models):
+  with pytest.raises(ValueError, match="fan_out needs lookahead \\+ 1 = 4 entries"):
+    SpecConfig(mode="ssd", lookahead=3, fan_out=(1, 2))
+  with pytest.raises(ValueError, match="equal sums"):
+    SpecConfig(mode="ssd", lookahead=2, fan_out=(1, 1, 1), fan_out_miss=(3, 1, 0))
+  with pytest.raises(ValueError, match="needs a fan_out list"):
+    SpecConfig(mode="ssd", lookahead=2)
+  target, draft = models["tiny-llama"], models["tiny-llama-draft"]
+  with pytest.raises(ValueError, match="need 9 devices"):
+    Engine(target, draft, target_devices=8)
+  spec = SpecConfig(mode="ssd", lookahead=6, fan_out=(1,) * 7)
+  with pytest.raises(ValueError, match="capacity 16 cannot hold"):
+    Engine(target, draft).generate([[1] * 8], spec=spec, max_new_tokens=4, capacity=16)
+
+
+def test_single_device_shares_with_a_warning(models):
+  target, draft = models["tiny-llama"], models["tiny-llama-draft"]
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    engine = Engine(target, draft, devices=jax.devices()[:1])
+  assert any("cannot overlap" in str(w.message) for w in caught)
+  spec = SpecConfig(mode="ssd", lookahead=2, fan_out=(1, 1, 1))
+  out = engine.generate(PROMPTS[:1], spec=spec, max_new_tokens=8, ignore_eos=True)
+  assert len(out.tokens[0]) == 8
+
+
+def test_auto_backup_picks_by_batch_size(models):
+  engine = Engine(models["tiny-llama"], models["tiny-llama-draft"])
+  spec = SpecConfig(
+    mode="ssd", lookahead=2, fan_out=(1, 1, 1), backup="auto", auto_batch_threshold=2
+  )
+  run = lambda prompts, s: engine.generate(prompts, spec=s, max_new_tokens=4).metrics.extra
+  assert run(PROMPTS[:1], spec)["backup"] == "neural"
+  assert run(PROMPTS, spec)["backup"] == "fast"
+  # Without a configured b*, it comes from Theorem 17 with the engine's calibration.
+  engine.calibration = dict(p_hit=0.85, e_hit=5.0, e_miss_neural=5.0, t_neural=0.5)
+  measured = SpecConfig(mode="ssd", lookahead=2, fan_out=(1, 1, 1), backup="auto")
+  extra = run(PROMPTS[:2], measured)
+  assert extra["backup_threshold"] == 2.0 and extra["backup"] == "fast"
