@@ -14,6 +14,24 @@ The speculative-decoding knobs are never single letters in code: `lookahead` and
 """
 
 from ssd_jax.models.kv_cache import KVCache, TreeKV
-from ssd_jax.models.transformer import forward, init_params, param_axes, tree_forward
+from ssd_jax.models.transformer import (
+  forward,
+  hidden_states,
+  init_params,
+  lm_head,
+  param_axes,
+  score,
+  tree_forward,
+)
 
-__all__ = ["KVCache", "TreeKV", "forward", "init_params", "param_axes", "tree_forward"]
+__all__ = [
+  "KVCache",
+  "TreeKV",
+  "forward",
+  "hidden_states",
+  "init_params",
+  "lm_head",
+  "param_axes",
+  "score",
+  "tree_forward",
+]

@@ -92,18 +92,30 @@ def render_chat(template: str | None, user: str, system: str | None = None) -> s
   """Render one user turn in the template's format (ChatML or Llama-3); raw text otherwise."""
   if not template:
     return user
+  return render_messages(template, [("user", user)], system)
+
+
+def render_messages(
+  template: str, messages: list[tuple[str, str]], system: str | None = None
+) -> str:
+  """Render a conversation [(role, text), ...] ending where the assistant's reply begins.
+
+  The template's default system prompt is used when `system` is None (as its Jinja would).
+  """
   if "<|im_start|>" in template:
     if system is None:
       match = re.search(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", template, re.S)
       system = match.group(1) if match else None
-    head = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
-    return f"{head}<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+    turns = [("system", system)] if system else []
+    turns += messages
+    body = "".join(f"<|im_start|>{role}\n{text}<|im_end|>\n" for role, text in turns)
+    return body + "<|im_start|>assistant\n"
   if "<|start_header_id|>" in template:
-    head = "<|begin_of_text|>"
-    if system:
-      head += f"<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>"
-    return (
-      f"{head}<|start_header_id|>user<|end_header_id|>\n\n{user}<|eot_id|>"
-      "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    turns = ([("system", system)] if system else []) + list(messages)
+    body = "".join(
+      f"<|start_header_id|>{role}<|end_header_id|>\n\n{text}<|eot_id|>" for role, text in turns
     )
-  raise ValueError("unrecognised chat template (neither ChatML nor Llama-3); use --no-chat")
+    return f"<|begin_of_text|>{body}<|start_header_id|>assistant<|end_header_id|>\n\n"
+  raise ValueError(
+    "unrecognised chat template (neither ChatML nor Llama-3); use --no-chat-template"
+  )

@@ -136,8 +136,10 @@ def _decoder(
   attend: AttendFn,
   config: ModelConfig,
   return_logits: bool,
+  final_norm: bool = False,
 ):
-  """Embed, run all layers under one scan with `kv_state` in the carry, then the LM head."""
+  """Embed, run all layers under one scan with `kv_state` in the carry, then the LM head
+  (or only the final norm, or neither)."""
   x = params["embed"][tokens]  # [B, T, D]
 
   def layer(carry, xs):
@@ -153,12 +155,12 @@ def _decoder(
 
   xs = (params["layers"], jnp.arange(config.num_layers))
   (x, kv_state), _ = jax.lax.scan(layer, (x, kv_state), xs)
-  if not return_logits:
+  if not (return_logits or final_norm):
     return None, kv_state
   x = layers.rms_norm(x, params["final_norm"], config.rms_norm_eps)
-  head = params["embed"].T if config.tie_embeddings else params["lm_head"]
-  logits = jnp.einsum("BTD,DV->BTV", x, head, preferred_element_type=jnp.float32)
-  return logits, kv_state
+  if not return_logits:
+    return x, kv_state
+  return lm_head(params, x, config), kv_state
 
 
 def forward(
@@ -253,3 +255,36 @@ def tree_forward(
 
   logits, (tk, tv) = _decoder(params, tokens, positions, (tree.k, tree.v), attend, config, True)
   return logits, TreeKV(k=tk, v=tv)
+
+
+def hidden_states(
+  params: Params, tokens: jax.Array, *, config: ModelConfig, attention_impl: str = "xla"
+) -> jax.Array:
+  """Final-normed hidden states [B, T, D] of whole sequences, causal, without a KV cache
+  (training and evaluation; keys and values flow straight into attention)."""
+  B, T = tokens.shape
+  positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+  zeros, depth = jnp.zeros((B,), jnp.int32), jnp.arange(T, dtype=jnp.int32)
+
+  def attend(index, q, k, v, kv):
+    del index
+    return tree_attention(q, k, v, zeros, depth, impl=attention_impl), kv
+
+  x, _ = _decoder(
+    params, tokens, positions, (), attend, config, return_logits=False, final_norm=True
+  )
+  return x
+
+
+def lm_head(params: Params, x: jax.Array, config: ModelConfig) -> jax.Array:
+  """Logits f32[..., V] from final-normed hidden states [..., D]."""
+  head = params["embed"].T if config.tie_embeddings else params["lm_head"]
+  return jnp.einsum("...D,DV->...V", x, head, preferred_element_type=jnp.float32)
+
+
+def score(
+  params: Params, tokens: jax.Array, *, config: ModelConfig, attention_impl: str = "xla"
+) -> jax.Array:
+  """Causal logits f32[B, T, V] of whole sequences, without a KV cache."""
+  x = hidden_states(params, tokens, config=config, attention_impl=attention_impl)
+  return lm_head(params, x, config)

@@ -1,0 +1,154 @@
+"""Running decoding modes over prompt sets: the shared core of `run` and `bench`.
+
+Nothing here parses flags or reads the environment; `ssd_jax.run` and `ssd_jax.bench` do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+
+from ssd_jax.config import SpecConfig
+from ssd_jax.decode import Engine, Metrics, Sampling
+from ssd_jax.models.prefill import bucket_length
+from ssd_jax.models.tokenizer import Tokenizer
+
+
+def encode(tokenizer: Tokenizer, texts: Sequence[str], chat: bool) -> list[list[int]]:
+  """Token ids of each prompt, in the model's chat format when `chat` is set."""
+  return [tokenizer.encode(tokenizer.apply_chat_template(t) if chat else t) for t in texts]
+
+
+@dataclasses.dataclass
+class ModeResult:
+  """One mode's run over all prompts: merged metrics and per-prompt tokens."""
+
+  mode: str
+  spec: SpecConfig
+  tokens: list[list[int]]
+  metrics: list[Metrics]  # one per batch
+
+  @property
+  def generated_tokens(self) -> int:
+    return sum(m.generated_tokens for m in self.metrics)
+
+  @property
+  def decode_seconds(self) -> float:
+    return sum(m.decode_seconds for m in self.metrics)
+
+  @property
+  def tokens_per_second(self) -> float:
+    return self.generated_tokens / self.decode_seconds if self.decode_seconds else 0.0
+
+  @property
+  def merged(self) -> Metrics:
+    """The batches' metrics as one run (histograms and times summed)."""
+    first = self.metrics[0]
+    times: dict[str, list[float]] = {}
+    offset = 0.0
+    for m in self.metrics:
+      for k, v in m.round_times.items():
+        times.setdefault(k, []).extend(t + offset for t in v)
+      offset += m.decode_seconds + 1.0
+    return dataclasses.replace(
+      first,
+      num_sequences=sum(m.num_sequences for m in self.metrics),
+      generated_tokens=self.generated_tokens,
+      decode_seconds=self.decode_seconds,
+      prefill_seconds=sum(m.prefill_seconds for m in self.metrics),
+      loop_rounds=sum(m.loop_rounds for m in self.metrics),
+      accept_hist=sum(m.accept_hist for m in self.metrics),
+      round_times=times,
+    )
+
+  def summary(self) -> dict[str, Any]:
+    out = self.merged.summary()
+    out["spec"] = dataclasses.asdict(self.spec)
+    out["per_batch_tokens_per_second"] = [m.tokens_per_second for m in self.metrics]
+    out["generated_token_ids"] = self.tokens
+    return out
+
+
+def capacity_for(prompts: Sequence[Sequence[int]], max_new_tokens: int, lookahead: int) -> int:
+  """One cache size for the whole run, so every batch reuses the same compiled programs."""
+  need = bucket_length(max(len(p) for p in prompts)) + max_new_tokens + lookahead + 2
+  return -(-need // 128) * 128
+
+
+def run_mode(
+  engine: Engine,
+  prompts: Sequence[Sequence[int]],
+  spec: SpecConfig,
+  *,
+  sampling: Sampling,
+  max_new_tokens: int,
+  batch_size: int,
+  seed: int,
+  ignore_eos: bool,
+  capacity: int,
+  warmup: bool = True,
+  trace: bool = False,
+  progress: Callable[[int], None] | None = None,
+) -> ModeResult:
+  """Generate for every prompt in batches of `batch_size`; a warm-up batch compiles first."""
+  batches = [list(prompts[i : i + batch_size]) for i in range(0, len(prompts), batch_size)]
+  if warmup:  # same shapes and static arguments as the timed runs: compiles every program
+    first = (batches[0] * batch_size)[:batch_size]
+    engine.generate(
+      first,
+      spec=spec,
+      sampling=sampling,
+      capacity=capacity,
+      seed=seed,
+      max_new_tokens=min(max_new_tokens, 2 * (spec.lookahead + 1) + 2),
+      ignore_eos=ignore_eos,
+    )
+  tokens, metrics = [], []
+  for i, batch in enumerate(batches):
+    pad = batch_size - len(batch)  # the last batch is padded to keep shapes (and programs)
+    out = engine.generate(
+      batch + batch[:1] * pad,
+      spec=spec,
+      sampling=sampling,
+      max_new_tokens=[max_new_tokens] * len(batch) + [0] * pad,
+      capacity=capacity,
+      seed=seed + i,
+      ignore_eos=ignore_eos,
+      trace=trace,
+    )
+    tokens.extend(out.tokens[: len(batch)])
+    metrics.append(out.metrics)
+    if progress:
+      progress(len(batch))
+  return ModeResult(spec.mode, spec, tokens, metrics)
+
+
+def environment() -> dict[str, Any]:
+  devices = jax.devices()
+  return {
+    "jax_version": jax.__version__,
+    "platform": devices[0].platform,
+    "device_kind": devices[0].device_kind,
+    "num_devices": len(devices),
+    "python": platform.python_version(),
+    "machine": platform.machine(),
+    "processor": platform.processor(),
+    "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+  }
+
+
+def speedups(results: dict[str, ModeResult]) -> dict[str, float]:
+  base = results.get("ar")
+  if base is None or not base.tokens_per_second:
+    return {}
+  return {m: r.tokens_per_second / base.tokens_per_second for m, r in results.items()}
+
+
+def same_tokens(results: dict[str, ModeResult]) -> bool:
+  runs = [r.tokens for r in results.values()]
+  return all(t == runs[0] for t in runs)

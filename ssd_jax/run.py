@@ -1,0 +1,292 @@
+"""python -m ssd_jax.run: decode with ar / sd / ssd and compare them side by side.
+
+With no arguments: SmolLM2-135M-Instruct as target, the shipped distilled draft, the bundled
+prompts, all three modes, greedy; prints a table of tokens/s, speedup over ar, mean accepted
+tokens per round and cache hit rate, then one sample completion. `--chat` talks instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from ssd_jax.config import BACKUPS, MODES
+
+_EXAMPLES = """examples:
+  python -m ssd_jax.run                                   # the embedded default, all modes
+  python -m ssd_jax.run --mode ssd --lookahead 5 --fan-out 2 --temperature 0.7
+  python -m ssd_jax.run --prompts humaneval --num-prompts 20 --json out.json
+  python -m ssd_jax.run --fan-out-list 4 3 2 2 1 1 1 4 --backup fast --batch-size 4
+  python -m ssd_jax.run --chat --mode ssd
+  python -m ssd_jax.run --target tiny-llama --draft tiny-llama-draft   # random test models
+
+devices: the target uses --target-devices (tensor parallel), the draft --draft-devices of its
+own. On CPU that many virtual devices are created (at least twice the target mesh, which keeps
+XLA's CPU collectives from deadlocking)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(
+    prog="python -m ssd_jax.run",
+    description=__doc__.split("\n\n")[0],
+    epilog=_EXAMPLES,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
+  p.add_argument("--mode", choices=[*MODES, "all"], default="all")
+  p.add_argument("--target", default="smollm2-135m", help="model name or path")
+  p.add_argument("--draft", default="smollm2-135m-draft", help="model name or path")
+  p.add_argument("--prompts", default="bundled", help="humaneval, sharegpt, bundled or PATH.jsonl")
+  p.add_argument("--num-prompts", type=int, default=None, help="default: all (bundled) or 8")
+  p.add_argument("--max-new-tokens", type=int, default=128)
+  p.add_argument("--lookahead", type=int, default=7, help="draft tokens per round (K)")
+  fan = p.add_mutually_exclusive_group()
+  fan.add_argument("--fan-out", type=int, default=None, help="uniform fan-out F (default 3)")
+  fan.add_argument("--fan-out-list", type=int, nargs="+", help="F_j for depths 0..lookahead")
+  fan.add_argument(
+    "--geometric",
+    action="store_true",
+    help="Theorem 12 fan-out with the budget of --fan-out 3 per depth",
+  )
+  p.add_argument("--fan-out-miss-list", type=int, nargs="+", help="fan-out after a miss")
+  p.add_argument("--acceptance-rate", type=float, default=0.7, help="for --geometric")
+  p.add_argument("--power-law", type=float, default=0.5, help="miss-rate exponent r, --geometric")
+  p.add_argument("--temperature", type=float, default=0.0)
+  p.add_argument("--top-k", type=int, default=0)
+  p.add_argument("--top-p", type=float, default=1.0)
+  p.add_argument("--saguaro-c", type=float, default=1.0, help="Saguaro sampling C in [0, 1]")
+  p.add_argument("--backup", choices=BACKUPS, default="neural")
+  p.add_argument("--batch-size", type=int, default=1)
+  p.add_argument("--target-devices", type=int, default=1)
+  p.add_argument("--draft-devices", type=int, default=1)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--json", type=Path, help="write per-mode metrics, config and environment")
+  p.add_argument("--chat", action="store_true", help="interactive chat (reads stdin lines)")
+  p.add_argument("--metrics", action="store_true", help="with --chat: statistics per reply")
+  p.add_argument("--attention-impl", choices=("reference", "xla", "pallas"), default=None)
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+  p.add_argument("--no-chat-template", action="store_true", help="feed prompts as raw text")
+  p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens")
+  p.add_argument("--no-progress", action="store_true")
+  return p
+
+
+def fan_out_lists(args, parser) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  from ssd_jax.decode import tree  # noqa: PLC0415 (after device setup)
+
+  k = args.lookahead
+  if args.fan_out_list:
+    hit = tuple(args.fan_out_list)
+  elif args.geometric:
+    try:
+      hit = tree.geometric(k, 3 * (k + 1), args.acceptance_rate, args.power_law)
+    except ValueError as e:
+      parser.error(str(e))
+  else:
+    f = 3 if args.fan_out is None else args.fan_out
+    if f < 1:
+      parser.error("--fan-out must be >= 1")
+    hit = tree.uniform(k, f)
+  return hit, tuple(args.fan_out_miss_list or ())
+
+
+def make_spec(mode: str, args, fan_out, fan_out_miss):
+  from ssd_jax.config import SpecConfig  # noqa: PLC0415
+
+  if mode == "ar":
+    return SpecConfig(mode="ar", lookahead=0)
+  if mode == "sd":
+    return SpecConfig(mode="sd", lookahead=args.lookahead)
+  return SpecConfig(
+    mode="ssd",
+    lookahead=args.lookahead,
+    fan_out=fan_out,
+    fan_out_miss=fan_out_miss,
+    saguaro_c=args.saguaro_c,
+    backup=args.backup,
+  )
+
+
+def check_args(args, parser) -> None:
+  if args.max_new_tokens < 1:
+    parser.error("--max-new-tokens must be >= 1")
+  if args.lookahead < 1:
+    parser.error("--lookahead must be >= 1")
+  if args.batch_size < 1 or args.target_devices < 1 or args.draft_devices < 1:
+    parser.error("--batch-size, --target-devices and --draft-devices must be >= 1")
+  if args.num_prompts is not None and args.num_prompts < 1:
+    parser.error("--num-prompts must be >= 1")
+  if not 0.0 <= args.saguaro_c <= 1.0:
+    parser.error("--saguaro-c must be in [0, 1]")
+  if args.temperature < 0:
+    parser.error("--temperature must be >= 0")
+  if args.chat and args.json:
+    parser.error("--chat and --json cannot be combined")
+  if args.metrics and not args.chat:
+    parser.error("--metrics only applies to --chat")
+
+
+def setup_devices(args) -> None:
+  """Virtual CPU devices must exist before JAX starts its backend."""
+  import jax  # noqa: PLC0415
+
+  need = max(args.target_devices + args.draft_devices, 2 * args.target_devices)
+  # Never fewer than asked for already (main() may run inside a process that set more), and
+  # keep whatever exists once the backends have started.
+  with contextlib.suppress(RuntimeError):
+    jax.config.update("jax_num_cpu_devices", max(need, jax.config.jax_num_cpu_devices))
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  check_args(args, parser)
+  setup_devices(args)
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  from ssd_jax.decode import Engine, Sampling  # noqa: PLC0415
+  from ssd_jax.models.registry import load_model  # noqa: PLC0415
+
+  modes = list(MODES) if args.mode == "all" else [args.mode]
+  fan_out, fan_out_miss = fan_out_lists(args, parser)
+  try:
+    specs = {m: make_spec(m, args, fan_out, fan_out_miss) for m in modes}
+    sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+  except ValueError as e:
+    parser.error(str(e))
+  dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+  try:
+    target = load_model(args.target, dtype=dtype)
+    draft = load_model(args.draft, dtype=dtype) if modes != ["ar"] else None
+    with warnings.catch_warnings():
+      warnings.simplefilter("always")
+      engine = Engine(
+        target,
+        draft,
+        target_devices=args.target_devices,
+        draft_devices=args.draft_devices,
+        attention_impl=args.attention_impl,
+      )
+  except (ValueError, FileNotFoundError) as e:
+    parser.error(str(e))
+  if args.chat:
+    from ssd_jax.chat import chat_loop  # noqa: PLC0415
+
+    chat_loop(
+      engine,
+      specs[modes[-1]],
+      sampling,
+      args.max_new_tokens,
+      show_metrics=args.metrics,
+      seed=args.seed,
+    )
+    return 0
+  return benchmark(args, parser, engine, specs, sampling)
+
+
+def benchmark(args, parser, engine, specs, sampling) -> int:
+  from tqdm import tqdm  # noqa: PLC0415
+
+  from ssd_jax import harness  # noqa: PLC0415
+  from ssd_jax.data import load_prompts  # noqa: PLC0415
+
+  limit = args.num_prompts or (None if args.prompts == "bundled" else 8)
+  try:
+    prompts = load_prompts(args.prompts, limit)
+  except (ValueError, FileNotFoundError) as e:
+    parser.error(str(e))
+  tokenizer = engine.target.tokenizer
+  if tokenizer is None:
+    parser.error(f"target {engine.target.name!r} has no tokenizer; give a model with one")
+  chat = not args.no_chat_template and bool(tokenizer.chat_template)
+  ids = harness.encode(tokenizer, [p.text for p in prompts], chat)
+  lookahead = max(s.lookahead for s in specs.values())
+  capacity = harness.capacity_for(ids, args.max_new_tokens, lookahead)
+  results = {}
+  bar = tqdm(
+    total=len(ids) * len(specs),
+    desc="decoding",
+    unit="prompt",
+    disable=args.no_progress,
+    file=sys.stderr,
+  )
+  try:
+    for mode, spec in specs.items():
+      bar.set_postfix_str(mode)
+      results[mode] = harness.run_mode(
+        engine,
+        ids,
+        spec,
+        sampling=sampling,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        ignore_eos=args.ignore_eos,
+        capacity=capacity,
+        trace=args.json is not None,
+        progress=bar.update,
+      )
+  except ValueError as e:
+    parser.error(str(e))
+  finally:
+    bar.close()
+  print(format_table(results, args, len(prompts)))
+  sample = results[list(results)[-1]].tokens[0]
+  print(f"\nsample ({prompts[0].id}, {list(results)[-1]}):\n{tokenizer.decode(sample).strip()}")
+  if args.json:
+    write_json(args, results, engine)
+    print(f"\nwrote {args.json}")
+  return 0
+
+
+def format_table(results, args, num_prompts: int) -> str:
+  from ssd_jax import harness  # noqa: PLC0415
+
+  speed = harness.speedups(results)
+  head = (
+    f"{num_prompts} prompts ({args.prompts}), max {args.max_new_tokens} new tokens, "
+    f"temperature {args.temperature}, batch {args.batch_size}, lookahead {args.lookahead}"
+  )
+  rows = [
+    head,
+    "",
+    f"{'mode':<5} {'tok/s':>8} {'vs ar':>7} {'accepted/round':>15} {'hit rate':>9} {'tokens':>7}",
+  ]
+  for mode, r in results.items():
+    m = r.merged
+    hit = f"{m.hit_rate:>9.2f}" if mode == "ssd" else f"{'-':>9}"
+    vs = f"{speed[mode]:>6.2f}x" if mode in speed else f"{'-':>7}"
+    rows.append(
+      f"{mode:<5} {r.tokens_per_second:>8.1f} {vs} {m.mean_accepted:>15.2f} {hit} "
+      f"{r.generated_tokens:>7}"
+    )
+  if args.temperature == 0 and len(results) > 1:
+    same = harness.same_tokens(results)
+    rows.append(f"\ngreedy outputs identical across modes: {'yes' if same else 'NO'}")
+  return "\n".join(rows)
+
+
+def write_json(args, results, engine) -> None:
+  from ssd_jax import harness  # noqa: PLC0415
+
+  config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+  payload = {
+    "config": config,
+    "environment": harness.environment()
+    | {"attention_impl": engine.attention_impl, "shared_device": engine.shared},
+    "modes": {mode: r.summary() for mode, r in results.items()},
+    "speedup_vs_ar": harness.speedups(results),
+  }
+  if args.temperature == 0:
+    payload["greedy_outputs_identical"] = harness.same_tokens(results)
+  args.json.parent.mkdir(parents=True, exist_ok=True)
+  args.json.write_text(json.dumps(payload, indent=1))
+
+
+if __name__ == "__main__":
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  sys.exit(main())

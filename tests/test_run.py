@@ -1,0 +1,123 @@
+"""The command line on tiny random models: every mode, JSON fields, chat over stdin, errors."""
+
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ssd_jax import run
+from ssd_jax.chat import chat_loop
+from ssd_jax.config import SpecConfig
+from ssd_jax.decode import Engine, Sampling
+from ssd_jax.models.registry import load_model
+
+TINY = ["--target", "tiny-llama", "--draft", "tiny-llama-draft", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+  path = tmp_path_factory.mktemp("run") / "out.json"
+  code = run.main(
+    [
+      *TINY,
+      "--max-new-tokens",
+      "12",
+      "--lookahead",
+      "3",
+      "--fan-out",
+      "2",
+      "--num-prompts",
+      "3",
+      "--json",
+      str(path),
+    ]
+  )
+  assert code == 0
+  return json.loads(path.read_text())
+
+
+def test_json_has_every_mode_and_field(result):
+  assert set(result["modes"]) == {"ar", "sd", "ssd"}
+  for mode, m in result["modes"].items():
+    for field in (
+      "tokens_per_second",
+      "decode_seconds",
+      "generated_tokens",
+      "mean_accepted_tokens_per_round",
+      "acceptance_per_position",
+      "verify_ms_median",
+      "generated_token_ids",
+    ):
+      assert field in m, (mode, field)
+    assert m["tokens_per_second"] == pytest.approx(m["generated_tokens"] / m["decode_seconds"])
+    assert len(m["generated_token_ids"]) == 3
+  ssd = result["modes"]["ssd"]
+  assert 0.0 <= ssd["cache_hit_rate"] <= 1.0
+  assert "draft_ms_median" in result["modes"]["sd"] and "lookup_ms_median" in ssd
+  assert result["greedy_outputs_identical"] is True
+  assert result["environment"]["jax_version"] and result["config"]["lookahead"] == 3
+  assert result["speedup_vs_ar"]["ar"] == 1.0
+
+
+def test_table_is_printed(capsys):
+  assert run.main([*TINY, "--mode", "ar", "--max-new-tokens", "4", "--num-prompts", "1"]) == 0
+  out = capsys.readouterr().out
+  assert "tok/s" in out and "accepted/round" in out and "sample (" in out
+
+
+@pytest.mark.parametrize(
+  ("argv", "message"),
+  [
+    (["--mode", "fast"], "invalid choice"),
+    (["--fan-out-list", "1", "2"], "fan_out needs lookahead \\+ 1 = 8 entries"),
+    (["--fan-out-list", "1"] * 1 + ["1"] * 7 + ["--fan-out-miss-list"] + ["2"] * 8, "equal sums"),
+    (["--target", "no-such-model"], "unknown model 'no-such-model'"),
+    (["--saguaro-c", "1.5"], "--saguaro-c must be in"),
+    (["--prompts", "missing.jsonl"], "missing.jsonl"),
+    (["--fan-out", "2", "--geometric"], "not allowed with argument"),
+  ],
+)
+def test_bad_flags_exit_2_with_a_message(capsys, argv, message):
+  with pytest.raises(SystemExit) as exit_info:
+    run.main([*TINY, *argv])
+  assert exit_info.value.code == 2
+  assert __import__("re").search(message, capsys.readouterr().err)
+
+
+def test_chat_loop_answers_each_line():
+  target = load_model("tiny-llama")
+  engine = Engine(target, load_model("tiny-llama-draft"))
+  stdin = io.StringIO("hello\n/metrics\nhow are you?\n/quit\nnever read\n")
+  stdout = io.StringIO()
+  spec = SpecConfig(mode="ssd", lookahead=2, fan_out=(1, 1, 1))
+  replies = chat_loop(engine, spec, Sampling(), 6, stdin=stdin, stdout=stdout)
+  assert replies == 2
+  assert "[metrics on]" in stdout.getvalue() and "tok/s" in stdout.getvalue()
+
+
+def test_chat_from_a_pipe():
+  """The real CLI, stdin not a terminal: one answer per line, then exit 0."""
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "ssd_jax.run",
+      *TINY,
+      "--chat",
+      "--mode",
+      "sd",
+      "--lookahead",
+      "2",
+      "--max-new-tokens",
+      "5",
+      "--metrics",
+    ],
+    input="first question\nsecond question\n",
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.count("tok/s") == 2

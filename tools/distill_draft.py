@@ -1,0 +1,374 @@
+"""Distill a small draft model for SmolLM2-135M-Instruct (the teacher / SSD target).
+
+The student is a Llama-architecture model with the teacher's tokenizer and vocabulary, so token
+ids flow unchanged between them and HF transformers can load it. It learns the teacher's
+next-token distribution (forward KL to the teacher's top-k, the rest pooled) on the teacher's
+own greedy continuations of chat prompts: the text a draft has to predict during decoding.
+
+Data (offline only; HumanEval is never used for training, it is the evaluation set):
+  * ShareGPT first human turns, the first `--sharegpt` of `load_prompts("sharegpt")` (the
+    held-out evaluation slice starts at offset EVAL_SHAREGPT_OFFSET);
+  * code prompts built from the Python standard library: a function's signature and docstring,
+    the shape of a HumanEval prompt, from modules other than the tests.
+Both get the teacher's chat template, as at inference.
+
+Stages (each writes into --work, default runs/distill; nothing there is committed):
+  data    teacher continuations + top-k log-probs          python tools/distill_draft.py data
+  train   the student, AdamW written out here (no optax)    python tools/distill_draft.py train
+  eval    greedy agreement and sync-SD acceptance           python tools/distill_draft.py eval
+  export  safetensors + config into the package, and an HF directory with the tokenizer
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import functools
+import math
+import sys
+import sysconfig
+import textwrap
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ssd_jax.config import ModelConfig
+from ssd_jax.data import load_prompts
+from ssd_jax.models import KVCache, forward, hidden_states, init_params, lm_head
+from ssd_jax.models.prefill import pad_prompts, prefill
+from ssd_jax.models.registry import load_model
+from ssd_jax.models.weights import save_hf
+
+TOP_K = 32
+EVAL_SHAREGPT_OFFSET = 9000
+PROMPT_TOKENS = 320  # longer chat prompts are skipped: they cost much teacher time per token
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+def stdlib_code_prompts(limit: int, seed: int = 0) -> list[str]:
+  """HumanEval-shaped prompts (signature + docstring) from standard-library functions."""
+  root = Path(sysconfig.get_paths()["stdlib"])
+  found = []
+  for path in sorted(root.rglob("*.py")):
+    parts = set(path.relative_to(root).parts)
+    if parts & {"test", "tests", "idlelib", "site-packages", "lib2to3", "turtledemo"}:
+      continue
+    try:
+      source = path.read_text(encoding="utf-8")
+      tree = ast.parse(source)
+    except (SyntaxError, UnicodeDecodeError, ValueError):
+      continue
+    lines = source.splitlines()
+    for node in ast.walk(tree):
+      if not isinstance(node, ast.FunctionDef) or node.name.startswith("_"):
+        continue
+      doc = ast.get_docstring(node, clean=False)
+      if not doc or not 40 <= len(doc) <= 600 or len(node.body) < 2:
+        continue
+      start = min([node.lineno] + [d.lineno for d in node.decorator_list])
+      # Methods are dedented to look like top-level functions.
+      head = textwrap.dedent("\n".join(lines[start - 1 : node.body[0].end_lineno])).rstrip()
+      if len(head) < 2000 and head.startswith(("def ", "@")):
+        found.append(head + "\n")
+  rng = np.random.default_rng(seed)
+  rng.shuffle(found)
+  return found[:limit]
+
+
+def chat_prompts(tokenizer, sharegpt: int, code: int) -> list[list[int]]:
+  texts = [p.text for p in load_prompts("sharegpt", sharegpt)] + stdlib_code_prompts(code)
+  ids = [tokenizer.encode(tokenizer.apply_chat_template(t)) for t in texts]
+  return [x for x in ids if len(x) <= PROMPT_TOKENS]
+
+
+# ----------------------------------------------------------------------------- teacher data
+
+
+@functools.partial(jax.jit, static_argnames="config", donate_argnames="cache")
+def _teacher_step(params, cache, tokens, *, config):
+  logits, cache = forward(params, tokens[:, None], cache, config=config)
+  logits = logits[:, 0]
+  logp = jax.nn.log_softmax(logits)
+  top_logp, top_ids = jax.lax.top_k(logp, TOP_K)
+  nxt = jnp.argmax(logits, -1).astype(jnp.int32)
+  return cache.with_lengths(cache.lengths + 1), nxt, top_ids, top_logp.astype(jnp.float16)
+
+
+def teacher_continuations(teacher, prompts, max_new: int, batch: int):
+  """Greedy continuations with the teacher's top-k log-probs at every generated position."""
+  cfg, params = teacher.config, jax.device_put(teacher.params)
+  eos = set(cfg.eos_token_ids)
+  order = np.argsort([len(p) for p in prompts])  # similar lengths share a batch
+  for start in range(0, len(order), batch):
+    rows = [prompts[i] for i in order[start : start + batch]]
+    tokens, lengths = pad_prompts(rows, PROMPT_TOKENS)
+    cache = KVCache.init(cfg, len(rows), tokens.shape[1] + max_new + 1)
+    cache = prefill(params, tokens, lengths - 1, cache, config=cfg)
+    last = jnp.asarray(tokens[np.arange(len(rows)), lengths - 1])
+    out_ids, out_top, out_lp = [], [], []
+    for _ in range(max_new):
+      cache, last, top, lp = _teacher_step(params, cache, last, config=cfg)
+      out_ids.append(last)
+      out_top.append(top)
+      out_lp.append(lp)
+    ids = np.asarray(jnp.stack(out_ids, 1))
+    top, lp = np.asarray(jnp.stack(out_top, 1)), np.asarray(jnp.stack(out_lp, 1))
+    for r, prompt in enumerate(rows):
+      n = max_new
+      for j, t in enumerate(ids[r]):
+        if int(t) in eos:
+          n = j + 1
+          break
+      yield {
+        "prompt": np.asarray(prompt, np.int32),
+        "ids": ids[r, :n].astype(np.int32),
+        "top_ids": top[r, :n].astype(np.int32),
+        "top_logp": lp[r, :n],
+      }
+
+
+def cmd_data(args) -> None:
+  teacher = load_model("smollm2-135m")
+  prompts = chat_prompts(teacher.tokenizer, args.sharegpt, args.code)
+  work = Path(args.work)
+  work.mkdir(parents=True, exist_ok=True)
+  print(f"{len(prompts)} prompts; generating up to {args.max_new} tokens each", flush=True)
+  shard, records, t0, tokens = 0, [], time.time(), 0
+  for rec in teacher_continuations(teacher, prompts, args.max_new, args.batch):
+    records.append(rec)
+    tokens += len(rec["ids"])
+    if len(records) == args.shard_size:
+      _save_shard(work / f"shard_{shard:03d}.npz", records)
+      shard, records = shard + 1, []
+      print(
+        f"  {shard} shards, {tokens} tokens, {tokens / (time.time() - t0):.0f} tok/s", flush=True
+      )
+  if records:
+    _save_shard(work / f"shard_{shard:03d}.npz", records)
+  print(f"done: {tokens} teacher tokens in {time.time() - t0:.0f} s")
+
+
+def _save_shard(path: Path, records: list[dict]) -> None:
+  arrays = {}
+  for i, rec in enumerate(records):
+    arrays |= {f"{k}_{i}": v for k, v in rec.items()}
+  np.savez(path, n=len(records), **arrays)
+
+
+def load_records(work: Path) -> list[dict]:
+  records = []
+  for path in sorted(work.glob("shard_*.npz")):
+    with np.load(path) as f:
+      for i in range(int(f["n"])):
+        records.append({k: f[f"{k}_{i}"] for k in ("prompt", "ids", "top_ids", "top_logp")})
+  return records
+
+
+# ----------------------------------------------------------------------------- student
+
+
+def student_config(teacher: ModelConfig, width: int, layers: int) -> ModelConfig:
+  """A Llama with the teacher's vocabulary, RoPE and special tokens; 64-dim heads, one KV
+  head per 3 query heads, SwiGLU width ~2.7x, tied embeddings."""
+  heads = max(1, width // 64)
+  kv = 1 if heads < 3 else heads // 3
+  while heads % kv:
+    kv -= 1
+  return ModelConfig(
+    family="llama",
+    vocab_size=teacher.vocab_size,
+    hidden_size=width,
+    num_layers=layers,
+    num_heads=heads,
+    num_kv_heads=kv,
+    head_dim=64,
+    intermediate_size=int(width * 8 / 3) // 32 * 32,
+    rms_norm_eps=teacher.rms_norm_eps,
+    rope_theta=teacher.rope_theta,
+    tie_embeddings=True,
+    max_position_embeddings=teacher.max_position_embeddings,
+    bos_token_id=teacher.bos_token_id,
+    eos_token_ids=teacher.eos_token_ids,
+  )
+
+
+def init_student(config: ModelConfig, teacher, seed: int):
+  """Random layers; the tied embedding is the teacher's projected on its top principal
+  directions (so the student starts from the teacher's token geometry), scaled so the first
+  logits are near uniform."""
+  params = init_params(config, jax.random.key(seed), scale=1.0)
+  scale = 1.0 / math.sqrt(2 * config.num_layers)  # residual branches start small
+  layers = dict(params["layers"])
+  layers["wo"] = layers["wo"] * scale
+  layers["w_down"] = layers["w_down"] * scale
+  layers["attn_norm"] = jnp.ones_like(layers["attn_norm"])
+  layers["mlp_norm"] = jnp.ones_like(layers["mlp_norm"])
+  embed = np.asarray(teacher.params["embed"], np.float32)
+  _, _, vt = np.linalg.svd(embed - embed.mean(0), full_matrices=False)
+  projected = embed @ vt[: config.hidden_size].T
+  embed = jnp.asarray(projected / projected.std() * 0.05)
+  return dict(params, layers=layers, embed=embed, final_norm=jnp.ones((config.hidden_size,)))
+
+
+def batches(records: list[dict], tokens_per_batch: int, seed: int, max_len: int):
+  """Padded batches of similar-length sequences: tokens [B, T], target positions, teacher
+  top-k ids / log-probs and a mask; reshuffled every pass."""
+  rng = np.random.default_rng(seed)
+  examples = []
+  for rec in records:
+    seq = np.concatenate([rec["prompt"], rec["ids"]])[-max_len:]
+    n = min(len(rec["ids"]), len(seq) - 1)
+    pos = np.arange(len(seq) - n - 1, len(seq) - 1)  # logits here predict the generated tokens
+    examples.append((seq, pos, rec["top_ids"][-n:], rec["top_logp"][-n:]))
+  while True:
+    order = np.argsort([len(e[0]) + rng.uniform(0, 32) for e in examples])
+    groups, cur = [], []
+    for i in order:
+      longest = max([len(examples[j][0]) for j in cur] + [len(examples[i][0])])
+      if cur and longest * (len(cur) + 1) > tokens_per_batch:
+        groups.append(cur)
+        cur = []
+      cur.append(i)
+    groups.append(cur)
+    rng.shuffle(groups)
+    for group in groups:
+      yield _pad([examples[i] for i in group])
+
+
+def _pad(examples):
+  T = -(-max(len(e[0]) for e in examples) // 32) * 32
+  G = -(-max(len(e[1]) for e in examples) // 32) * 32
+  B = len(examples)
+  tokens = np.zeros((B, T), np.int32)
+  pos = np.zeros((B, G), np.int32)
+  ids = np.zeros((B, G, TOP_K), np.int32)
+  logp = np.full((B, G, TOP_K), -30.0, np.float32)
+  mask = np.zeros((B, G), np.float32)
+  for b, (seq, p, i, lp) in enumerate(examples):
+    tokens[b, : len(seq)] = seq
+    pos[b, : len(p)], ids[b, : len(p)], logp[b, : len(p)], mask[b, : len(p)] = p, i, lp, 1.0
+  return tokens, pos, ids, logp, mask
+
+
+def distill_loss(params, config, tokens, pos, ids, logp, mask):
+  """Cross-entropy to the teacher's top-k distribution with the remaining mass pooled into one
+  "other" bucket (forward KL up to the teacher's entropy); also greedy agreement."""
+  x = hidden_states(params, tokens, config=config)
+  x = jnp.take_along_axis(x, pos[..., None], axis=1)  # [B, G, D]: only the scored positions
+  student = jax.nn.log_softmax(lm_head(params, x, config))  # [B, G, V]
+  p = jnp.exp(logp)
+  top = jnp.take_along_axis(student, ids, axis=-1)
+  rest_p = jnp.clip(1.0 - p.sum(-1), 0.0, 1.0)
+  rest_q = jnp.log1p(-jnp.clip(jnp.exp(top).sum(-1), 0.0, 1.0 - 1e-6))
+  ce = -(p * top).sum(-1) - rest_p * rest_q
+  agree = (jnp.argmax(student, -1) == ids[..., 0]).astype(jnp.float32)
+  n = mask.sum()
+  return (ce * mask).sum() / n, (agree * mask).sum() / n
+
+
+def adamw(params, grads, state, step, lr, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.01):
+  """One AdamW step; weight decay on matrices only (not norms)."""
+  m, v = state
+  m = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, m, grads)
+  v = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, v, grads)
+  t = step + 1
+
+  def update(p, m, v):
+    decay = weight_decay * p if p.ndim >= 2 else 0.0
+    return p - lr * ((m / (1 - b1**t)) / (jnp.sqrt(v / (1 - b2**t)) + eps) + decay)
+
+  return jax.tree.map(update, params, m, v), (m, v)
+
+
+def learning_rate(step, total, peak, warmup=200):
+  warm = peak * (step + 1) / warmup
+  progress = jnp.clip((step - warmup) / max(1, total - warmup), 0.0, 1.0)
+  return jnp.where(step < warmup, warm, peak * (0.1 + 0.9 * 0.5 * (1 + jnp.cos(jnp.pi * progress))))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "total", "peak"), donate_argnums=(0, 1))
+def train_step(params, opt, step, batch, *, config, total, peak):
+  (loss, agree), grads = jax.value_and_grad(distill_loss, has_aux=True)(params, config, *batch)
+  norm = jnp.sqrt(sum(jnp.sum(g * g) for g in jax.tree.leaves(grads)))
+  grads = jax.tree.map(lambda g: g * jnp.minimum(1.0, 1.0 / (norm + 1e-6)), grads)
+  params, opt = adamw(params, grads, opt, step, learning_rate(step, total, peak))
+  return params, opt, loss, agree
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def eval_step(params, batch, *, config):
+  return distill_loss(params, config, *batch)
+
+
+def cmd_train(args) -> None:
+  work = Path(args.work)
+  teacher = load_model("smollm2-135m")
+  records = load_records(work)
+  rng = np.random.default_rng(0)
+  rng.shuffle(records)
+  n_val = max(8, len(records) // 40)
+  val, train = records[:n_val], records[n_val:]
+  config = student_config(teacher.config, args.width, args.layers)
+  params = init_student(config, teacher, args.seed)
+  opt = (jax.tree.map(jnp.zeros_like, params), jax.tree.map(jnp.zeros_like, params))
+  print(
+    f"student {config.num_params / 1e6:.1f}M params; {len(train)} train / {len(val)} val "
+    f"sequences, {sum(len(r['ids']) for r in train)} train tokens",
+    flush=True,
+  )
+  val_batches = list(_take(batches(val, args.batch_tokens, 1, args.max_len), len(val)))[:8]
+  stream = batches(train, args.batch_tokens, args.seed, args.max_len)
+  t0, out = time.time(), work / f"student_w{args.width}_l{args.layers}"
+  for step in range(args.steps):
+    batch = next(stream)
+    params, opt, loss, agree = train_step(
+      params, opt, jnp.int32(step), batch, config=config, total=args.steps, peak=args.lr
+    )
+    if step % args.log_every == 0 or step == args.steps - 1:
+      vl = np.mean([np.asarray(eval_step(params, b, config=config)) for b in val_batches], 0)
+      print(
+        f"step {step:5d}  loss {float(loss):.3f}  agree {float(agree):.3f}  "
+        f"val loss {vl[0]:.3f}  val agree {vl[1]:.3f}  {time.time() - t0:.0f}s",
+        flush=True,
+      )
+    if (step + 1) % args.save_every == 0 or step == args.steps - 1:
+      save_hf(out, config, jax.device_get(params))
+  print(f"saved {out}")
+
+
+def _take(iterator, n):
+  for _ in range(n):
+    yield next(iterator)
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--work", default="runs/distill", help="working directory")
+  sub = parser.add_subparsers(dest="cmd", required=True)
+  p = sub.add_parser("data", help="teacher continuations")
+  p.add_argument("--sharegpt", type=int, default=3000)
+  p.add_argument("--code", type=int, default=2000)
+  p.add_argument("--max-new", type=int, default=160)
+  p.add_argument("--batch", type=int, default=48)
+  p.add_argument("--shard-size", type=int, default=96)
+  p = sub.add_parser("train", help="distill the student")
+  p.add_argument("--width", type=int, default=192)
+  p.add_argument("--layers", type=int, default=4)
+  p.add_argument("--steps", type=int, default=3000)
+  p.add_argument("--lr", type=float, default=2e-3)
+  p.add_argument("--batch-tokens", type=int, default=6144)
+  p.add_argument("--max-len", type=int, default=480)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--log-every", type=int, default=100)
+  p.add_argument("--save-every", type=int, default=500)
+  args = parser.parse_args(argv)
+  {"data": cmd_data, "train": cmd_train}[args.cmd](args)
+
+
+if __name__ == "__main__":
+  sys.exit(main())
