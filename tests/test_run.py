@@ -55,7 +55,9 @@ def test_json_has_every_mode_and_field(result):
     assert len(m["generated_token_ids"]) == 3
   ssd = result["modes"]["ssd"]
   assert 0.0 <= ssd["cache_hit_rate"] <= 1.0
-  assert "draft_ms_median" in result["modes"]["sd"] and "lookup_ms_median" in ssd
+  assert "draft_ms_median" in result["modes"]["sd"]
+  assert "lookup_ms_median" in ssd and "expand_ms_median" in ssd
+  assert 0.0 <= ssd["cache_hit_rate_after_first_round"] <= 1.0
   assert result["greedy_outputs_identical"] is True
   assert result["environment"]["jax_version"] and result["config"]["lookahead"] == 3
   assert result["speedup_vs_ar"]["ar"] == 1.0
@@ -121,3 +123,38 @@ def test_chat_from_a_pipe():
   )
   assert proc.returncode == 0, proc.stderr
   assert proc.stdout.count("tok/s") == 2
+
+
+def test_bench_quick_sweep_writes_json_plots_and_report(tmp_path):
+  from ssd_jax import bench  # noqa: PLC0415
+
+  assert (
+    bench.main(
+      [
+        "sweep",
+        "--quick",
+        "--target",
+        "tiny-llama",
+        "--draft",
+        "tiny-llama-draft",
+        "--out",
+        str(tmp_path),
+      ]
+    )
+    == 0
+  )
+  result = json.loads((tmp_path / "sweep.json").read_text())
+  modes = {r["mode"] for r in result["runs"]}
+  assert modes == {"ar", "sd", "ssd"}
+  assert all(r["greedy_equal_to_ar"] for r in result["runs"])
+  assert all(r["predicted_tokens_per_second"] > 0 for r in result["runs"])
+  assert {"verify", "propose", "expand", "lookup", "ar_step"} <= set(result["latency"][0])
+  for png in (
+    "tokens_per_mode",
+    "accepted_histogram",
+    "miss_rate_vs_fan_out",
+    "batch_scaling",
+    "predicted_vs_measured",
+  ):
+    assert (tmp_path / f"{png}.png").read_bytes()[:4] == b"\x89PNG"
+  assert "best ssd / best sd" in (tmp_path / "report.md").read_text()

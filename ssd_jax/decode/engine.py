@@ -269,6 +269,7 @@ class Engine:
       mode=spec.mode,
       lookahead=spec.lookahead if spec.mode != "ar" else 0,
       num_sequences=run.batch_size,
+      active_sequences=int((budgets > 0).sum()),
       generated_tokens=int(jax.device_get(tstate.num_out).sum()),
       decode_seconds=t2 - t1,
       prefill_seconds=t1 - t0,

@@ -21,6 +21,7 @@ class Metrics:
   Attributes:
     mode: "ar", "sd" or "ssd".
     lookahead: draft tokens per round (0 for ar).
+    num_sequences: rows in the batch; active_sequences: rows with a budget > 0.
     generated_tokens: tokens emitted over all sequences.
     decode_seconds: wall time from the first round's dispatch to the last token on the host.
     prefill_seconds: wall time of prefill (target and draft).
@@ -34,6 +35,7 @@ class Metrics:
   mode: str
   lookahead: int
   num_sequences: int
+  active_sequences: int
   generated_tokens: int
   decode_seconds: float
   prefill_seconds: float
@@ -75,6 +77,13 @@ class Metrics:
     return float(self.accept_hist[HIT].sum() / n) if n else float("nan")
 
   @property
+  def later_hit_rate(self) -> float:
+    """Hit rate over rounds after each sequence's first, which always misses (the cache
+    starts empty): the steady-state rate the analytical model uses."""
+    n = self.accept_hist.sum() - self.active_sequences
+    return float(self.accept_hist[HIT].sum() / n) if n > 0 else float("nan")
+
+  @property
   def acceptance_per_position(self) -> list[float]:
     """P(draft token j is accepted | rounds), j = 1..lookahead."""
     counts = self.accept_hist.sum(0)
@@ -83,11 +92,36 @@ class Metrics:
       return []
     return [float(counts[j:].sum() / n) for j in range(1, self.lookahead + 1)]
 
-  def median_ms(self, start: str, end: str) -> float:
-    """Median over rounds of round_times[end] - round_times[start], in milliseconds."""
-    a, b = self.round_times.get(start, []), self.round_times.get(end, [])
-    n = min(len(a), len(b))
-    return float(np.median(np.subtract(b[:n], a[:n])) * 1e3) if n else float("nan")
+  def stage_ms(self) -> dict[str, float]:
+    """Median per-round duration of each stage, from the completion timestamps.
+
+    A stage can start only when its inputs exist, so its duration in round r is its completion
+    time minus the latest of: the round's dispatch and the completion of what it waits for
+    (ssd: verify and expand wait for lookup r-1, lookup waits for both; sd: the draft waits for
+    verify r-1, verify for the draft; ar: verify r-1).
+    """
+    t = {k: np.asarray(v) for k, v in self.round_times.items()}
+    if "dispatch" not in t or "verify_done" not in t:
+      return {}
+    n = min(len(v) for v in t.values())
+    t = {k: v[:n] for k, v in t.items()}
+    prev = lambda x: np.concatenate([[-np.inf], x[:-1]])  # completion of round r - 1
+    start = lambda *deps: np.maximum.reduce([t["dispatch"], *deps])
+    out = {}
+    if "expand_done" in t:  # ssd
+      ready = prev(t["lookup_done"])
+      out["verify_ms"] = t["verify_done"] - start(ready)
+      out["expand_ms"] = t["expand_done"] - start(ready)
+      out["lookup_ms"] = t["lookup_done"] - np.maximum(t["verify_done"], t["expand_done"])
+      out["round_ms"] = np.diff(t["lookup_done"], prepend=0.0)[1:]
+    elif "draft_done" in t:  # sd
+      out["draft_ms"] = t["draft_done"] - start(prev(t["verify_done"]))
+      out["verify_ms"] = t["verify_done"] - t["draft_done"]
+      out["round_ms"] = np.diff(t["verify_done"])
+    else:  # ar
+      out["verify_ms"] = t["verify_done"] - start(prev(t["verify_done"]))
+      out["round_ms"] = np.diff(t["verify_done"])
+    return {k: float(np.median(v) * 1e3) if len(v) else float("nan") for k, v in out.items()}
 
   def summary(self) -> dict[str, Any]:
     """JSON-ready fields (DESIGN.md §5)."""
@@ -95,6 +129,7 @@ class Metrics:
       "mode": self.mode,
       "lookahead": self.lookahead,
       "num_sequences": self.num_sequences,
+      "active_sequences": self.active_sequences,
       "generated_tokens": self.generated_tokens,
       "decode_seconds": self.decode_seconds,
       "prefill_seconds": self.prefill_seconds,
@@ -108,12 +143,11 @@ class Metrics:
     if self.mode == "ssd":
       out |= {
         "cache_hit_rate": self.hit_rate,
+        "cache_hit_rate_after_first_round": self.later_hit_rate,
         "mean_accepted_on_hit": self.mean_accepted_hit,
         "mean_accepted_on_miss": self.mean_accepted_miss,
       }
-    for name in ("verify", "draft", "lookup"):
-      if f"{name}_done" in self.round_times:
-        out[f"{name}_ms_median"] = self.median_ms("dispatch", f"{name}_done")
+    out |= {f"{k}_median": v for k, v in self.stage_ms().items()}
     out |= self.extra
     return out
 

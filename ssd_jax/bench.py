@@ -1,0 +1,113 @@
+"""python -m ssd_jax.bench: benchmark sweeps written as JSON, plots and a markdown report.
+
+  sweep   mode x lookahead x fan-out (uniform and geometric) x temperature x batch size x prompt
+          set; every configuration's metrics, each program's latency in isolation, and the
+          analytical model's prediction next to the measurement. Optionally HF transformers'
+          generate and assisted generation on the same prompts (--hf).
+  models  prefill and decode tokens/s of the target in ssd_jax (and HF eager with --hf), f32
+          and bf16.
+
+Speed is compared as ratios measured side by side in one run: the machine may be shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+
+_EXAMPLES = """examples:
+  python -m ssd_jax.bench sweep --out runs/bench                   # the default sweep
+  python -m ssd_jax.bench sweep --quick --target tiny-llama --draft tiny-llama-draft
+  python -m ssd_jax.bench sweep --batch-sizes 1 2 4 8 --backup auto --lookaheads 5
+  python -m ssd_jax.bench sweep --hf                               # + HF transformers
+  python -m ssd_jax.bench models --hf"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(
+    prog="python -m ssd_jax.bench",
+    description=__doc__.split("\n\n")[0],
+    epilog=_EXAMPLES,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
+  sub = p.add_subparsers(dest="command", required=True)
+  s = sub.add_parser("sweep", help="decoding sweep")
+  s.add_argument("--target", default="smollm2-135m")
+  s.add_argument("--draft", default="smollm2-135m-draft")
+  s.add_argument("--out", type=Path, default=Path("runs/bench"))
+  s.add_argument("--prompt-sets", nargs="+", default=["humaneval", "sharegpt"])
+  s.add_argument("--num-prompts", type=int, default=8)
+  s.add_argument("--max-new-tokens", type=int, default=128)
+  s.add_argument("--lookaheads", type=int, nargs="+", default=[3, 5, 7])
+  s.add_argument("--fan-outs", type=int, nargs="+", default=[1, 2, 3, 4])
+  s.add_argument("--no-geometric", action="store_true", help="skip Theorem 12 fan-outs")
+  s.add_argument("--temperatures", type=float, nargs="+", default=[0.0])
+  s.add_argument("--batch-sizes", type=int, nargs="+", default=[1])
+  s.add_argument("--saguaro-c", type=float, default=1.0)
+  s.add_argument("--backup", choices=("neural", "fast", "auto"), default="neural")
+  s.add_argument("--target-devices", type=int, default=1)
+  s.add_argument("--seed", type=int, default=0)
+  s.add_argument("--ignore-eos", action="store_true")
+  s.add_argument("--hf", action="store_true", help="also run HF transformers (needs make hf)")
+  s.add_argument("--quick", action="store_true", help="a tiny sweep (smoke test)")
+  m = sub.add_parser("models", help="prefill / decode speed of the target")
+  m.add_argument("--target", default="smollm2-135m")
+  m.add_argument("--out", type=Path, default=Path("runs/bench"))
+  m.add_argument("--prompt-tokens", type=int, default=256)
+  m.add_argument("--decode-tokens", type=int, default=32)
+  m.add_argument("--hf", action="store_true")
+  return p
+
+
+def check(args, parser) -> None:
+  if args.command == "sweep":
+    if args.num_prompts < 1 or args.max_new_tokens < 1:
+      parser.error("--num-prompts and --max-new-tokens must be >= 1")
+    if min(args.lookaheads) < 1 or min(args.fan_outs) < 1 or min(args.batch_sizes) < 1:
+      parser.error("--lookaheads, --fan-outs and --batch-sizes must be >= 1")
+    if min(args.temperatures) < 0 or not 0 <= args.saguaro_c <= 1:
+      parser.error("temperatures must be >= 0 and --saguaro-c in [0, 1]")
+    if args.quick:
+      args.prompt_sets, args.num_prompts, args.max_new_tokens = ["bundled"], 2, 16
+      args.lookaheads, args.fan_outs = [2], [1, 2]
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  check(args, parser)
+  import jax  # noqa: PLC0415
+
+  with contextlib.suppress(RuntimeError):  # room for a tensor-parallel target and the draft
+    n = max(getattr(args, "target_devices", 1) + 1, 2 * getattr(args, "target_devices", 1))
+    jax.config.update("jax_num_cpu_devices", max(n, jax.config.jax_num_cpu_devices))
+  args.out.mkdir(parents=True, exist_ok=True)
+  from ssd_jax import bench_sweep  # noqa: PLC0415
+
+  try:
+    if args.command == "sweep":
+      result = bench_sweep.sweep(args)
+      path = args.out / "sweep.json"
+    else:
+      result = bench_sweep.model_speed(args)
+      path = args.out / "models.json"
+  except (ValueError, FileNotFoundError) as e:
+    parser.error(str(e))
+  result["command"] = "python -m ssd_jax.bench " + " ".join(argv or sys.argv[1:])
+  result["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+  path.write_text(json.dumps(result, indent=1))
+  print(f"wrote {path}")
+  if args.command == "sweep":
+    from ssd_jax import bench_report  # noqa: PLC0415
+
+    report = bench_report.write(result, args.out)
+    print(f"wrote {report} and its plots")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

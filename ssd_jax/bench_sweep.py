@@ -1,0 +1,224 @@
+"""The benchmark sweeps behind `python -m ssd_jax.bench` (see there for the flags)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from ssd_jax import harness
+from ssd_jax.config import SpecConfig
+from ssd_jax.data import load_prompts
+from ssd_jax.decode import Engine, Sampling, theory, tree
+from ssd_jax.decode.profile import time_programs
+from ssd_jax.models.registry import load_model
+
+
+def _record(context: dict, result: harness.ModeResult, ar: harness.ModeResult | None) -> dict:
+  m = result.merged
+  summary = {k: v for k, v in result.summary().items() if k != "generated_token_ids"}
+  summary |= {
+    "tokens_per_second": result.tokens_per_second,
+    "mean_accepted_on_hit": m.mean_accepted_hit,
+    "mean_accepted_on_miss": m.mean_accepted_miss,
+    "cache_hit_rate_after_first_round": m.later_hit_rate,
+  }
+  if ar is not None:
+    summary["speedup_vs_ar"] = result.tokens_per_second / ar.tokens_per_second
+    if context["temperature"] == 0:
+      summary["greedy_equal_to_ar"] = result.tokens == ar.tokens
+  return (
+    context
+    | {
+      "mode": result.mode,
+      "lookahead": result.spec.lookahead,
+      "fan_out": list(result.spec.fan_out),
+    }
+    | summary
+  )
+
+
+def predict(record: dict, latency: dict, batch_size: int) -> dict[str, float]:
+  """The analytical model's tokens/s for one run, from isolated latencies (ms) and the run's
+  measured acceptance and hit rate (Theorem 7 / Corollary 16 for ssd; E_SD / (verify + draft)
+  for sd; 1 / step for ar)."""
+  verify = latency["verify"]
+  if record["mode"] == "ar":
+    return {"predicted_tokens_per_second": 1e3 * batch_size / latency["ar_step"]}
+  e = record["mean_accepted_tokens_per_round"]
+  if record["mode"] == "sd":
+    return {"predicted_tokens_per_second": 1e3 * batch_size * e / (verify + latency["propose"])}
+  p = record["cache_hit_rate_after_first_round"]
+  e_hit, e_miss = record["mean_accepted_on_hit"], record["mean_accepted_on_miss"]
+  e_hit = e if np.isnan(e_hit) else e_hit
+  e_miss = e if np.isnan(e_miss) else e_miss
+  p = 0.0 if np.isnan(p) else p
+  backup = latency["propose"] if record.get("backup", "neural") == "neural" else 0.0
+  t_p = (latency["expand"] + latency["lookup"]) / verify
+  t_b = (backup + latency["lookup"]) / verify
+  speed = theory.ssd_speedup(p, e_hit, e_miss, t_p, t_b, batch_size)
+  return {
+    "predicted_tokens_per_second": 1e3 * batch_size * speed / verify,
+    "t_p": t_p,
+    "t_b": t_b,
+    "t_sd": latency["propose"] / verify,
+  }
+
+
+def geometric_variants(
+  k: int, fan_outs: list[int], uniform_runs: list[dict], acceptance: float
+) -> list[tuple[str, int, tuple[int, ...]]]:
+  """Theorem 12 fan-outs with the budgets of the uniform ones, from the measured acceptance and
+  the power law fitted to the uniform runs' miss rates (r = 0.5 when it cannot be fitted)."""
+  if not 0 < acceptance < 1:
+    return []
+  usable = [(r["budget"], 1 - r["cache_hit_rate_after_first_round"]) for r in uniform_runs]
+  usable = [(f, miss) for f, miss in usable if miss > 0 and not np.isnan(miss)]
+  r = theory.fit_power_law(*zip(*usable, strict=True)) if len(usable) >= 2 else 0.5
+  r = float(np.clip(r, 0.05, 3.0))
+  return [
+    (f"geometric (r={r:.2f}, a={acceptance:.2f})", f, tree.geometric(k, f * (k + 1), acceptance, r))
+    for f in sorted(set(fan_outs) - {1})
+  ]
+
+
+def sweep(args) -> dict[str, Any]:
+  target, draft = load_model(args.target), load_model(args.draft)
+  engine = Engine(target, draft, target_devices=args.target_devices)
+  out: dict[str, Any] = {
+    "environment": harness.environment(),
+    "args": _jsonable(args),
+    "runs": [],
+    "latency": [],
+    "hf": [],
+  }
+  for prompt_set in args.prompt_sets:
+    prompts = load_prompts(prompt_set, args.num_prompts)
+    ids = harness.encode(target.tokenizer, [p.text for p in prompts], chat=True)
+    capacity = harness.capacity_for(ids, args.max_new_tokens, max(args.lookaheads)) + 256
+    for temperature in args.temperatures:
+      sampling = Sampling(temperature=temperature)
+      for batch in args.batch_sizes:
+        context = {"prompt_set": prompt_set, "temperature": temperature, "batch_size": batch}
+        _sweep_point(args, engine, ids, capacity, sampling, context, out)
+    if args.hf:
+      from ssd_jax import bench_hf  # noqa: PLC0415
+
+      out["hf"].append(
+        {"prompt_set": prompt_set}
+        | bench_hf.compare(
+          target, draft, [p.text for p in prompts], args.max_new_tokens, out["runs"], prompt_set
+        )
+      )
+  return out
+
+
+def _sweep_point(args, engine, ids, capacity, sampling, context, out) -> None:
+  batch = context["batch_size"]
+  run = lambda spec: harness.run_mode(
+    engine,
+    ids,
+    spec,
+    sampling=sampling,
+    max_new_tokens=args.max_new_tokens,
+    batch_size=batch,
+    seed=args.seed,
+    ignore_eos=args.ignore_eos,
+    capacity=capacity,
+  )
+  t0 = time.time()
+  ar = run(SpecConfig(mode="ar", lookahead=0))
+  records = [_record(context, ar, ar)]
+  for k in args.lookaheads:
+    sd = run(SpecConfig(mode="sd", lookahead=k))
+    records.append(_record(context, sd, ar))
+    acceptance = float(np.mean(records[-1]["acceptance_per_position"]))
+
+    def ssd(kind, budget, fan_out, k=k):
+      spec = SpecConfig(
+        mode="ssd", lookahead=k, fan_out=fan_out, saguaro_c=args.saguaro_c, backup=args.backup
+      )
+      return _record(context, run(spec), ar) | {"fan_out_kind": kind, "budget": budget}
+
+    uniform = [ssd("uniform", f, tree.uniform(k, f)) for f in args.fan_outs]
+    records += uniform
+    if not args.no_geometric:
+      records += [ssd(*v) for v in geometric_variants(k, args.fan_outs, uniform, acceptance)]
+  _add_predictions(args, engine, ids, capacity, sampling, context, records, out)
+  out["runs"] += records
+  best = max((r for r in records if r["mode"] == "ssd"), key=lambda r: r["tokens_per_second"])
+  print(
+    f"{context}: ar {records[0]['tokens_per_second']:.1f} tok/s, best ssd "
+    f"{best['tokens_per_second']:.1f} (k={best['lookahead']}, F={best['fan_out']}) "
+    f"[{time.time() - t0:.0f} s]",
+    flush=True,
+  )
+
+
+def _add_predictions(args, engine, ids, capacity, sampling, context, records, out) -> None:
+  batch = context["batch_size"]
+  cache: dict = {}
+  for record in records:
+    k = max(record["lookahead"], 1)
+    fan_out = tuple(record["fan_out"]) or tree.uniform(k, 1)
+    key = (k, fan_out)
+    if key not in cache:
+      spec = SpecConfig(mode="ssd", lookahead=k, fan_out=fan_out, saguaro_c=args.saguaro_c)
+      cache[key] = time_programs(engine, ids[0], spec, sampling, capacity, batch_size=batch)
+      out["latency"].append(context | {"lookahead": k, "fan_out": list(fan_out)} | cache[key])
+    record["backup"] = record.get("backup") or args.backup
+    record |= predict(record, cache[key], batch)
+
+
+def _jsonable(args) -> dict:
+  return {
+    k: (str(v) if not isinstance(v, int | float | str | list | bool | None) else v)
+    for k, v in vars(args).items()
+  }
+
+
+def model_speed(args) -> dict[str, Any]:
+  """Prefill and decode tokens/s of the target alone, f32 and bf16 (and HF eager with --hf)."""
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  from ssd_jax.models import KVCache  # noqa: PLC0415
+  from ssd_jax.models.prefill import prefill  # noqa: PLC0415
+
+  rows = []
+  tokens = np.random.default_rng(0).integers(0, 1000, (1, args.prompt_tokens), dtype=np.int32)
+  for dtype in (jnp.float32, jnp.bfloat16):
+    model = load_model(args.target, dtype=dtype)
+    engine = Engine(model)
+    cfg, params = model.config, engine.target_params
+    capacity = args.prompt_tokens + args.decode_tokens + 64
+    times = []
+    for _ in range(3):  # the first call compiles
+      cache = KVCache.init(cfg, 1, capacity, dtype)
+      t = time.perf_counter()
+      jax.block_until_ready(
+        prefill(params, tokens, jnp.asarray([args.prompt_tokens]), cache, config=cfg)
+      )
+      times.append(time.perf_counter() - t)
+    prefill_s = min(times[1:])
+    gen = engine.generate(
+      [tokens[0].tolist()], max_new_tokens=args.decode_tokens, ignore_eos=True, capacity=capacity
+    )  # warm-up
+    gen = engine.generate(
+      [tokens[0].tolist()], max_new_tokens=args.decode_tokens, ignore_eos=True, capacity=capacity
+    )
+    rows.append(
+      {
+        "engine": "ssd_jax",
+        "dtype": jnp.dtype(dtype).name,
+        "prefill_tokens_per_second": args.prompt_tokens / prefill_s,
+        "decode_tokens_per_second": gen.metrics.tokens_per_second,
+      }
+    )
+    print(rows[-1], flush=True)
+  if args.hf:
+    from ssd_jax import bench_hf  # noqa: PLC0415
+
+    rows += bench_hf.model_speed(tokens[0].tolist(), args.decode_tokens)
+  return {"environment": harness.environment(), "rows": rows, "args": _jsonable(args)}

@@ -1,0 +1,162 @@
+"""Latency of each round program in isolation: the inputs of the analytical model.
+
+Each program is run alone (dispatch, then block until ready) `reps` times after a warm-up, on
+the engine's placed weights, and the median is reported in milliseconds:
+
+  ar_step    target step with no draft tokens (one token)
+  verify     target step over [pending, lookahead draft tokens]
+  propose    the draft drafting `lookahead` tokens (sync SD's drafting; the neural backup)
+  expand     SSD's expansion (glue + fork + tree decode over all branches)
+  lookup     SSD's cache lookup (on a hit: no backup runs)
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ssd_jax import sharding
+from ssd_jax.config import SpecConfig
+from ssd_jax.decode import draft as draft_lib
+from ssd_jax.decode import speculate
+from ssd_jax.decode import target as target_lib
+from ssd_jax.decode.sampling import Sampling
+from ssd_jax.decode.state import Speculation
+from ssd_jax.models.prefill import pad_prompts
+
+
+def _median_ms(fn, state, reps: int):
+  """Time fn(state) -> (state, out) `reps` times, threading the (donated) state through."""
+  state, out = fn(state)  # warm-up / compile
+  jax.block_until_ready(out)
+  times = []
+  for _ in range(reps):
+    t = time.perf_counter()
+    state, out = fn(state)
+    jax.block_until_ready((state, out))
+    times.append(time.perf_counter() - t)
+  return state, out, float(np.median(times) * 1e3)
+
+
+def time_programs(
+  engine,
+  prompt: list[int],
+  spec: SpecConfig,
+  sampling: Sampling,
+  capacity: int,
+  batch_size: int = 1,
+  reps: int = 10,
+) -> dict[str, float]:
+  """Median milliseconds of each program for `batch_size` copies of `prompt`."""
+  k = spec.lookahead
+  if len(prompt) + 2 * (reps + 2) * (k + 1) > capacity:
+    raise ValueError("capacity too small for the timing repetitions; raise it")
+  tokens, lengths = pad_prompts([prompt] * batch_size, capacity)
+  B = batch_size
+  to_t = lambda x: jax.device_put(x, sharding.replicated(engine.target_mesh))
+  to_d = lambda x: jax.device_put(x, sharding.replicated(engine.draft_mesh))
+  dtype = jax.tree.leaves(engine.target_params)[0].dtype
+  temps = np.full(B, sampling.temperature, np.float32)
+  tstate = target_lib.start(
+    engine.target_params,
+    to_t(tokens),
+    to_t(lengths),
+    sharding.init_cache(engine.target.config, engine.target_mesh, B, capacity, dtype),
+    to_t(np.full(B, 10**6, np.int32)),
+    to_t(temps),
+    to_t(jax.random.key(0)),
+    config=engine.target.config,
+    lookahead=k,
+    attention_impl=engine.attention_impl,
+  )
+  dstate = draft_lib.start(
+    engine.draft_params,
+    to_d(tokens),
+    to_d(lengths),
+    sharding.init_cache(engine.draft.config, engine.draft_mesh, B, capacity, dtype),
+    to_d(temps),
+    to_d(jax.random.key(1)),
+    config=engine.draft.config,
+    attention_impl=engine.attention_impl,
+  )
+  common = dict(
+    config=engine.draft.config, lookahead=k, sampling=sampling, attention_impl=engine.attention_impl
+  )
+  last = to_d(jnp.asarray(tokens[:, len(prompt) - 1]))
+  out = {}
+  dstate, proposal, out["propose"] = _median_ms(
+    lambda s: draft_lib.propose(engine.draft_params, s, None, last, **common), dstate, reps
+  )
+  kwargs = dict(
+    config=engine.target.config, sampling=sampling, eos_ids=(), attention_impl=engine.attention_impl
+  )
+  spec_t = to_t(proposal)
+  tstate, _, out["verify"] = _median_ms(
+    lambda s: _drop_report(target_lib.step(engine.target_params, s, spec_t, **kwargs)), tstate, reps
+  )
+  none = to_t(
+    Speculation(
+      tokens=jnp.zeros((B, 1), jnp.int32),
+      probs=None,
+      point_mass=jnp.zeros(B, bool),
+      hit=jnp.zeros(B, bool),
+    )
+  )
+  _, _, out["ar_step"] = _median_ms(
+    lambda s: _drop_report(target_lib.step(engine.target_params, s, none, **kwargs)),
+    target_lib.start(
+      engine.target_params,
+      to_t(tokens),
+      to_t(lengths),
+      sharding.init_cache(engine.target.config, engine.target_mesh, B, capacity, dtype),
+      to_t(np.full(B, 10**6, np.int32)),
+      to_t(temps),
+      to_t(jax.random.key(0)),
+      config=engine.target.config,
+      lookahead=0,
+      attention_impl=engine.attention_impl,
+    ),
+    reps,
+  )
+  if spec.mode == "ssd":
+    expand_kwargs = dict(
+      common, fan_out=spec.fan_out, fan_out_miss=spec.miss_fan_out, saguaro_c=spec.saguaro_c
+    )
+    dstate, cache, out["expand"] = _median_ms(
+      lambda s: speculate.expand(engine.draft_params, s, proposal, **expand_kwargs), dstate, reps
+    )
+    hit = _outcome_for(cache, 0)
+    lookup_kwargs = dict(
+      common, fan_out_miss=spec.miss_fan_out, backup="neural", saguaro_c=spec.saguaro_c
+    )
+    _, _, out["lookup"] = _median_ms(
+      lambda s: _tokens_only(speculate.lookup(engine.draft_params, s, cache, hit, **lookup_kwargs)),
+      dstate,
+      reps,
+    )
+  return out
+
+
+def _drop_report(result):
+  state, outcome, report = result
+  return state, report
+
+
+def _outcome_for(cache, branch: int):
+  """An outcome that hits branch `branch` of every row (committing nothing, so it repeats)."""
+  from ssd_jax.decode.verify import Outcome  # noqa: PLC0415
+
+  B = cache.keys.shape[0]
+  return Outcome(
+    accepted=cache.depth[:, branch],
+    bonus=cache.keys[:, branch],
+    committed=jnp.zeros((B,), jnp.int32),
+  )
+
+
+def _tokens_only(result):
+  state, spec = result
+  return state, spec.tokens
