@@ -23,9 +23,10 @@ def best_per_mode(runs: list[dict], **context) -> dict[str, dict]:
   """The fastest run of each mode among runs matching `context`."""
   best: dict[str, dict] = {}
   for r in runs:
-    if all(r.get(k) == v for k, v in context.items()):
-      if r["mode"] not in best or r["tokens_per_second"] > best[r["mode"]]["tokens_per_second"]:
-        best[r["mode"]] = r
+    if not all(r.get(k) == v for k, v in context.items()):
+      continue
+    if r["mode"] not in best or r["tokens_per_second"] > best[r["mode"]]["tokens_per_second"]:
+      best[r["mode"]] = r
   return best
 
 
@@ -189,7 +190,7 @@ def write(result: dict[str, Any], out: Path) -> Path:
   ]
   for prompt_set in sorted({r["prompt_set"] for r in runs}):
     best = best_per_mode(runs, prompt_set=prompt_set, batch_size=1)
-    lines += _table([best[m] for m in ("ar", "sd", "ssd") if m in best]) + [""]
+    lines += [*_table([best[m] for m in ("ar", "sd", "ssd") if m in best]), ""]
     if "ssd" in best and "sd" in best:
       ratio = best["ssd"]["tokens_per_second"] / best["sd"]["tokens_per_second"]
       lines.append(f"{prompt_set}: best ssd / best sd = {ratio:.2f}\n")

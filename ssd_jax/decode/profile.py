@@ -141,7 +141,7 @@ def time_programs(
 
 
 def _drop_report(result):
-  state, outcome, report = result
+  state, _outcome, report = result
   return state, report
 
 
