@@ -15,6 +15,7 @@ import jax
 
 from ssd_jax.config import SpecConfig
 from ssd_jax.decode import Engine, Metrics, Sampling
+from ssd_jax.decode.metrics import median_ms
 from ssd_jax.models.prefill import bucket_length
 from ssd_jax.models.tokenizer import Tokenizer
 
@@ -47,27 +48,29 @@ class ModeResult:
 
   @property
   def merged(self) -> Metrics:
-    """The batches' metrics as one run (histograms and times summed)."""
+    """The batches' metrics as one run (counts and times summed; per-round timestamps stay
+    with their batch, see `summary`)."""
     first = self.metrics[0]
-    times: dict[str, list[float]] = {}
-    offset = 0.0
-    for m in self.metrics:
-      for k, v in m.round_times.items():
-        times.setdefault(k, []).extend(t + offset for t in v)
-      offset += m.decode_seconds + 1.0
     return dataclasses.replace(
       first,
       num_sequences=sum(m.num_sequences for m in self.metrics),
+      active_sequences=sum(m.active_sequences for m in self.metrics),
       generated_tokens=self.generated_tokens,
       decode_seconds=self.decode_seconds,
       prefill_seconds=sum(m.prefill_seconds for m in self.metrics),
       loop_rounds=sum(m.loop_rounds for m in self.metrics),
       accept_hist=sum(m.accept_hist for m in self.metrics),
-      round_times=times,
+      round_times={},
+      round_misses=[],
     )
 
   def summary(self) -> dict[str, Any]:
     out = self.merged.summary()
+    pooled: dict[str, list] = {}
+    for m in self.metrics:  # stage durations pooled over every batch's rounds
+      for k, v in m.stage_samples().items():
+        pooled.setdefault(k, []).extend(v)
+    out |= {f"{k}_median": v for k, v in median_ms(pooled).items()}
     out["spec"] = dataclasses.asdict(self.spec)
     out["per_batch_tokens_per_second"] = [m.tokens_per_second for m in self.metrics]
     out["generated_token_ids"] = self.tokens

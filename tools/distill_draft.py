@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import ast
 import functools
+import json
 import math
 import sys
 import sysconfig
@@ -39,7 +40,7 @@ from ssd_jax.config import ModelConfig
 from ssd_jax.data import load_prompts
 from ssd_jax.models import KVCache, forward, hidden_states, init_params, lm_head
 from ssd_jax.models.prefill import pad_prompts, prefill
-from ssd_jax.models.registry import load_model
+from ssd_jax.models.registry import ASSETS, load_model
 from ssd_jax.models.weights import save_hf
 
 TOP_K = 32
@@ -341,6 +342,125 @@ def cmd_train(args) -> None:
   print(f"saved {out}")
 
 
+# ----------------------------------------------------------------------------- evaluation
+
+
+def eval_set(teacher, name: str, n: int, max_new: int, work: Path) -> list[dict]:
+  """Held-out prompts with the teacher's greedy continuations (computed once, then cached)."""
+  path = work / f"eval_{name}_{n}_{max_new}.npz"
+  if not path.exists():
+    if name == "humaneval":
+      texts = [p.text for p in load_prompts("humaneval", n)]
+    else:
+      texts = [p.text for p in load_prompts("sharegpt", n, offset=EVAL_SHAREGPT_OFFSET)]
+    ids = [teacher.tokenizer.encode(teacher.tokenizer.apply_chat_template(t)) for t in texts]
+    _save_shard(path, list(teacher_continuations(teacher, ids, max_new, 32)))
+  with np.load(path) as f:
+    return [{k: f[f"{k}_{i}"] for k in ("prompt", "ids")} for i in range(int(f["n"]))]
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def _greedy(params, tokens, *, config):
+  return jnp.argmax(lm_head(params, hidden_states(params, tokens, config=config), config), -1)
+
+
+def agreement(model, records: list[dict]) -> float:
+  """Fraction of the teacher's greedy tokens the model predicts with its own argmax."""
+  hits = total = 0
+  for rec in records:
+    seq = np.concatenate([rec["prompt"], rec["ids"]])
+    T = -(-len(seq) // 64) * 64
+    tokens = np.zeros((1, T), np.int32)
+    tokens[0, : len(seq)] = seq
+    pred = np.asarray(_greedy(model.params, tokens, config=model.config))[0]
+    start = len(rec["prompt"]) - 1
+    guess = pred[start : start + len(rec["ids"])]
+    hits += int((guess == rec["ids"]).sum())
+    total += len(rec["ids"])
+  return hits / total
+
+
+def sd_acceptance(teacher, draft, records: list[dict], lookahead: int, max_new: int) -> float:
+  """Mean tokens per sync-SD round (bonus included), greedy, on the records' prompts."""
+  from ssd_jax.config import SpecConfig  # noqa: PLC0415
+  from ssd_jax.decode import Engine  # noqa: PLC0415
+
+  engine = Engine(teacher, draft)
+  prompts = [rec["prompt"].tolist() for rec in records]
+  out = engine.generate(
+    prompts, spec=SpecConfig(mode="sd", lookahead=lookahead), max_new_tokens=max_new
+  )
+  return out.metrics.mean_accepted
+
+
+def step_costs(teacher, draft, branches: int, lookahead: int) -> dict[str, float]:
+  """Median ms, one core each in turn: a 1-token decode step of the target and the draft, the
+  target verifying lookahead + 1 tokens, and the draft's expansion over `branches` branches."""
+  from ssd_jax.config import SpecConfig  # noqa: PLC0415
+  from ssd_jax.decode import Engine, Sampling  # noqa: PLC0415
+  from ssd_jax.decode.profile import time_programs  # noqa: PLC0415
+
+  engine = Engine(teacher, draft)
+  spec = SpecConfig(
+    mode="ssd",
+    lookahead=lookahead,
+    fan_out=tuple(np.diff(np.linspace(0, branches, lookahead + 2).round()).astype(int).tolist()),
+  )
+  prompt = list(range(100, 164))
+  t = time_programs(engine, prompt, spec, Sampling(), capacity=512)
+  # The draft as its own "target": its ar_step is one draft decode step.
+  ar_draft = time_programs(
+    Engine(draft, draft), prompt, SpecConfig(mode="sd", lookahead=1), Sampling(), capacity=512
+  )["ar_step"]
+  return {
+    "target_step_ms": t["ar_step"],
+    "target_verify_ms": t["verify"],
+    "draft_step_ms": ar_draft,
+    "draft_propose_ms": t["propose"],
+    "draft_expand_ms": t["expand"],
+    "draft_step_over_target_step": ar_draft / t["ar_step"],
+    "expand_over_verify": t["expand"] / t["verify"],
+  }
+
+
+def cmd_eval(args) -> None:
+  work = Path(args.work)
+  teacher = load_model("smollm2-135m")
+  draft = load_model(args.draft, tokenizer_from=str(work)) if args.draft else None
+  if draft is None:
+    raise SystemExit("--draft PATH (a student directory or smollm2-135m-draft) is required")
+  report = {"draft": args.draft, "config": draft.config.num_params}
+  for name, n in (("humaneval", args.humaneval), ("sharegpt", args.sharegpt)):
+    records = eval_set(teacher, name, n, args.max_new, work)
+    report[f"{name}_agreement"] = agreement(draft, records)
+    if args.sd_prompts:
+      report[f"{name}_sd_tokens_per_round_k{args.lookahead}"] = sd_acceptance(
+        teacher, draft, records[: args.sd_prompts], args.lookahead, args.max_new
+      )
+    print(json.dumps(report), flush=True)
+  if args.costs:
+    report |= step_costs(teacher, draft, args.branches, args.lookahead)
+  print(json.dumps(report, indent=1))
+  if args.out:
+    Path(args.out).write_text(json.dumps(report, indent=1))
+
+
+def cmd_export(args) -> None:
+  """Write the student (float16, HF safetensors + config) into the package and, optionally, a
+  standalone HF directory with the tokenizer."""
+  student = load_model(args.student)
+  half = jax.tree.map(lambda x: np.asarray(x, np.float16), student.params)
+  save_hf(ASSETS / "smollm2-135m-draft", student.config, half)
+  print(f"wrote {ASSETS / 'smollm2-135m-draft'}")
+  if args.hf_out:
+    from ssd_jax.models.registry import smollm2_dir  # noqa: PLC0415
+
+    tok = smollm2_dir()
+    extra = {n: (tok / n).read_text() for n in ("tokenizer.json", "tokenizer_config.json")}
+    save_hf(args.hf_out, student.config, half, extra_files=extra)
+    print(f"wrote {args.hf_out}")
+
+
 def _take(iterator, n):
   for _ in range(n):
     yield next(iterator)
@@ -366,8 +486,21 @@ def main(argv=None) -> None:
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--log-every", type=int, default=100)
   p.add_argument("--save-every", type=int, default=500)
+  p = sub.add_parser("eval", help="agreement, SD acceptance and step costs")
+  p.add_argument("--draft", required=True, help="student directory or smollm2-135m-draft")
+  p.add_argument("--humaneval", type=int, default=164)
+  p.add_argument("--sharegpt", type=int, default=100)
+  p.add_argument("--max-new", type=int, default=128)
+  p.add_argument("--sd-prompts", type=int, default=24, help="prompts for SD acceptance (0: skip)")
+  p.add_argument("--lookahead", type=int, default=7)
+  p.add_argument("--costs", action="store_true", help="also time draft vs target steps")
+  p.add_argument("--branches", type=int, default=24)
+  p.add_argument("--out", help="write the report as JSON")
+  p = sub.add_parser("export", help="ship the student")
+  p.add_argument("--student", required=True)
+  p.add_argument("--hf-out", help="also write a standalone HF directory (with tokenizer)")
   args = parser.parse_args(argv)
-  {"data": cmd_data, "train": cmd_train}[args.cmd](args)
+  {"data": cmd_data, "train": cmd_train, "eval": cmd_eval, "export": cmd_export}[args.cmd](args)
 
 
 if __name__ == "__main__":

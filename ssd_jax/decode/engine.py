@@ -207,7 +207,10 @@ class Engine:
     tokens, lengths = pad_prompts(prompts, capacity)
     outputs: list[list[int]] = [[] for _ in range(B)]
 
+    round_misses: list[bool] = []  # per round: did any active sequence miss the cache
+
     def on_report(report: Report) -> bool:
+      round_misses.append(bool(((report.count > 0) & ~report.hit).any()))
       for b in np.nonzero(report.count)[0]:
         new = report.tokens[b, : report.count[b]].tolist()
         outputs[b].extend(new)
@@ -219,7 +222,9 @@ class Engine:
     run = Run(self, spec, sampling, eos, capacity, B, RoundTimer() if trace else None, on_report)
     key = jax.random.key(seed)
     metrics = self._run(run, tokens, lengths, budgets, temps, key)
-    return Generation(tokens=outputs, metrics=metrics)
+    return Generation(
+      tokens=outputs, metrics=dataclasses.replace(metrics, round_misses=round_misses)
+    )
 
   def _run(self, run: Run, tokens, lengths, budgets, temps, key) -> Metrics:
     from ssd_jax.decode import baselines, ssd  # noqa: PLC0415 (they import this module)

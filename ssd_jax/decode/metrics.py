@@ -30,6 +30,8 @@ class Metrics:
       hit, accepted draft tokens).
     round_times: per-round timestamps in seconds since the first dispatch (see RoundTimer),
       empty unless tracing was on.
+    round_misses: per round read by the host, whether any active sequence's speculation was
+      not served from the cache.
   """
 
   mode: str
@@ -42,6 +44,7 @@ class Metrics:
   loop_rounds: int
   accept_hist: np.ndarray
   round_times: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+  round_misses: list[bool] = dataclasses.field(default_factory=list)
   extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
   @property
@@ -93,7 +96,11 @@ class Metrics:
     return [float(counts[j:].sum() / n) for j in range(1, self.lookahead + 1)]
 
   def stage_ms(self) -> dict[str, float]:
-    """Median per-round duration of each stage, from the completion timestamps.
+    """Median per-round duration of each stage in milliseconds (see `stage_samples`)."""
+    return median_ms(self.stage_samples())
+
+  def stage_samples(self) -> dict[str, np.ndarray]:
+    """Per-round duration (seconds) of each stage, from the completion timestamps.
 
     A stage can start only when its inputs exist, so its duration in round r is its completion
     time minus the latest of: the round's dispatch and the completion of what it waits for
@@ -112,7 +119,11 @@ class Metrics:
       ready = prev(t["lookup_done"])
       out["verify_ms"] = t["verify_done"] - start(ready)
       out["expand_ms"] = t["expand_done"] - start(ready)
-      out["lookup_ms"] = t["lookup_done"] - np.maximum(t["verify_done"], t["expand_done"])
+      lookup = t["lookup_done"] - np.maximum(t["verify_done"], t["expand_done"])
+      # Lookup r serves round r + 1: on a miss there its time includes the backup.
+      missed = np.asarray(self.round_misses[1 : n + 1], bool)
+      out["lookup_ms"] = lookup[: len(missed)][~missed]
+      out["backup_ms"] = lookup[: len(missed)][missed]
       out["round_ms"] = np.diff(t["lookup_done"], prepend=0.0)[1:]
     elif "draft_done" in t:  # sd
       out["draft_ms"] = t["draft_done"] - start(prev(t["verify_done"]))
@@ -121,7 +132,7 @@ class Metrics:
     else:  # ar
       out["verify_ms"] = t["verify_done"] - start(prev(t["verify_done"]))
       out["round_ms"] = np.diff(t["verify_done"])
-    return {k: float(np.median(v) * 1e3) if len(v) else float("nan") for k, v in out.items()}
+    return out
 
   def summary(self) -> dict[str, Any]:
     """JSON-ready fields (DESIGN.md §5)."""
@@ -150,6 +161,10 @@ class Metrics:
     out |= {f"{k}_median": v for k, v in self.stage_ms().items()}
     out |= self.extra
     return out
+
+
+def median_ms(samples: dict[str, np.ndarray]) -> dict[str, float]:
+  return {k: float(np.median(v) * 1e3) if len(v) else float("nan") for k, v in samples.items()}
 
 
 class RoundTimer:

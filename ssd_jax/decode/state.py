@@ -78,11 +78,13 @@ class Report:
     tokens: i32[B, lookahead + 1], tokens emitted this round, valid up to `count`.
     count: i32[B], how many (0 for sequences already finished).
     done: bool[B], sequences finished after this round.
+    hit: bool[B], active sequences whose speculation this round came from the cache.
   """
 
   tokens: jax.Array  # i32[B, lookahead + 1]
   count: jax.Array  # i32[B]
   done: jax.Array  # bool[B]
+  hit: jax.Array  # bool[B]
 
 
 @jax.tree_util.register_dataclass

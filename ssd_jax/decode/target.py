@@ -141,5 +141,5 @@ def step(
     key=key,
     accept_hist=hist,
   )
-  report = Report(tokens=emitted, count=count, done=new_state.done)
+  report = Report(tokens=emitted, count=count, done=new_state.done, hit=spec.hit & active)
   return new_state, Outcome(accepted=accepted, bonus=bonus, committed=committed), report

@@ -68,7 +68,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
   )
 
 
-def config_to_hf(config: ModelConfig) -> dict[str, Any]:
+def config_to_hf(config: ModelConfig, dtype: str = "float32") -> dict[str, Any]:
   """An HF `config.json` dict that transformers loads as the same architecture."""
   arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
   hf = {
@@ -91,7 +91,7 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
     "eos_token_id": list(config.eos_token_ids)
     if len(config.eos_token_ids) > 1
     else (config.eos_token_ids[0] if config.eos_token_ids else None),
-    "torch_dtype": "float32",
+    "torch_dtype": dtype,
   }
   if config.rope_scaling is not None:
     s = config.rope_scaling
@@ -234,7 +234,8 @@ def save_hf(
   """Write config.json + model.safetensors (+ extra text files such as tokenizer.json)."""
   directory = Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
-  (directory / "config.json").write_text(json.dumps(config_to_hf(config), indent=2) + "\n")
+  dtype = np.asarray(jax.tree.leaves(params)[0]).dtype.name
+  (directory / "config.json").write_text(json.dumps(config_to_hf(config, dtype), indent=2) + "\n")
   save_file(
     params_to_hf_tensors(config, params), directory / "model.safetensors", metadata={"format": "pt"}
   )
