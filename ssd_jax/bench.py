@@ -6,6 +6,8 @@
           generate and assisted generation on the same prompts (--hf).
   models  prefill and decode tokens/s of the target in ssd_jax (and HF eager with --hf), f32
           and bf16.
+  overlap whether this machine runs the target's verification and the draft's expansion at
+          the same time (SSD's premise): each alone, then both dispatched together.
 
 Speed is compared as ratios measured side by side in one run: the machine may be shared.
 """
@@ -54,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--ignore-eos", action="store_true")
   s.add_argument("--hf", action="store_true", help="also run HF transformers (needs make hf)")
   s.add_argument("--quick", action="store_true", help="a tiny sweep (smoke test)")
+  o = sub.add_parser("overlap", help="can this machine run verify and expansion at once?")
+  o.add_argument("--target", default="smollm2-135m")
+  o.add_argument("--draft", default="smollm2-135m-draft")
+  o.add_argument("--out", type=Path, default=Path("runs/bench"))
+  o.add_argument("--lookaheads", type=int, nargs="+", default=[7, 7, 4])
+  o.add_argument("--fan-outs", type=int, nargs="+", default=[1, 3, 2])
   m = sub.add_parser("models", help="prefill / decode speed of the target")
   m.add_argument("--target", default="smollm2-135m")
   m.add_argument("--out", type=Path, default=Path("runs/bench"))
@@ -89,12 +97,13 @@ def main(argv: list[str] | None = None) -> int:
   from ssd_jax import bench_sweep  # noqa: PLC0415
 
   try:
-    if args.command == "sweep":
-      result = bench_sweep.sweep(args)
-      path = args.out / "sweep.json"
-    else:
-      result = bench_sweep.model_speed(args)
-      path = args.out / "models.json"
+    run = {
+      "sweep": bench_sweep.sweep,
+      "models": bench_sweep.model_speed,
+      "overlap": bench_sweep.measure_overlap,
+    }[args.command]
+    result = run(args)
+    path = args.out / f"{args.command}.json"
   except (ValueError, FileNotFoundError) as e:
     parser.error(str(e))
   result["command"] = "python -m ssd_jax.bench " + " ".join(argv or sys.argv[1:])

@@ -222,3 +222,18 @@ def model_speed(args) -> dict[str, Any]:
 
     rows += bench_hf.model_speed(tokens[0].tolist(), args.decode_tokens)
   return {"environment": harness.environment(), "rows": rows, "args": _jsonable(args)}
+
+
+def measure_overlap(args) -> dict[str, Any]:
+  """Can this machine overlap verification and expansion? (see decode.profile.overlap)"""
+  from ssd_jax.decode.profile import overlap  # noqa: PLC0415
+
+  target, draft = load_model(args.target), load_model(args.draft)
+  engine = Engine(target, draft)
+  prompt = harness.encode(target.tokenizer, [load_prompts("bundled", 1)[0].text], chat=True)[0]
+  rows = []
+  for k, f in zip(args.lookaheads, args.fan_outs, strict=False):
+    spec = SpecConfig(mode="ssd", lookahead=k, fan_out=tree.uniform(k, f))
+    rows.append({"lookahead": k, "fan_out": f} | overlap(engine, prompt, spec, Sampling(), 1024))
+    print(rows[-1], flush=True)
+  return {"environment": harness.environment(), "rows": rows, "args": _jsonable(args)}

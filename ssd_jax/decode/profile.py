@@ -160,3 +160,78 @@ def _outcome_for(cache, branch: int):
 def _tokens_only(result):
   state, spec = result
   return state, spec.tokens
+
+
+def overlap(
+  engine, prompt: list[int], spec: SpecConfig, sampling: Sampling, capacity: int, reps: int = 10
+) -> dict[str, float]:
+  """How well this machine runs the target's verification and the draft's expansion at once.
+
+  Times each alone, then both dispatched together (as an SSD round does). The efficiency
+  (verify + expand) / together is 2 with perfect overlap and 1 when the two devices share one
+  core's worth of compute; SSD's gain over SD needs it well above 1.
+  """
+  k = spec.lookahead
+  tokens, lengths = pad_prompts([prompt], capacity)
+  to_t = lambda x: jax.device_put(x, sharding.replicated(engine.target_mesh))
+  to_d = lambda x: jax.device_put(x, sharding.replicated(engine.draft_mesh))
+  dtype = jax.tree.leaves(engine.target_params)[0].dtype
+  new_t = lambda: target_lib.start(
+    engine.target_params,
+    to_t(tokens),
+    to_t(lengths),
+    sharding.init_cache(engine.target.config, engine.target_mesh, 1, capacity, dtype),
+    to_t(np.full(1, 10**6, np.int32)),
+    to_t(np.zeros(1, np.float32)),
+    to_t(jax.random.key(0)),
+    config=engine.target.config,
+    lookahead=k,
+    attention_impl=engine.attention_impl,
+  )
+  dstate = draft_lib.start(
+    engine.draft_params,
+    to_d(tokens),
+    to_d(lengths),
+    sharding.init_cache(engine.draft.config, engine.draft_mesh, 1, capacity, dtype),
+    to_d(np.zeros(1, np.float32)),
+    to_d(jax.random.key(1)),
+    config=engine.draft.config,
+    attention_impl=engine.attention_impl,
+  )
+  common = dict(
+    config=engine.draft.config, lookahead=k, sampling=sampling, attention_impl=engine.attention_impl
+  )
+  dstate, proposal = draft_lib.propose(
+    engine.draft_params, dstate, None, to_d(jnp.asarray(tokens[:, len(prompt) - 1])), **common
+  )
+  spec_t = to_t(proposal)
+  kwargs = dict(
+    config=engine.target.config, sampling=sampling, eos_ids=(), attention_impl=engine.attention_impl
+  )
+  expand_kwargs = dict(common, fan_out=spec.fan_out, fan_out_miss=spec.miss_fan_out)
+  verify = lambda t: target_lib.step(engine.target_params, t, spec_t, **kwargs)
+  expand = lambda d: speculate.expand(engine.draft_params, d, proposal, **expand_kwargs)
+  tstate, used = new_t(), 0
+  times = {"verify": [], "expand": [], "together": []}
+  for i in range(reps + 1):
+    used += 2 * (k + 1)  # two verifications commit at most this many tokens
+    if len(prompt) + used >= capacity:
+      tstate, used = new_t(), 2 * (k + 1)  # keep the cache from filling up
+    t = time.perf_counter()
+    tstate, _, report = verify(tstate)
+    jax.block_until_ready(report)
+    t1 = time.perf_counter()
+    dstate, cache = expand(dstate)
+    jax.block_until_ready(cache)
+    t2 = time.perf_counter()
+    tstate, _, report = verify(tstate)
+    dstate, cache = expand(dstate)
+    jax.block_until_ready((report, cache))
+    t3 = time.perf_counter()
+    if i:  # the first pass compiles
+      times["verify"].append(t1 - t)
+      times["expand"].append(t2 - t1)
+      times["together"].append(t3 - t2)
+  out = {f"{k}_ms": float(np.median(v) * 1e3) for k, v in times.items()}
+  out["efficiency"] = (out["verify_ms"] + out["expand_ms"]) / out["together_ms"]
+  return out
