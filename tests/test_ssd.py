@@ -284,3 +284,13 @@ def test_auto_backup_picks_by_batch_size(models):
   measured = SpecConfig(mode="ssd", lookahead=2, fan_out=(1, 1, 1), backup="auto")
   extra = run(PROMPTS[:2], measured)
   assert extra["backup_threshold"] == 2.0 and extra["backup"] == "fast"
+
+
+@pytest.mark.parametrize("impl", ["reference", "pallas"])
+def test_every_attention_impl_gives_the_same_greedy_tokens(models, ar_tokens, impl):
+  """The engine (verify, glue, tree steps, backups) through each tree-attention impl."""
+  spec = SpecConfig(mode="ssd", lookahead=2, fan_out=(2, 1, 1))
+  out = Engine(models["tiny-llama"], models["tiny-llama-draft"], attention_impl=impl).generate(
+    PROMPTS[:1], spec=spec, max_new_tokens=8, ignore_eos=True
+  )
+  assert out.tokens[0] == ar_tokens["tiny-llama", 1][0][:8]

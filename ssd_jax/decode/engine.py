@@ -129,7 +129,11 @@ class Engine:
     self.target_mesh, self.draft_mesh = sharding.make_meshes(
       target_devices, draft_devices, devices, share=self.shared or draft is None
     )
-    self.attention_impl = attention_impl or "xla"
+    if attention_impl is None:
+      from ssd_jax.kernels.backend import default_impl  # noqa: PLC0415 (imports Pallas)
+
+      attention_impl = default_impl(devices[0].platform)
+    self.attention_impl = attention_impl
     self.target_params = sharding.place_params(target.params, target.config, self.target_mesh)
     self.calibration: dict[str, float] = {}
     self.draft_params = None
