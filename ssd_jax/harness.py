@@ -155,3 +155,29 @@ def speedups(results: dict[str, ModeResult]) -> dict[str, float]:
 def same_tokens(results: dict[str, ModeResult]) -> bool:
   runs = [r.tokens for r in results.values()]
   return all(t == runs[0] for t in runs)
+
+
+def greedy_agreement(
+  model, prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]]
+) -> tuple[int, int]:
+  """How many of a target's greedy continuation tokens `model` predicts with its own argmax
+  (teacher-forced on the continuation). Returns (agreeing tokens, tokens)."""
+  import jax.numpy as jnp  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+
+  from ssd_jax.models import hidden_states, lm_head  # noqa: PLC0415
+
+  @jax.jit
+  def greedy(params, tokens):
+    x = hidden_states(params, tokens, config=model.config)
+    return jnp.argmax(lm_head(params, x, model.config), -1)
+
+  hits = total = 0
+  for prompt, cont in zip(prompts, continuations, strict=True):
+    seq = np.concatenate([np.asarray(prompt), np.asarray(cont)]).astype(np.int32)
+    tokens = np.zeros((1, -(-len(seq) // 64) * 64), np.int32)  # a few shapes, few compiles
+    tokens[0, : len(seq)] = seq
+    pred = np.asarray(greedy(model.params, tokens))[0, len(prompt) - 1 : len(seq) - 1]
+    hits += int((pred == np.asarray(cont)).sum())
+    total += len(cont)
+  return hits, total

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ssd_jax import harness
 from ssd_jax.config import ModelConfig
 from ssd_jax.data import load_prompts
 from ssd_jax.models import KVCache, forward, hidden_states, init_params, lm_head
@@ -44,6 +45,7 @@ from ssd_jax.models.registry import ASSETS, load_model
 from ssd_jax.models.weights import save_hf
 
 TOP_K = 32
+EMBED_STD = 0.2  # initial std of the projected embedding (0.05 and 0.5 learned slower)
 EVAL_SHAREGPT_OFFSET = 9000
 PROMPT_TOKENS = 320  # longer chat prompts are skipped: they cost much teacher time per token
 
@@ -212,7 +214,7 @@ def init_student(config: ModelConfig, teacher, seed: int):
   embed = np.asarray(teacher.params["embed"], np.float32)
   _, _, vt = np.linalg.svd(embed - embed.mean(0), full_matrices=False)
   projected = embed @ vt[: config.hidden_size].T
-  embed = jnp.asarray(projected / projected.std() * 0.05)
+  embed = jnp.asarray(projected / projected.std() * EMBED_STD)
   return dict(params, layers=layers, embed=embed, final_norm=jnp.ones((config.hidden_size,)))
 
 
@@ -286,7 +288,7 @@ def adamw(params, grads, state, step, lr, b1=0.9, b2=0.95, eps=1e-8, weight_deca
   return jax.tree.map(update, params, m, v), (m, v)
 
 
-def learning_rate(step, total, peak, warmup=200):
+def learning_rate(step, total, peak, warmup=100):
   warm = peak * (step + 1) / warmup
   progress = jnp.clip((step - warmup) / max(1, total - warmup), 0.0, 1.0)
   return jnp.where(step < warmup, warm, peak * (0.1 + 0.9 * 0.5 * (1 + jnp.cos(jnp.pi * progress))))
@@ -359,24 +361,11 @@ def eval_set(teacher, name: str, n: int, max_new: int, work: Path) -> list[dict]
     return [{k: f[f"{k}_{i}"] for k in ("prompt", "ids")} for i in range(int(f["n"]))]
 
 
-@functools.partial(jax.jit, static_argnames="config")
-def _greedy(params, tokens, *, config):
-  return jnp.argmax(lm_head(params, hidden_states(params, tokens, config=config), config), -1)
-
-
 def agreement(model, records: list[dict]) -> float:
   """Fraction of the teacher's greedy tokens the model predicts with its own argmax."""
-  hits = total = 0
-  for rec in records:
-    seq = np.concatenate([rec["prompt"], rec["ids"]])
-    T = -(-len(seq) // 64) * 64
-    tokens = np.zeros((1, T), np.int32)
-    tokens[0, : len(seq)] = seq
-    pred = np.asarray(_greedy(model.params, tokens, config=model.config))[0]
-    start = len(rec["prompt"]) - 1
-    guess = pred[start : start + len(rec["ids"])]
-    hits += int((guess == rec["ids"]).sum())
-    total += len(rec["ids"])
+  hits, total = harness.greedy_agreement(
+    model, [r["prompt"] for r in records], [r["ids"] for r in records]
+  )
   return hits / total
 
 
@@ -461,6 +450,23 @@ def cmd_export(args) -> None:
     print(f"wrote {args.hf_out}")
 
 
+def cmd_fixture(args) -> None:
+  """The regression slice for tests/test_draft.py: a few held-out prompts, the teacher's greedy
+  continuations, and the shipped draft's agreement on them."""
+  teacher, draft = load_model("smollm2-135m"), load_model("smollm2-135m-draft")
+  texts = [p.text for p in load_prompts("humaneval", 4)]
+  texts += [p.text for p in load_prompts("sharegpt", 4, offset=EVAL_SHAREGPT_OFFSET)]
+  ids = [teacher.tokenizer.encode(teacher.tokenizer.apply_chat_template(t)) for t in texts]
+  arrays, prompts, conts = {}, [], []
+  for i, rec in enumerate(teacher_continuations(teacher, ids, 48, len(ids))):
+    arrays |= {f"prompt_{i}": rec["prompt"], f"continuation_{i}": rec["ids"]}
+    prompts.append(rec["prompt"])
+    conts.append(rec["ids"])
+  hits, total = harness.greedy_agreement(draft, prompts, conts)
+  np.savez(args.out, n=len(prompts), agreeing=hits, tokens=total, **arrays)
+  print(f"wrote {args.out}: {hits}/{total} = {hits / total:.3f} agreement")
+
+
 def _take(iterator, n):
   for _ in range(n):
     yield next(iterator)
@@ -499,8 +505,17 @@ def main(argv=None) -> None:
   p = sub.add_parser("export", help="ship the student")
   p.add_argument("--student", required=True)
   p.add_argument("--hf-out", help="also write a standalone HF directory (with tokenizer)")
+  p = sub.add_parser("fixture", help="regression slice for tests/test_draft.py")
+  p.add_argument("--out", default="tests/fixtures/draft_slice.npz")
   args = parser.parse_args(argv)
-  {"data": cmd_data, "train": cmd_train, "eval": cmd_eval, "export": cmd_export}[args.cmd](args)
+  commands = {
+    "data": cmd_data,
+    "train": cmd_train,
+    "eval": cmd_eval,
+    "export": cmd_export,
+    "fixture": cmd_fixture,
+  }
+  commands[args.cmd](args)
 
 
 if __name__ == "__main__":

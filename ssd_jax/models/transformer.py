@@ -87,25 +87,38 @@ def param_axes(config: ModelConfig) -> Params:
 def init_params(
   config: ModelConfig, key: jax.Array, dtype=jnp.float32, scale: float = 1.0
 ) -> Params:
-  """Random params (tests, tiny demo models). Norm weights are 1 + noise so they matter."""
+  """Random params (tests, tiny demo models, training from scratch).
+
+  Matrices get std scale / sqrt(fan_in), with the fan-in taken from each parameter's contracted
+  axes; norm weights are 1 + noise and biases small noise, so every parameter matters in tests.
+  """
+  D, H = config.hidden_size, config.head_dim
+  fan_in = {
+    "wq": D,
+    "wk": D,
+    "wv": D,
+    "wo": config.num_heads * H,
+    "w_gate": D,
+    "w_up": D,
+    "w_down": config.intermediate_size,
+    "embed": D,
+    "lm_head": D,
+  }
   shapes = param_shapes(config)
-  leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
-  paths = [
-    jax.tree_util.keystr(p)
-    for p, _ in jax.tree_util.tree_flatten_with_path(
-      shapes, is_leaf=lambda x: isinstance(x, tuple)
-    )[0]
-  ]
-  keys = jax.random.split(key, len(leaves))
+  flat, treedef = jax.tree_util.tree_flatten_with_path(
+    shapes, is_leaf=lambda x: isinstance(x, tuple)
+  )
+  keys = jax.random.split(key, len(flat))
   out = []
-  for path, shape, k in zip(paths, leaves, keys, strict=True):
-    if "norm" in path:
-      x = 1.0 + 0.1 * jax.random.normal(k, shape)
+  for (path, shape), k in zip(flat, keys, strict=True):
+    name = path[-1].key
+    noise = jax.random.normal(k, shape)
+    if "norm" in name:
+      x = 1.0 + 0.1 * noise
+    elif name in ("bq", "bk", "bv"):
+      x = 0.1 * scale * noise
     else:
-      fan_in = shape[-2] if len(shape) >= 2 else shape[-1]
-      if path.endswith("['wo']"):
-        fan_in = shape[-3] * shape[-2]
-      x = jax.random.normal(k, shape) * (scale / fan_in**0.5)
+      x = noise * (scale / fan_in[name] ** 0.5)
     out.append(x.astype(dtype))
   return jax.tree.unflatten(treedef, out)
 
