@@ -5,10 +5,11 @@ Nothing here parses flags or reads the environment; `ssd_jax.run` and `ssd_jax.b
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import platform
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -33,6 +34,7 @@ class ModeResult:
   spec: SpecConfig
   tokens: list[list[int]]
   metrics: list[Metrics]  # one per batch
+  compiles: int = 0  # XLA compilations during the timed batches (after the warm-up)
 
   @property
   def generated_tokens(self) -> int:
@@ -73,8 +75,28 @@ class ModeResult:
     out |= {f"{k}_median": v for k, v in median_ms(pooled).items()}
     out["spec"] = dataclasses.asdict(self.spec)
     out["per_batch_tokens_per_second"] = [m.tokens_per_second for m in self.metrics]
+    out["compiles_after_warmup"] = self.compiles
     out["generated_token_ids"] = self.tokens
     return out
+
+
+_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+@contextlib.contextmanager
+def count_compiles() -> Iterator[list[str]]:
+  """Collects one entry per XLA backend compilation inside the block (any thread)."""
+  seen: list[str] = []
+
+  def listener(event: str, duration: float, **kwargs) -> None:
+    if event == _COMPILE_EVENT:
+      seen.append(event)
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    yield seen
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def capacity_for(prompts: Sequence[Sequence[int]], max_new_tokens: int, lookahead: int) -> int:
@@ -98,37 +120,41 @@ def run_mode(
   trace: bool = False,
   progress: Callable[[int], None] | None = None,
 ) -> ModeResult:
-  """Generate for every prompt in batches of `batch_size`; a warm-up batch compiles first."""
+  """Generate for every prompt in batches of `batch_size`; warm-up batches compile first."""
   batches = [list(prompts[i : i + batch_size]) for i in range(0, len(prompts), batch_size)]
-  if warmup:  # same shapes and static arguments as the timed runs: compiles every program
-    first = (batches[0] * batch_size)[:batch_size]
+  # One warm-up batch per prompt bucket, with the timed runs' shapes and static arguments:
+  # prefill compiles per bucket, the decode programs once.
+  buckets = {bucket_length(max(map(len, b)), capacity): b for b in reversed(batches)}
+  for batch in buckets.values() if warmup else ():
     engine.generate(
-      first,
+      (batch * batch_size)[:batch_size],
       spec=spec,
       sampling=sampling,
       capacity=capacity,
       seed=seed,
       max_new_tokens=min(max_new_tokens, 2 * (spec.lookahead + 1) + 2),
       ignore_eos=ignore_eos,
-    )
-  tokens, metrics = [], []
-  for i, batch in enumerate(batches):
-    pad = batch_size - len(batch)  # the last batch is padded to keep shapes (and programs)
-    out = engine.generate(
-      batch + batch[:1] * pad,
-      spec=spec,
-      sampling=sampling,
-      max_new_tokens=[max_new_tokens] * len(batch) + [0] * pad,
-      capacity=capacity,
-      seed=seed + i,
-      ignore_eos=ignore_eos,
       trace=trace,
     )
-    tokens.extend(out.tokens[: len(batch)])
-    metrics.append(out.metrics)
-    if progress:
-      progress(len(batch))
-  return ModeResult(spec.mode, spec, tokens, metrics)
+  tokens, metrics = [], []
+  with count_compiles() as compiles:  # warm programs: the timed batches compile nothing
+    for i, batch in enumerate(batches):
+      pad = batch_size - len(batch)  # the last batch is padded to keep shapes (and programs)
+      out = engine.generate(
+        batch + batch[:1] * pad,
+        spec=spec,
+        sampling=sampling,
+        max_new_tokens=[max_new_tokens] * len(batch) + [0] * pad,
+        capacity=capacity,
+        seed=seed + i,
+        ignore_eos=ignore_eos,
+        trace=trace,
+      )
+      tokens.extend(out.tokens[: len(batch)])
+      metrics.append(out.metrics)
+      if progress:
+        progress(len(batch))
+  return ModeResult(spec.mode, spec, tokens, metrics, compiles=len(compiles))
 
 
 def environment() -> dict[str, Any]:

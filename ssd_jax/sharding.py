@@ -7,9 +7,11 @@ projections (rows) are reduced by XLA's all-reduce. The draft uses a 1-device me
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from ssd_jax.config import ModelConfig
@@ -114,6 +116,11 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def init_cache(config: ModelConfig, mesh: Mesh, batch_size: int, capacity: int, dtype) -> KVCache:
   """An empty KVCache created directly in its sharding on `mesh` (no host round trip)."""
+  return _cache_maker(config, mesh, batch_size, capacity, jnp.dtype(dtype))()
+
+
+@functools.cache
+def _cache_maker(config: ModelConfig, mesh: Mesh, batch_size: int, capacity: int, dtype):
+  # One jitted maker per shape, kept: a fresh lambda per call would compile on every generate.
   shardings = cache_sharding(config, mesh, batch_size, capacity)
-  make = jax.jit(lambda: KVCache.init(config, batch_size, capacity, dtype), out_shardings=shardings)
-  return make()
+  return jax.jit(lambda: KVCache.init(config, batch_size, capacity, dtype), out_shardings=shardings)

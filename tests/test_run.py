@@ -53,6 +53,7 @@ def test_json_has_every_mode_and_field(result):
       assert field in m, (mode, field)
     assert m["tokens_per_second"] == pytest.approx(m["generated_tokens"] / m["decode_seconds"])
     assert len(m["generated_token_ids"]) == 3
+    assert m["compiles_after_warmup"] == 0, mode  # every timed program was warm
   ssd = result["modes"]["ssd"]
   assert 0.0 <= ssd["cache_hit_rate"] <= 1.0
   assert "draft_ms_median" in result["modes"]["sd"]

