@@ -153,6 +153,48 @@ def _save(fig, path: Path) -> Path:
   return path
 
 
+def goals(runs: list[dict], prompt_set: str) -> list[str]:
+  """The performance goals at batch 1, greedy, for one prompt set: best ssd over best sd, the
+  share of Corollary 9's ceiling and of ssd's own bound reached, warm programs, and whether the
+  expansion fits inside one verification (isolated timings)."""
+  pick = [
+    r
+    for r in runs
+    if r["prompt_set"] == prompt_set and r["batch_size"] == 1 and r["temperature"] == 0
+  ]
+  sd = [r for r in pick if r["mode"] == "sd"]
+  ssd = [r for r in pick if r["mode"] == "ssd"]
+  if not sd or not ssd:
+    return []
+  speed = lambda r: r["tokens_per_second"]
+  best_sd, best_ssd = max(sd, key=speed), max(ssd, key=speed)
+  same_k = next(r for r in sd if r["lookahead"] == best_ssd["lookahead"])
+  e_hit = best_ssd["mean_accepted_on_hit"]
+  if np.isnan(e_hit):
+    e_hit = best_ssd["mean_accepted_tokens_per_round"]
+  ceiling = (1 + best_ssd["t_sd"]) * e_hit / same_k["mean_accepted_tokens_per_round"]
+  own_bound = 1e3 * e_hit / best_ssd["verify_ms_isolated"]
+  config = lambda r: f"k={r['lookahead']}" + (f", F={r['fan_out']}" if r["mode"] == "ssd" else "")
+  compiles = max(r.get("compiles_after_warmup", 0) for r in pick)
+  fits = [r for r in ssd if r["expand_ms_isolated"] <= r["verify_ms_isolated"]]
+  return [
+    "| goal | measured |",
+    "|---|---|",
+    f"| ssd / sd, best of each (target >= 1.25) | {speed(best_ssd) / speed(best_sd):.2f} "
+    f"(ssd {speed(best_ssd):.1f} tok/s at {config(best_ssd)}; sd {speed(best_sd):.1f} at "
+    f"{config(best_sd)}) |",
+    f"| ssd / sd at the same k, share of Corollary 9's ceiling {ceiling:.2f} (target >= 0.85) "
+    f"| {speed(best_ssd) / speed(same_k):.2f} = {speed(best_ssd) / speed(same_k) / ceiling:.2f}"
+    " of it |",
+    f"| ssd / its own bound E_hit / verify = {own_bound:.1f} tok/s (target >= 0.9) | "
+    f"{speed(best_ssd) / own_bound:.2f} |",
+    f"| compilations after warm-up (target 0) | {compiles} |",
+    f"| expansion / verification, isolated, at {config(best_ssd)} (target <= 1) | "
+    f"{best_ssd['expand_ms_isolated'] / best_ssd['verify_ms_isolated']:.2f}; "
+    f"{len(fits)} of {len(ssd)} ssd configurations fit |",
+  ]
+
+
 def _table(rows: list[dict]) -> list[str]:
   lines = [
     "| set | T | batch | mode | k | fan-out | tok/s | vs ar | predicted | accepted/round "
@@ -194,6 +236,8 @@ def write(result: dict[str, Any], out: Path) -> Path:
     if "ssd" in best and "sd" in best:
       ratio = best["ssd"]["tokens_per_second"] / best["sd"]["tokens_per_second"]
       lines.append(f"{prompt_set}: best ssd / best sd = {ratio:.2f}\n")
+    if rows := goals(runs, prompt_set):
+      lines += [f"### Performance goals, {prompt_set} (batch 1, greedy)", "", *rows, ""]
   if exponents:
     lines += [
       "## Power law of cache misses",

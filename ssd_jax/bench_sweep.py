@@ -46,9 +46,12 @@ def predict(record: dict, latency: dict, batch_size: int) -> dict[str, float]:
   verify = latency["verify"]
   if record["mode"] == "ar":
     return {"predicted_tokens_per_second": 1e3 * batch_size / latency["ar_step"]}
+  isolated = {"verify_ms_isolated": verify, "expand_ms_isolated": latency["expand"]}
   e = record["mean_accepted_tokens_per_round"]
   if record["mode"] == "sd":
-    return {"predicted_tokens_per_second": 1e3 * batch_size * e / (verify + latency["propose"])}
+    return isolated | {
+      "predicted_tokens_per_second": 1e3 * batch_size * e / (verify + latency["propose"])
+    }
   p = record["cache_hit_rate_after_first_round"]
   e_hit, e_miss = record["mean_accepted_on_hit"], record["mean_accepted_on_miss"]
   e_hit = e if np.isnan(e_hit) else e_hit
@@ -58,7 +61,7 @@ def predict(record: dict, latency: dict, batch_size: int) -> dict[str, float]:
   t_p = (latency["expand"] + latency["lookup"]) / verify
   t_b = (backup + latency["lookup"]) / verify
   speed = theory.ssd_speedup(p, e_hit, e_miss, t_p, t_b, batch_size)
-  return {
+  return isolated | {
     "predicted_tokens_per_second": 1e3 * batch_size * speed / verify,
     "t_p": t_p,
     "t_b": t_b,

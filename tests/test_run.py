@@ -158,4 +158,7 @@ def test_bench_quick_sweep_writes_json_plots_and_report(tmp_path):
     "predicted_vs_measured",
   ):
     assert (tmp_path / f"{png}.png").read_bytes()[:4] == b"\x89PNG"
+  report = (tmp_path / "report.md").read_text()
+  assert "### Performance goals, bundled" in report
+  assert "| compilations after warm-up (target 0) | 0 |" in report
   assert "best ssd / best sd" in (tmp_path / "report.md").read_text()
