@@ -253,7 +253,7 @@ def write(result: dict[str, Any], out: Path) -> Path:
         + ", ".join(
           f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
           for k, v in h.items()
-          if k != "prompt_set"
+          if k not in ("prompt_set", "hf_ar_tokens")
         )
       )
     lines.append("")

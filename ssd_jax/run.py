@@ -21,7 +21,7 @@ _EXAMPLES = """examples:
   python -m ssd_jax.run                                   # the embedded default, all modes
   python -m ssd_jax.run --mode ssd --lookahead 5 --fan-out 2 --temperature 0.7
   python -m ssd_jax.run --prompts humaneval --num-prompts 20 --json out.json
-  python -m ssd_jax.run --fan-out-list 4 3 2 2 1 1 1 4 --backup fast --batch-size 4
+  python -m ssd_jax.run --lookahead 7 --fan-out-list 4 3 2 2 1 1 1 4 --backup fast --batch-size 4
   python -m ssd_jax.run --chat --mode ssd
   python -m ssd_jax.run --target tiny-llama --draft tiny-llama-draft   # random test models
 
@@ -43,14 +43,16 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--prompts", default="bundled", help="humaneval, sharegpt, bundled or PATH.jsonl")
   p.add_argument("--num-prompts", type=int, default=None, help="default: all (bundled) or 8")
   p.add_argument("--max-new-tokens", type=int, default=128)
-  p.add_argument("--lookahead", type=int, default=7, help="draft tokens per round (K)")
+  # Defaults: the fastest sd and ssd settings of the benchmark sweep for the embedded pair on a
+  # 2-core CPU (docs/BENCHMARKS.md); a faster draft device favours longer lookaheads.
+  p.add_argument("--lookahead", type=int, default=3, help="draft tokens per round (K)")
   fan = p.add_mutually_exclusive_group()
-  fan.add_argument("--fan-out", type=int, default=None, help="uniform fan-out F (default 3)")
+  fan.add_argument("--fan-out", type=int, default=None, help="uniform fan-out F (default 2)")
   fan.add_argument("--fan-out-list", type=int, nargs="+", help="F_j for depths 0..lookahead")
   fan.add_argument(
     "--geometric",
     action="store_true",
-    help="Theorem 12 fan-out with the budget of --fan-out 3 per depth",
+    help="Theorem 12 fan-out with the budget of --fan-out 2 per depth",
   )
   p.add_argument("--fan-out-miss-list", type=int, nargs="+", help="fan-out after a miss")
   p.add_argument("--acceptance-rate", type=float, default=0.7, help="for --geometric")
@@ -83,11 +85,11 @@ def fan_out_lists(args, parser) -> tuple[tuple[int, ...], tuple[int, ...]]:
     hit = tuple(args.fan_out_list)
   elif args.geometric:
     try:
-      hit = tree.geometric(k, 3 * (k + 1), args.acceptance_rate, args.power_law)
+      hit = tree.geometric(k, 2 * (k + 1), args.acceptance_rate, args.power_law)
     except ValueError as e:
       parser.error(str(e))
   else:
-    f = 3 if args.fan_out is None else args.fan_out
+    f = 2 if args.fan_out is None else args.fan_out
     if f < 1:
       parser.error("--fan-out must be >= 1")
     hit = tree.uniform(k, f)

@@ -74,8 +74,11 @@ def test_table_is_printed(capsys):
   ("argv", "message"),
   [
     (["--mode", "fast"], "invalid choice"),
-    (["--fan-out-list", "1", "2"], "fan_out needs lookahead \\+ 1 = 8 entries"),
-    (["--fan-out-list", "1"] * 1 + ["1"] * 7 + ["--fan-out-miss-list"] + ["2"] * 8, "equal sums"),
+    (["--fan-out-list", "1", "2"], "fan_out needs lookahead \\+ 1 = 4 entries"),
+    (
+      ["--fan-out-list", "1", "1", "1", "1", "--fan-out-miss-list", "2", "2", "2", "2"],
+      "equal sums",
+    ),
     (["--target", "no-such-model"], "unknown model 'no-such-model'"),
     (["--saguaro-c", "1.5"], "--saguaro-c must be in"),
     (["--prompts", "missing.jsonl"], "missing.jsonl"),

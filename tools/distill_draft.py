@@ -473,6 +473,26 @@ def cmd_eval(args) -> None:
     Path(args.out).write_text(json.dumps(report, indent=1))
 
 
+def cmd_costs(args) -> None:
+  """Step costs of untrained students of several sizes (timing does not depend on the weights),
+  each beside the target, at --lookahead with --branches expansion branches."""
+  from ssd_jax.models.registry import LoadedModel  # noqa: PLC0415
+
+  teacher = load_model("smollm2-135m")
+  rows = []
+  for size in args.sizes:
+    width, layers = map(int, size.split("x"))
+    config = student_config(teacher.config, width, layers)
+    params = jax.device_get(init_params(config, jax.random.key(0)))
+    draft = LoadedModel(f"student_w{width}_l{layers}", config, params, teacher.tokenizer)
+    row = {"width": width, "layers": layers, "params": config.num_params}
+    row |= {"f16_megabytes": config.num_params * 2 / 1e6}
+    rows.append(row | step_costs(teacher, draft, args.branches, args.lookahead))
+    print(json.dumps(rows[-1]), flush=True)
+  if args.out:
+    Path(args.out).write_text(json.dumps(rows, indent=1))
+
+
 def cmd_export(args) -> None:
   """Write the student (float16, HF safetensors + config) into the package and, optionally, a
   standalone HF directory with the tokenizer."""
@@ -545,6 +565,11 @@ def main(argv=None) -> None:
   p.add_argument("--costs", action="store_true", help="also time draft vs target steps")
   p.add_argument("--branches", type=int, default=24)
   p.add_argument("--out", help="write the report as JSON")
+  p = sub.add_parser("costs", help="step costs of untrained students of several sizes")
+  p.add_argument("--sizes", nargs="+", default=["128x6", "192x4", "192x6", "192x10", "240x6"])
+  p.add_argument("--lookahead", type=int, default=3)
+  p.add_argument("--branches", type=int, default=8)
+  p.add_argument("--out", help="write the rows as JSON")
   p = sub.add_parser("export", help="ship the student")
   p.add_argument("--student", required=True)
   p.add_argument("--hf-out", help="also write a standalone HF directory (with tokenizer)")
@@ -557,6 +582,7 @@ def main(argv=None) -> None:
     "eval": cmd_eval,
     "export": cmd_export,
     "fixture": cmd_fixture,
+    "costs": cmd_costs,
   }
   commands[args.cmd](args)
 
