@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 
 from ssd_jax.config import SpecConfig
 from ssd_jax.decode import Engine, Metrics, Sampling
@@ -73,6 +74,11 @@ class ModeResult:
       for k, v in m.stage_samples().items():
         pooled.setdefault(k, []).extend(v)
     out |= {f"{k}_median": v for k, v in median_ms(pooled).items()}
+    if "expand_ms" in pooled and len(pooled["expand_ms"]):
+      # Does the draft's expansion finish within the target's verification, round by round?
+      ratio = np.asarray(pooled["expand_ms"]) / np.asarray(pooled["verify_ms"])
+      out["expand_over_verify_p10_p50_p90"] = np.quantile(ratio, [0.1, 0.5, 0.9]).tolist()
+      out["expand_within_verify_fraction"] = float((ratio <= 1.0).mean())
     out["spec"] = dataclasses.asdict(self.spec)
     out["per_batch_tokens_per_second"] = [m.tokens_per_second for m in self.metrics]
     out["compiles_after_warmup"] = self.compiles
@@ -189,7 +195,6 @@ def greedy_agreement(
   """How many of a target's greedy continuation tokens `model` predicts with its own argmax
   (teacher-forced on the continuation). Returns (agreeing tokens, tokens)."""
   import jax.numpy as jnp  # noqa: PLC0415
-  import numpy as np  # noqa: PLC0415
 
   from ssd_jax.models import hidden_states, lm_head  # noqa: PLC0415
 
