@@ -74,9 +74,10 @@ class ModeResult:
       for k, v in m.stage_samples().items():
         pooled.setdefault(k, []).extend(v)
     out |= {f"{k}_median": v for k, v in median_ms(pooled).items()}
-    if "expand_ms" in pooled and len(pooled["expand_ms"]):
+    if "expand_ms" in pooled and (np.asarray(pooled["verify_ms"]) > 0).any():
       # Does the draft's expansion finish within the target's verification, round by round?
-      ratio = np.asarray(pooled["expand_ms"]) / np.asarray(pooled["verify_ms"])
+      expand, verify = np.asarray(pooled["expand_ms"]), np.asarray(pooled["verify_ms"])
+      ratio = expand[verify > 0] / verify[verify > 0]
       out["expand_over_verify_p10_p50_p90"] = np.quantile(ratio, [0.1, 0.5, 0.9]).tolist()
       out["expand_within_verify_fraction"] = float((ratio <= 1.0).mean())
     out["spec"] = dataclasses.asdict(self.spec)

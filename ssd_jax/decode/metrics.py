@@ -105,7 +105,9 @@ class Metrics:
     A stage can start only when its inputs exist, so its duration in round r is its completion
     time minus the latest of: the round's dispatch and the completion of what it waits for
     (ssd: verify and expand wait for lookup r-1, lookup waits for both; sd: the draft waits for
-    verify r-1, verify for the draft; ar: verify r-1).
+    verify r-1, verify for the draft; ar: verify r-1). Completions are observed by waiter
+    threads, which wake up late by up to a scheduler tick on a busy host; a stage observed to
+    end before what it waited for took at most that long and counts as 0.
     """
     t = {k: np.asarray(v) for k, v in self.round_times.items()}
     if "dispatch" not in t or "verify_done" not in t:
@@ -132,7 +134,7 @@ class Metrics:
     else:  # ar
       out["verify_ms"] = t["verify_done"] - start(prev(t["verify_done"]))
       out["round_ms"] = np.diff(t["verify_done"])
-    return out
+    return {k: np.maximum(v, 0.0) for k, v in out.items()}
 
   def summary(self) -> dict[str, Any]:
     """JSON-ready fields (DESIGN.md §5)."""
