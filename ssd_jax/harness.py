@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import platform
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -190,26 +191,27 @@ def same_tokens(results: dict[str, ModeResult]) -> bool:
   return all(t == runs[0] for t in runs)
 
 
+@functools.partial(jax.jit, static_argnames="config")
+def _greedy(params, tokens, *, config):
+  # Module level, so the compiled program is reused across calls (one per padded length).
+  from ssd_jax.models import hidden_states, lm_head  # noqa: PLC0415
+
+  x = hidden_states(params, tokens, config=config)
+  return jax.numpy.argmax(lm_head(params, x, config), -1)
+
+
 def greedy_agreement(
   model, prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]]
 ) -> tuple[int, int]:
   """How many of a target's greedy continuation tokens `model` predicts with its own argmax
   (teacher-forced on the continuation). Returns (agreeing tokens, tokens)."""
-  import jax.numpy as jnp  # noqa: PLC0415
-
-  from ssd_jax.models import hidden_states, lm_head  # noqa: PLC0415
-
-  @jax.jit
-  def greedy(params, tokens):
-    x = hidden_states(params, tokens, config=model.config)
-    return jnp.argmax(lm_head(params, x, model.config), -1)
-
   hits = total = 0
   for prompt, cont in zip(prompts, continuations, strict=True):
     seq = np.concatenate([np.asarray(prompt), np.asarray(cont)]).astype(np.int32)
     tokens = np.zeros((1, -(-len(seq) // 64) * 64), np.int32)  # a few shapes, few compiles
     tokens[0, : len(seq)] = seq
-    pred = np.asarray(greedy(model.params, tokens))[0, len(prompt) - 1 : len(seq) - 1]
+    pred = np.asarray(_greedy(model.params, tokens, config=model.config))
+    pred = pred[0, len(prompt) - 1 : len(seq) - 1]
     hits += int((pred == np.asarray(cont)).sum())
     total += len(cont)
   return hits, total

@@ -65,7 +65,7 @@ def code_roots(source: str) -> list[Path]:
   return [site / name for name in SITE_PACKAGES if (site / name).is_dir()]
 
 
-def stdlib_code_prompts(limit: int, seed: int = 0, source: str = "stdlib") -> list[str]:
+def code_prompts(limit: int, seed: int = 0, source: str = "stdlib") -> list[str]:
   """HumanEval-shaped prompts (signature + docstring) from functions of the standard library
   (or of installed packages, `source="site"`), test modules excluded."""
   found = []
@@ -106,7 +106,7 @@ def chat_prompts(
   tokenizer, sharegpt: int, code: int, sharegpt_offset: int = 0, code_source: str = "stdlib"
 ) -> list[list[int]]:
   texts = [p.text for p in load_prompts("sharegpt", sharegpt, offset=sharegpt_offset)]
-  texts += stdlib_code_prompts(code, source=code_source)
+  texts += code_prompts(code, source=code_source)
   ids = [tokenizer.encode(tokenizer.apply_chat_template(t)) for t in texts]
   return [x for x in ids if len(x) <= PROMPT_TOKENS]
 
