@@ -88,7 +88,9 @@ def geometric_variants(
 
 def sweep(args) -> dict[str, Any]:
   target, draft = load_model(args.target), load_model(args.draft)
-  engine = Engine(target, draft, target_devices=args.target_devices)
+  engine = Engine(
+    target, draft, target_devices=args.target_devices, draft_vocab=args.draft_vocab or None
+  )
   out: dict[str, Any] = {
     "environment": harness.environment(),
     "args": _jsonable(args),
@@ -232,7 +234,7 @@ def measure_overlap(args) -> dict[str, Any]:
   from ssd_jax.decode.profile import overlap  # noqa: PLC0415
 
   target, draft = load_model(args.target), load_model(args.draft)
-  engine = Engine(target, draft)
+  engine = Engine(target, draft, draft_vocab=args.draft_vocab or None)
   prompt = harness.encode(target.tokenizer, [load_prompts("bundled", 1)[0].text], chat=True)[0]
   rows = []
   for k, f in zip(args.lookaheads, args.fan_outs, strict=False):

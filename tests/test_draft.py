@@ -25,7 +25,7 @@ def draft():
 
 def test_shipped_files_and_config(draft):
   files = {p.name: p.stat().st_size for p in SHIPPED.iterdir()}
-  assert set(files) == {"config.json", "model.safetensors"}
+  assert set(files) == {"config.json", "model.safetensors", "token_ranking.npy"}
   assert files["model.safetensors"] <= 25 * 2**20
   hf = json.loads((SHIPPED / "config.json").read_text())
   assert hf["model_type"] == "llama" and hf["torch_dtype"] == "float16"
@@ -39,6 +39,17 @@ def test_shipped_files_and_config(draft):
   )
   assert c.tie_embeddings and c.eos_token_ids == (2,)
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(draft.params))
+
+
+def test_token_ranking_covers_held_out_target_tokens(draft):
+  """The ranking orders every token id, EOS near the top, and its first 8,192 cover most of
+  what the target generates on held-out prompts (so `--draft-vocab 8192` loses little)."""
+  ranking = draft.token_ranking
+  np.testing.assert_array_equal(np.sort(ranking), np.arange(draft.config.vocab_size))
+  assert 2 in ranking[:64]
+  f = np.load(FIXTURE)
+  held_out = np.concatenate([f[f"continuation_{i}"] for i in range(int(f["n"]))])
+  assert np.isin(held_out, ranking[:8192]).mean() >= 0.9
 
 
 @pytest.mark.slow

@@ -135,3 +135,41 @@ def test_ssd_negative_control_fails(engine, monkeypatch):
     jax.clear_caches()
   assert metrics.later_hit_rate == 1.0
   assert exact.fit_z(observed, law) > 3 * exact.Z_MAX
+
+
+# A draft whose head scores 5 of the 8 tokens, in an order unlike the ids': q is zero on the
+# other 3, and a column-to-id mix-up would misplace q (the negative control below).
+RESTRICTED = [6, 1, 3, 4, 0]
+
+
+@pytest.fixture(scope="module")
+def restricted():
+  target, draft = exact.tiny_pair()
+  return Engine(target, draft, draft_vocab=RESTRICTED)
+
+
+@pytest.mark.parametrize(
+  "spec", [sd_spec(1.0), sd_spec(0.5), ssd_spec((4, 5)), ssd_spec((1, 1))], ids=str
+)
+def test_restricted_draft_vocab_is_exact(restricted, spec):
+  observed, law, metrics = decode_law(restricted, spec, 1.0)
+  assert 0.05 < metrics.acceptance_per_position[0] < 0.95
+  assert exact.fit_z(observed, law) < exact.Z_MAX, exact.total_variation(observed, law)
+
+
+def test_restricted_draft_vocab_negative_control_fails(restricted, monkeypatch):
+  """q handed to the verifier by column position instead of token id."""
+  from ssd_jax.decode import draft as draft_lib  # noqa: PLC0415
+
+  def unmapped(params, probs, vocab_size):
+    pad = vocab_size - probs.shape[-1]
+    return jnp.pad(probs, [(0, 0)] * (probs.ndim - 1) + [(0, pad)])
+
+  monkeypatch.setattr(draft_lib, "to_vocab", unmapped)
+  jax.clear_caches()
+  try:
+    observed, law, _ = decode_law(restricted, sd_spec(1.0), 1.0)
+  finally:
+    monkeypatch.undo()
+    jax.clear_caches()
+  assert exact.fit_z(observed, law) > 3 * exact.Z_MAX

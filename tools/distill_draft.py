@@ -65,15 +65,16 @@ def code_roots(source: str) -> list[Path]:
   return [site / name for name in SITE_PACKAGES if (site / name).is_dir()]
 
 
-def code_prompts(limit: int, seed: int = 0, source: str = "stdlib") -> list[str]:
+def code_prompts(limit: int, seed: int = 0, source: str = "stdlib", offset: int = 0) -> list[str]:
   """HumanEval-shaped prompts (signature + docstring) from functions of the standard library
-  (or of installed packages, `source="site"`), test modules excluded."""
+  (or of installed packages, `source="site"`), test modules excluded; a fixed shuffle, so
+  `offset` skips the prompts an earlier `data` run used."""
   found = []
   for root in code_roots(source):
     found += _code_prompts_under(root)
   rng = np.random.default_rng(seed)
   rng.shuffle(found)
-  return found[:limit]
+  return found[offset : offset + limit]
 
 
 def _code_prompts_under(root: Path) -> list[str]:
@@ -103,10 +104,15 @@ def _code_prompts_under(root: Path) -> list[str]:
 
 
 def chat_prompts(
-  tokenizer, sharegpt: int, code: int, sharegpt_offset: int = 0, code_source: str = "stdlib"
+  tokenizer,
+  sharegpt: int,
+  code: int,
+  sharegpt_offset: int = 0,
+  code_source: str = "stdlib",
+  code_offset: int = 0,
 ) -> list[list[int]]:
   texts = [p.text for p in load_prompts("sharegpt", sharegpt, offset=sharegpt_offset)]
-  texts += code_prompts(code, source=code_source)
+  texts += code_prompts(code, source=code_source, offset=code_offset)
   ids = [tokenizer.encode(tokenizer.apply_chat_template(t)) for t in texts]
   return [x for x in ids if len(x) <= PROMPT_TOKENS]
 
@@ -160,7 +166,12 @@ def teacher_continuations(teacher, prompts, max_new: int, batch: int):
 def cmd_data(args) -> None:
   teacher = load_model("smollm2-135m")
   prompts = chat_prompts(
-    teacher.tokenizer, args.sharegpt, args.code, args.sharegpt_offset, args.code_source
+    teacher.tokenizer,
+    args.sharegpt,
+    args.code,
+    args.sharegpt_offset,
+    args.code_source,
+    args.code_offset,
   )
   work = Path(args.work)
   work.mkdir(parents=True, exist_ok=True)
@@ -498,15 +509,34 @@ def cmd_export(args) -> None:
   standalone HF directory with the tokenizer."""
   student = load_model(args.student)
   half = jax.tree.map(lambda x: np.asarray(x, np.float16), student.params)
-  save_hf(ASSETS / "smollm2-135m-draft", student.config, half)
-  print(f"wrote {ASSETS / 'smollm2-135m-draft'}")
+  ranking = token_ranking(load_records(Path(args.work)), student.config.vocab_size)
+  outs = [ASSETS / "smollm2-135m-draft"]
+  save_hf(outs[0], student.config, half)
   if args.hf_out:
     from ssd_jax.models.registry import smollm2_dir  # noqa: PLC0415
 
     tok = smollm2_dir()
     extra = {n: (tok / n).read_text() for n in ("tokenizer.json", "tokenizer_config.json")}
-    save_hf(args.hf_out, student.config, half, extra_files=extra)
-    print(f"wrote {args.hf_out}")
+    outs.append(save_hf(args.hf_out, student.config, half, extra_files=extra))
+  for out in outs:
+    np.save(out / "token_ranking.npy", ranking)
+    print(f"wrote {out}")
+  for path in sorted(Path(args.work).glob("eval_*.npz")):  # held-out teacher continuations
+    with np.load(path) as f:
+      ids = np.concatenate([f[f"ids_{i}"] for i in range(int(f["n"]))])
+    rank = np.empty_like(ranking)
+    rank[ranking] = np.arange(ranking.size)
+    cover = ", ".join(f"{n}: {np.mean(rank[ids] < n):.3f}" for n in (2048, 4096, 8192, 16384))
+    print(f"  {path.stem}: share of teacher tokens within the top N of the ranking: {cover}")
+
+
+def token_ranking(records: list[dict], vocab_size: int) -> np.ndarray:
+  """Every token id, those the teacher generated most often first (ties and unseen tokens in id
+  order): `Engine(draft_vocab=N)` keeps the first N columns of the draft's head."""
+  counts = np.zeros(vocab_size, np.int64)
+  for rec in records:
+    np.add.at(counts, rec["ids"], 1)
+  return np.argsort(-counts, kind="stable").astype(np.int32)
 
 
 def cmd_fixture(args) -> None:
@@ -540,6 +570,7 @@ def main(argv=None) -> None:
   p.add_argument("--code", type=int, default=2000)
   p.add_argument("--sharegpt-offset", type=int, default=0, help="skip this many ShareGPT prompts")
   p.add_argument("--code-source", choices=("stdlib", "site"), default="stdlib")
+  p.add_argument("--code-offset", type=int, default=0, help="skip this many code prompts")
   p.add_argument("--max-new", type=int, default=160)
   p.add_argument("--batch", type=int, default=48)
   p.add_argument("--shard-size", type=int, default=96)

@@ -6,6 +6,10 @@ propose    draft `lookahead` tokens from the pending token in one program (a sca
            draft cache covers every token the target may accept.
 commit     advance lengths by what the target committed.
 fast       the fast backup: random tokens proposed as point masses.
+
+A draft whose head is restricted to a token subset (`transformer.head_subset`) produces logits
+over the subset's columns: `to_tokens` maps sampled columns to token ids, `to_vocab` spreads a
+proposal distribution over the whole vocabulary for the verifier (zero outside the subset).
 """
 
 from __future__ import annotations
@@ -41,6 +45,20 @@ def start(
     params, tokens, prompt_lengths - 1, cache, config=config, attention_impl=attention_impl
   )
   return DraftState(cache=cache, temperature=temperature.astype(jnp.float32), key=key)
+
+
+def to_tokens(params: Params, columns: jax.Array) -> jax.Array:
+  """Token ids i32 of logit columns (the identity unless the head is restricted)."""
+  columns = columns.astype(jnp.int32)
+  return params["head_ids"][columns] if "head_ids" in params else columns
+
+
+def to_vocab(params: Params, probs: jax.Array, vocab_size: int) -> jax.Array:
+  """A distribution over logit columns as one over the vocabulary f32[..., V]."""
+  if "head_ids" not in params:
+    return probs
+  full = jnp.zeros((*probs.shape[:-1], vocab_size), probs.dtype)
+  return full.at[..., params["head_ids"]].set(probs)
 
 
 def draft_probs(
@@ -89,16 +107,14 @@ def decode_steps(
     logits, cache = fwd(token[:, None], cache.with_lengths(base + j))
     logits = logits[:, 0]
     if sampling.greedy:
-      return (jnp.argmax(logits, -1).astype(jnp.int32), cache, key), (
-        jnp.argmax(logits, -1).astype(jnp.int32),
-        None,
-      )
+      token = to_tokens(params, jnp.argmax(logits, -1))
+      return (token, cache, key), (token, None)
     probs = draft_probs(
       logits, temperature, j, sampling=sampling, fan_out=fan_out, saguaro_c=saguaro_c
     )
     key, sub = jax.random.split(key)
-    token = sample(sub, probs)
-    return (token, cache, key), (token, probs)
+    token = to_tokens(params, sample(sub, probs))
+    return (token, cache, key), (token, to_vocab(params, probs, config.vocab_size))
 
   (last, cache, _), (tokens, probs) = jax.lax.scan(body, (first, cache, key), jnp.arange(lookahead))
   _, cache = fwd(last[:, None], cache.with_lengths(base + lookahead), return_logits=False)

@@ -34,6 +34,7 @@ from ssd_jax.decode.sampling import Sampling
 from ssd_jax.decode.state import Report
 from ssd_jax.models.prefill import bucket_length, pad_prompts
 from ssd_jax.models.registry import LoadedModel
+from ssd_jax.models.transformer import head_subset
 
 OnTokens = Callable[[int, list[int]], None]
 
@@ -97,6 +98,9 @@ class Engine:
     draft_devices: size of the draft's mesh (its own devices, after the target's).
     attention_impl: "reference", "xla" or "pallas"; default: the fastest correct one here.
     devices: the devices to use (default: all of the default backend).
+    draft_vocab: restrict the draft's LM head to N tokens (the first N of the draft's token
+      ranking) or to an explicit list of token ids: cheaper drafting, same outputs (see
+      `transformer.head_subset`); default: the whole vocabulary.
   """
 
   def __init__(
@@ -108,6 +112,7 @@ class Engine:
     draft_devices: int = 1,
     attention_impl: str | None = None,
     devices: Sequence[jax.Device] | None = None,
+    draft_vocab: int | Sequence[int] | None = None,
   ):
     if draft is not None and draft.config.vocab_size != target.config.vocab_size:
       raise ValueError(
@@ -139,6 +144,14 @@ class Engine:
     self.draft_params = None
     if draft is not None:
       self.draft_params = sharding.place_params(draft.params, draft.config, self.draft_mesh)
+      if draft_vocab is not None:
+        head = head_subset(draft.params, _vocab_ids(draft, draft_vocab), draft.config)
+        replicated = sharding.replicated(self.draft_mesh)
+        self.draft_params = self.draft_params | jax.device_put(head, replicated)
+    elif draft_vocab is not None:
+      raise ValueError("draft_vocab restricts a draft's head, but no draft was given")
+    # Columns of the draft's head (the vocabulary unless restricted); None without a draft.
+    self.draft_head_size = None if draft is None else _head_size(self.draft_params)
 
   def backup_threshold(self, spec: SpecConfig) -> float:
     """b* of Theorem 17 for this pair: the batch size from which the fast backup wins.
@@ -290,4 +303,32 @@ class Engine:
 
 
 def _dtype(params) -> jnp.dtype:
-  return jax.tree.leaves(params)[0].dtype
+  return params["embed"].dtype
+
+
+def _vocab_ids(draft: LoadedModel, draft_vocab: int | Sequence[int]) -> np.ndarray:
+  """The token ids a restricted draft head scores: the first N of the draft's token ranking,
+  or an explicit list."""
+  if not isinstance(draft_vocab, int | np.integer):
+    return np.asarray(draft_vocab)
+  vocab = draft.config.vocab_size
+  if not 1 <= draft_vocab <= vocab:
+    raise ValueError(
+      f"draft_vocab must be in [1, {vocab}] (the vocabulary size), got {draft_vocab}"
+    )
+  if draft.token_ranking is None:
+    raise ValueError(
+      f"draft {draft.name!r} has no token ranking (token_ranking.npy in its directory), so "
+      "draft_vocab=N cannot pick its N most frequent tokens: pass explicit token ids, or omit "
+      "draft_vocab to score the whole vocabulary"
+    )
+  if draft_vocab > draft.token_ranking.size:
+    raise ValueError(
+      f"draft_vocab={draft_vocab} but the token ranking of {draft.name!r} lists only "
+      f"{draft.token_ranking.size} tokens"
+    )
+  return draft.token_ranking[:draft_vocab]
+
+
+def _head_size(params) -> int:
+  return int((params["head_ids"] if "head_ids" in params else params["embed"]).shape[0])

@@ -33,19 +33,27 @@ from ssd_jax.models.transformer import Params, forward, tree_forward
 
 
 def fork(
-  glue_logits: jax.Array, spec: Speculation, fan_out: tuple[int, ...], fan_out_miss: tuple[int, ...]
+  glue_logits: jax.Array,
+  spec: Speculation,
+  fan_out: tuple[int, ...],
+  fan_out_miss: tuple[int, ...],
+  column_ids: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Fork candidates per branch from the glue logits f32[B, lookahead + 1, V].
 
   Rows whose speculation came from the cache use `fan_out`, the others `fan_out_miss`.
+  `column_ids` (i32[V]) are the token ids of the logit columns when the draft's head is
+  restricted (default: column c is token c).
 
   Returns:
     keys i32[B, N] (forked bonus tokens), depth i32[B, N], valid bool[B, N].
   """
   B, _, V = glue_logits.shape
   excluded = jnp.concatenate([spec.tokens[:, 1:], jnp.full((B, 1), -1, jnp.int32)], axis=1)
-  masked = jnp.where(jnp.arange(V) == excluded[..., None], -jnp.inf, glue_logits)
-  values, ids = jax.lax.top_k(masked, max(*fan_out, *fan_out_miss))  # [B, T, max F]
+  column_ids = jnp.arange(V) if column_ids is None else column_ids
+  masked = jnp.where(column_ids == excluded[..., None], -jnp.inf, glue_logits)
+  values, columns = jax.lax.top_k(masked, max(*fan_out, *fan_out_miss))  # [B, T, max F]
+  ids = column_ids[columns]
   depth_hit, rank_hit = tree.layout(fan_out)
   depth_miss, rank_miss = tree.layout(fan_out_miss)
   depth = jnp.where(spec.hit[:, None], depth_hit, depth_miss)  # i32[B, N]
@@ -95,7 +103,7 @@ def expand(
     attention_impl=attention_impl,
     kv_window=kv_window,
   )
-  keys, depth, valid = fork(glue_logits, spec, fan_out, fan_out_miss)
+  keys, depth, valid = fork(glue_logits, spec, fan_out, fan_out_miss, params.get("head_ids"))
   B, N = keys.shape
   temperature = state.temperature[:, None]  # [B, 1]: broadcasts over branches
   step = functools.partial(
@@ -110,9 +118,9 @@ def expand(
 
   def body(carry, i):
     tokens, scratch, key = carry
-    logits, scratch = step(tokens, tree=scratch, step=i)  # f32[B, N, V]
+    logits, scratch = step(tokens, tree=scratch, step=i)  # f32[B, N, V or V']
     if sampling.greedy:
-      nxt = jnp.argmax(logits, -1).astype(jnp.int32)
+      nxt = draft_lib.to_tokens(params, jnp.argmax(logits, -1))
       return (nxt, scratch, key), (nxt, None)
     # The branch's token i sits at depth i of the speculation it would become, which is
     # verified after a hit: Saguaro uses the hit fan-out at that depth.
@@ -120,8 +128,8 @@ def expand(
       logits, temperature, i, sampling=sampling, fan_out=fan_out, saguaro_c=saguaro_c
     )
     key, sub = jax.random.split(key)
-    nxt = sample(sub, probs)
-    return (nxt, scratch, key), (nxt, probs)
+    nxt = draft_lib.to_tokens(params, sample(sub, probs))
+    return (nxt, scratch, key), (nxt, draft_lib.to_vocab(params, probs, config.vocab_size))
 
   scratch = TreeKV.init(config, B, lookahead, N, cache.k.dtype)
   key, sub = jax.random.split(state.key)

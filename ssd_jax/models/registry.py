@@ -9,6 +9,10 @@ Names:
                       small random models with a byte-level tokenizer (tests and demos).
 Paths: an HF directory (config.json + *.safetensors), a *.gguf file, or an orbax checkpoint
 written by `ssd_jax.checkpoint.save`.
+
+An HF directory may also hold `token_ranking.npy`: token ids, those the target emits most often
+first (the shipped draft's comes from its distillation data). `Engine(draft_vocab=N)` restricts
+the draft's head to the first N (see `transformer.head_subset`).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ class LoadedModel:
   config: ModelConfig
   params: Params
   tokenizer: Tokenizer | None
+  token_ranking: np.ndarray | None = None  # i32[V]: most frequent target outputs first
 
 
 def known_models() -> tuple[str, ...]:
@@ -134,10 +139,13 @@ def load_model(
       name_or_path, config, _cast(params, dtype), Tokenizer.from_directory(directory)
     )
   if name_or_path == "smollm2-135m-draft":
-    config, params = load_hf(ASSETS / "smollm2-135m-draft")
+    directory = ASSETS / "smollm2-135m-draft"
+    config, params = load_hf(directory)
     # The draft shares the target's tokenizer by construction (same vocabulary).
     tok = Tokenizer.from_directory(smollm2_dir(cache_dir))
-    return LoadedModel(name_or_path, config, _cast(params, dtype), tok)
+    return LoadedModel(
+      name_or_path, config, _cast(params, dtype), tok, _token_ranking(directory, config)
+    )
   path = Path(name_or_path)
   if not path.exists():
     raise ValueError(
@@ -170,4 +178,21 @@ def _load_path(path: Path, dtype, tokenizer_from) -> LoadedModel:
       "a .gguf file, nor an ssd_jax checkpoint"
     )
   tok = Tokenizer.from_directory(tok_dir) if (tok_dir / "tokenizer.json").exists() else None
-  return LoadedModel(path.name, config, _cast(params, dtype), tok)
+  ranking = _token_ranking(path, config) if path.is_dir() else None
+  return LoadedModel(path.name, config, _cast(params, dtype), tok, ranking)
+
+
+def _token_ranking(directory: Path, config: ModelConfig) -> np.ndarray | None:
+  path = directory / "token_ranking.npy"
+  if not path.exists():
+    return None
+  ranking = np.load(path)
+  if (
+    ranking.ndim != 1
+    or np.unique(ranking).size != ranking.size
+    or ranking.max() >= config.vocab_size
+  ):
+    raise ValueError(
+      f"{path}: expected distinct token ids below the vocabulary size {config.vocab_size}"
+    )
+  return ranking.astype(np.int32)
