@@ -201,17 +201,29 @@ def _greedy(params, tokens, *, config):
 
 
 def greedy_agreement(
-  model, prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]]
+  model,
+  prompts: Sequence[Sequence[int]],
+  continuations: Sequence[Sequence[int]],
+  vocab_ids: Sequence[int] | None = None,
 ) -> tuple[int, int]:
   """How many of a target's greedy continuation tokens `model` predicts with its own argmax
-  (teacher-forced on the continuation). Returns (agreeing tokens, tokens)."""
+  (teacher-forced on the continuation), its head restricted to `vocab_ids` if given (as
+  `Engine(draft_vocab=...)` does). Returns (agreeing tokens, tokens)."""
+  from ssd_jax.models.transformer import head_subset  # noqa: PLC0415
+
+  params, column_ids = model.params, None
+  if vocab_ids is not None:
+    params = params | head_subset(params, vocab_ids, model.config)
+    column_ids = params["head_ids"]
   hits = total = 0
   for prompt, cont in zip(prompts, continuations, strict=True):
     seq = np.concatenate([np.asarray(prompt), np.asarray(cont)]).astype(np.int32)
     tokens = np.zeros((1, -(-len(seq) // 64) * 64), np.int32)  # a few shapes, few compiles
     tokens[0, : len(seq)] = seq
-    pred = np.asarray(_greedy(model.params, tokens, config=model.config))
+    pred = np.asarray(_greedy(params, tokens, config=model.config))
     pred = pred[0, len(prompt) - 1 : len(seq) - 1]
+    if column_ids is not None:
+      pred = column_ids[pred]
     hits += int((pred == np.asarray(cont)).sum())
     total += len(cont)
   return hits, total

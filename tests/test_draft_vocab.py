@@ -110,3 +110,17 @@ def test_bad_draft_vocab(target, draft_vocab, message):
 def test_draft_vocab_without_a_draft(target):
   with pytest.raises(ValueError, match="no draft"):
     Engine(target, draft_vocab=10)
+
+
+def test_greedy_agreement_with_a_restricted_head(target, ar):
+  """The target agrees with its own greedy continuations, restricted to the tokens they use or
+  not; restricted to tokens they never use it agrees with none."""
+  from ssd_jax import harness  # noqa: PLC0415
+
+  prompts, conts = PROMPTS, [a[:12] for a in ar]
+  used = np.unique(np.concatenate(conts))
+  unused = np.setdiff1d(np.arange(target.config.vocab_size), used)
+  n = sum(map(len, conts))
+  assert harness.greedy_agreement(target, prompts, conts) == (n, n)
+  assert harness.greedy_agreement(target, prompts, conts, used[::-1]) == (n, n)
+  assert harness.greedy_agreement(target, prompts, conts, unused) == (0, n)

@@ -368,7 +368,9 @@ def cmd_train(args) -> None:
   )
   val_batches = list(_take(batches(val, args.batch_tokens, 1, args.max_len), len(val)))[:8]
   stream = batches(train, args.batch_tokens, args.seed, args.max_len)
-  name = f"student_w{config.hidden_size}_l{config.num_layers}" + ("_cont" if args.init else "")
+  name = args.name or (
+    f"student_w{config.hidden_size}_l{config.num_layers}" + ("_cont" if args.init else "")
+  )
   t0, out = time.time(), work / name
   for step in range(args.steps):
     batch = next(stream)
@@ -411,20 +413,22 @@ def eval_set(teacher, name: str, n: int, max_new: int, work: Path) -> list[dict]
     return [{k: f[f"{k}_{i}"] for k in ("prompt", "ids")} for i in range(int(f["n"]))]
 
 
-def agreement(model, records: list[dict]) -> float:
+def agreement(model, records: list[dict], vocab_ids=None) -> float:
   """Fraction of the teacher's greedy tokens the model predicts with its own argmax."""
   hits, total = harness.greedy_agreement(
-    model, [r["prompt"] for r in records], [r["ids"] for r in records]
+    model, [r["prompt"] for r in records], [r["ids"] for r in records], vocab_ids
   )
   return hits / total
 
 
-def sd_acceptance(teacher, draft, records: list[dict], lookahead: int, max_new: int) -> float:
+def sd_acceptance(
+  teacher, draft, records: list[dict], lookahead: int, max_new: int, vocab_ids=None
+) -> float:
   """Mean tokens per sync-SD round (bonus included), greedy, on the records' prompts."""
   from ssd_jax.config import SpecConfig  # noqa: PLC0415
   from ssd_jax.decode import Engine  # noqa: PLC0415
 
-  engine = Engine(teacher, draft)
+  engine = Engine(teacher, draft, draft_vocab=vocab_ids)
   prompts = [rec["prompt"].tolist() for rec in records]
   out = engine.generate(
     prompts, spec=SpecConfig(mode="sd", lookahead=lookahead), max_new_tokens=max_new
@@ -432,14 +436,15 @@ def sd_acceptance(teacher, draft, records: list[dict], lookahead: int, max_new: 
   return out.metrics.mean_accepted
 
 
-def step_costs(teacher, draft, branches: int, lookahead: int) -> dict[str, float]:
+def step_costs(teacher, draft, branches: int, lookahead: int, vocab_ids=None) -> dict[str, float]:
   """Median ms, one core each in turn: a 1-token decode step of the target and the draft, the
-  target verifying lookahead + 1 tokens, and the draft's expansion over `branches` branches."""
+  target verifying lookahead + 1 tokens, and the draft's expansion over `branches` branches
+  (proposal and expansion with the draft's head restricted to `vocab_ids` if given)."""
   from ssd_jax.config import SpecConfig  # noqa: PLC0415
   from ssd_jax.decode import Engine, Sampling  # noqa: PLC0415
   from ssd_jax.decode.profile import time_programs  # noqa: PLC0415
 
-  engine = Engine(teacher, draft)
+  engine = Engine(teacher, draft, draft_vocab=vocab_ids)
   spec = SpecConfig(
     mode="ssd",
     lookahead=lookahead,
@@ -469,16 +474,31 @@ def cmd_eval(args) -> None:
   if draft is None:
     raise SystemExit("--draft PATH (a student directory or smollm2-135m-draft) is required")
   report = {"draft": args.draft, "config": draft.config.num_params}
+  ids = None
+  if args.draft_vocab:  # also measure with the head restricted to the N most frequent tokens
+    ranking = draft.token_ranking
+    if ranking is None:
+      ranking = token_ranking(load_records(work), draft.config.vocab_size)
+    ids = ranking[: args.draft_vocab]
+    report["draft_vocab"] = args.draft_vocab
   for name, n in (("humaneval", args.humaneval), ("sharegpt", args.sharegpt)):
     records = eval_set(teacher, name, n, args.max_new, work)
     report[f"{name}_agreement"] = agreement(draft, records)
+    if ids is not None:
+      report[f"{name}_agreement_draft_vocab"] = agreement(draft, records, ids)
     if args.sd_prompts:
-      report[f"{name}_sd_tokens_per_round_k{args.lookahead}"] = sd_acceptance(
-        teacher, draft, records[: args.sd_prompts], args.lookahead, args.max_new
+      sd = functools.partial(
+        sd_acceptance, teacher, draft, records[: args.sd_prompts], args.lookahead, args.max_new
       )
+      report[f"{name}_sd_tokens_per_round_k{args.lookahead}"] = sd()
+      if ids is not None:
+        report[f"{name}_sd_tokens_per_round_k{args.lookahead}_draft_vocab"] = sd(ids)
     print(json.dumps(report), flush=True)
   if args.costs:
     report |= step_costs(teacher, draft, args.branches, args.lookahead)
+    if ids is not None:
+      restricted = step_costs(teacher, draft, args.branches, args.lookahead, ids)
+      report |= {f"{k}_draft_vocab": v for k, v in restricted.items() if "step" not in k}
   print(json.dumps(report, indent=1))
   if args.out:
     Path(args.out).write_text(json.dumps(report, indent=1))
@@ -586,6 +606,7 @@ def main(argv=None) -> None:
   p.add_argument("--save-every", type=int, default=500)
   p.add_argument("--init", help="continue from this student directory (width/layers ignored)")
   p.add_argument("--warmup", type=int, default=100)
+  p.add_argument("--name", help="output directory under --work (default: student_wW_lL[_cont])")
   p = sub.add_parser("eval", help="agreement, SD acceptance and step costs")
   p.add_argument("--draft", required=True, help="student directory or smollm2-135m-draft")
   p.add_argument("--humaneval", type=int, default=164)
@@ -595,6 +616,7 @@ def main(argv=None) -> None:
   p.add_argument("--lookahead", type=int, default=7)
   p.add_argument("--costs", action="store_true", help="also time draft vs target steps")
   p.add_argument("--branches", type=int, default=24)
+  p.add_argument("--draft-vocab", type=int, default=0, help="also with the head restricted")
   p.add_argument("--out", help="write the report as JSON")
   p = sub.add_parser("costs", help="step costs of untrained students of several sizes")
   p.add_argument("--sizes", nargs="+", default=["128x6", "192x4", "192x6", "192x10", "240x6"])
