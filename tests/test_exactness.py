@@ -149,7 +149,9 @@ def restricted():
 
 
 @pytest.mark.parametrize(
-  "spec", [sd_spec(1.0), sd_spec(0.5), ssd_spec((4, 5)), ssd_spec((1, 1))], ids=str
+  "spec",
+  [sd_spec(1.0), sd_spec(0.5), ssd_spec((4, 5)), ssd_spec((1, 1)), ssd_spec((2, 2), c=0.5)],
+  ids=str,
 )
 def test_restricted_draft_vocab_is_exact(restricted, spec):
   observed, law, metrics = decode_law(restricted, spec, 1.0)
