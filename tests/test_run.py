@@ -86,6 +86,8 @@ def test_table_is_printed(capsys):
     (["--saguaro-c", "1.5"], "--saguaro-c must be in"),
     (["--prompts", "missing.jsonl"], "missing.jsonl"),
     (["--fan-out", "2", "--geometric"], "not allowed with argument"),
+    (["--draft-vocab", "100"], "has no token ranking"),
+    (["--draft-vocab", "-1"], "--draft-vocab must be >= 0"),
   ],
 )
 def test_bad_flags_exit_2_with_a_message(capsys, argv, message):
