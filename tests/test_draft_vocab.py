@@ -74,9 +74,9 @@ def test_ranking_picks_the_most_frequent(target, tmp_path):
   ranking = np.random.default_rng(2).permutation(target.config.vocab_size).astype(np.int32)
   draft = LoadedModel("ranked", target.config, target.params, None, ranking)
   engine = Engine(target, draft, draft_vocab=10)
-  assert engine.draft_head_size == 10
+  assert engine.draft_params["head"].shape == (target.config.hidden_size, 10)
   np.testing.assert_array_equal(engine.draft_params["head_ids"], ranking[:10])
-  assert Engine(target, draft).draft_head_size == target.config.vocab_size
+  assert "head" not in Engine(target, draft).draft_params  # the whole vocabulary
 
 
 def test_token_ranking_loads_from_an_hf_directory(tmp_path):

@@ -541,11 +541,11 @@ def cmd_export(args) -> None:
   for out in outs:
     np.save(out / "token_ranking.npy", ranking)
     print(f"wrote {out}")
+  rank = np.empty_like(ranking)  # rank[token] = its position in the ranking
+  rank[ranking] = np.arange(ranking.size)
   for path in sorted(Path(args.work).glob("eval_*.npz")):  # held-out teacher continuations
     with np.load(path) as f:
       ids = np.concatenate([f[f"ids_{i}"] for i in range(int(f["n"]))])
-    rank = np.empty_like(ranking)
-    rank[ranking] = np.arange(ranking.size)
     cover = ", ".join(f"{n}: {np.mean(rank[ids] < n):.3f}" for n in (2048, 4096, 8192, 16384))
     print(f"  {path.stem}: share of teacher tokens within the top N of the ranking: {cover}")
 

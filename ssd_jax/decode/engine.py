@@ -150,8 +150,6 @@ class Engine:
         self.draft_params = self.draft_params | jax.device_put(head, replicated)
     elif draft_vocab is not None:
       raise ValueError("draft_vocab restricts a draft's head, but no draft was given")
-    # Columns of the draft's head (the vocabulary unless restricted); None without a draft.
-    self.draft_head_size = None if draft is None else _head_size(self.draft_params)
 
   def backup_threshold(self, spec: SpecConfig) -> float:
     """b* of Theorem 17 for this pair: the batch size from which the fast backup wins.
@@ -328,7 +326,3 @@ def _vocab_ids(draft: LoadedModel, draft_vocab: int | Sequence[int]) -> np.ndarr
       f"{draft.token_ranking.size} tokens"
     )
   return draft.token_ranking[:draft_vocab]
-
-
-def _head_size(params) -> int:
-  return int((params["head_ids"] if "head_ids" in params else params["embed"]).shape[0])

@@ -50,10 +50,10 @@ def fork(
   """
   B, _, V = glue_logits.shape
   excluded = jnp.concatenate([spec.tokens[:, 1:], jnp.full((B, 1), -1, jnp.int32)], axis=1)
-  column_ids = jnp.arange(V) if column_ids is None else column_ids
-  masked = jnp.where(column_ids == excluded[..., None], -jnp.inf, glue_logits)
+  token_of_column = jnp.arange(V) if column_ids is None else column_ids
+  masked = jnp.where(token_of_column == excluded[..., None], -jnp.inf, glue_logits)
   values, columns = jax.lax.top_k(masked, max(*fan_out, *fan_out_miss))  # [B, T, max F]
-  ids = column_ids[columns]
+  ids = columns if column_ids is None else column_ids[columns]
   depth_hit, rank_hit = tree.layout(fan_out)
   depth_miss, rank_miss = tree.layout(fan_out_miss)
   depth = jnp.where(spec.hit[:, None], depth_hit, depth_miss)  # i32[B, N]
