@@ -2,6 +2,7 @@
 
 import io
 import json
+import os
 import subprocess
 import sys
 
@@ -170,3 +171,19 @@ def test_bench_quick_sweep_writes_json_plots_and_report(tmp_path):
   assert "### Performance goals, bundled" in report
   assert "| compilations after warm-up (target 0) | 0 |" in report
   assert "best ssd / best sd" in report
+
+
+def test_bench_overlap_reports_the_machine_share(tmp_path):
+  from ssd_jax import bench  # noqa: PLC0415
+
+  argv = ["overlap", "--target", "tiny-llama", "--draft", "tiny-llama-draft", "--out"]
+  assert bench.main([*argv, str(tmp_path), "--lookaheads", "2", "--fan-outs", "2"]) == 0
+  (row,) = json.loads((tmp_path / "overlap.json").read_text())["rows"]
+  for key in ("verify_ms", "expand_ms", "together_ms", "pair_ms"):
+    assert row[key] > 0, key
+  # Two programs at once take at least as long as the longer one alone and at most as long as
+  # both one after the other, so these ratios lie in [1, 2]; the margin is for timer noise on
+  # sub-millisecond tiny-model programs.
+  assert 0.5 < row["efficiency"] < 3
+  assert 0.5 < row["independence"] < 3
+  assert 0 < row["verify_cores"] <= len(os.sched_getaffinity(0)) + 0.5

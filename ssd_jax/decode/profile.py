@@ -170,24 +170,36 @@ def overlap(
   Times each alone, then both dispatched together (as an SSD round does). The efficiency
   (verify + expand) / together is 2 with perfect overlap and 1 when the two devices share one
   core's worth of compute; SSD's gain over SD needs it well above 1.
+
+  Two more numbers say why: `verify_cores`, the process's CPU seconds per second of wall time
+  while the verification runs alone (how much of the machine the target already uses), and
+  `independence` = 2 * verify / pair, where pair times the same verification on the target's
+  devices and on the draft's at once (when both meshes have one device): 2 when the draft's
+  device is hardware of its own (separate GPUs), 1 when the devices share one pool of compute
+  (XLA's CPU devices share one intra-op thread pool).
   """
   k = spec.lookahead
   tokens, lengths = pad_prompts([prompt], capacity)
   to_t = lambda x: jax.device_put(x, sharding.replicated(engine.target_mesh))
   to_d = lambda x: jax.device_put(x, sharding.replicated(engine.draft_mesh))
   dtype = jax.tree.leaves(engine.target_params)[0].dtype
-  new_t = lambda: target_lib.start(
-    engine.target_params,
-    to_t(tokens),
-    to_t(lengths),
-    sharding.init_cache(engine.target.config, engine.target_mesh, 1, capacity, dtype),
-    to_t(np.full(1, 10**6, np.int32)),
-    to_t(np.zeros(1, np.float32)),
-    to_t(jax.random.key(0)),
-    config=engine.target.config,
-    lookahead=k,
-    attention_impl=engine.attention_impl,
-  )
+
+  def start_target(params, mesh):
+    put = lambda x: jax.device_put(x, sharding.replicated(mesh))
+    return target_lib.start(
+      params,
+      put(tokens),
+      put(lengths),
+      sharding.init_cache(engine.target.config, mesh, 1, capacity, dtype),
+      put(np.full(1, 10**6, np.int32)),
+      put(np.zeros(1, np.float32)),
+      put(jax.random.key(0)),
+      config=engine.target.config,
+      lookahead=k,
+      attention_impl=engine.attention_impl,
+    )
+
+  new_t = lambda: start_target(engine.target_params, engine.target_mesh)
   dstate = draft_lib.start(
     engine.draft_params,
     to_d(tokens),
@@ -234,4 +246,46 @@ def overlap(
       times["together"].append(t3 - t2)
   out = {f"{k}_ms": float(np.median(v) * 1e3) for k, v in times.items()}
   out["efficiency"] = (out["verify_ms"] + out["expand_ms"]) / out["together_ms"]
-  return out
+  return out | _machine_share(engine, start_target, spec_t, kwargs, k, len(prompt), capacity, reps)
+
+
+def _machine_share(engine, start_target, spec_t, kwargs, k, prompt_len, capacity, reps):
+  """verify_cores and independence (see `overlap`)."""
+  verify = lambda p, t, s: target_lib.step(p, t, s, **kwargs)
+  tstate = start_target(engine.target_params, engine.target_mesh)
+  jax.block_until_ready(verify(engine.target_params, tstate, spec_t))  # compiled already
+  tstate = start_target(engine.target_params, engine.target_mesh)
+  wall, cpu = time.perf_counter(), time.process_time()
+  for _ in range(reps):  # at most reps * (k + 1) tokens committed: fits (see overlap)
+    tstate, _, report = verify(engine.target_params, tstate, spec_t)
+    jax.block_until_ready(report)
+  out = {"verify_cores": (time.process_time() - cpu) / (time.perf_counter() - wall)}
+  if engine.target_mesh.size != 1 or engine.draft_mesh.size != 1:
+    return out | {"pair_ms": float("nan"), "independence": float("nan")}
+  # A replica of the target on the draft's device, verifying the same speculation.
+  replica = sharding.place_params(engine.target.params, engine.target.config, engine.draft_mesh)
+  spec_d = jax.device_put(spec_t, sharding.replicated(engine.draft_mesh))
+  states = [
+    start_target(engine.target_params, engine.target_mesh),
+    start_target(replica, engine.draft_mesh),
+  ]
+  pairs = [(engine.target_params, spec_t), (replica, spec_d)]
+  alone, pair = [], []
+  for i in range(reps + 1):
+    if prompt_len + 3 * (i + 1) * (k + 1) >= capacity:
+      break
+    t = time.perf_counter()
+    states[0], _, report = verify(pairs[0][0], states[0], pairs[0][1])
+    jax.block_until_ready(report)
+    t1 = time.perf_counter()
+    reports = []
+    for j, (params, spec) in enumerate(pairs):
+      states[j], _, report = verify(params, states[j], spec)
+      reports.append(report)
+    jax.block_until_ready(reports)
+    t2 = time.perf_counter()
+    if i:  # the first pass compiles the replica's program
+      alone.append(t1 - t)
+      pair.append(t2 - t1)
+  alone_ms, pair_ms = float(np.median(alone) * 1e3), float(np.median(pair) * 1e3)
+  return out | {"pair_ms": pair_ms, "independence": 2 * alone_ms / pair_ms}
