@@ -155,8 +155,9 @@ def _save(fig, path: Path) -> Path:
 
 def goals(runs: list[dict], prompt_set: str) -> list[str]:
   """The performance goals at batch 1, greedy, for one prompt set: best ssd over best sd, the
-  share of Corollary 9's ceiling and of ssd's own bound reached, warm programs, and whether the
-  expansion fits inside one verification (isolated timings)."""
+  share of Corollary 9's ceiling (and of the same ceiling with this machine's measured overlap)
+  and of ssd's own bound reached, warm programs, and whether the expansion fits inside one
+  verification (isolated timings)."""
   pick = [
     r
     for r in runs
@@ -173,6 +174,15 @@ def goals(runs: list[dict], prompt_set: str) -> list[str]:
   if np.isnan(e_hit):
     e_hit = best_ssd["mean_accepted_tokens_per_round"]
   ceiling = (1 + best_ssd["t_sd"]) * e_hit / same_k["mean_accepted_tokens_per_round"]
+  # The same ceiling with this machine's overlap instead of a perfect one: a hit round costs
+  # verify and expand run together, plus the lookup; an sd round, a proposal plus a verify.
+  r = best_ssd
+  machine = (
+    (r["verify_ms_isolated"] + r["propose_ms_isolated"])
+    / (r["together_ms_isolated"] + r["lookup_ms_isolated"])
+    * e_hit
+    / same_k["mean_accepted_tokens_per_round"]
+  )
   own_bound = 1e3 * e_hit / best_ssd["verify_ms_isolated"]
   config = lambda r: f"k={r['lookahead']}" + (f", F={r['fan_out']}" if r["mode"] == "ssd" else "")
   compiles = max(r.get("compiles_after_warmup", 0) for r in pick)
@@ -186,6 +196,9 @@ def goals(runs: list[dict], prompt_set: str) -> list[str]:
     f"| ssd / sd at the same k, share of Corollary 9's ceiling {ceiling:.2f} (target >= 0.85) "
     f"| {speed(best_ssd) / speed(same_k):.2f} = {speed(best_ssd) / speed(same_k) / ceiling:.2f}"
     " of it |",
+    f"| same, with this machine's overlap (together {r['together_ms_isolated']:.1f} ms vs verify "
+    f"{r['verify_ms_isolated']:.1f}): ceiling {machine:.2f} | "
+    f"{speed(best_ssd) / speed(same_k) / machine:.2f} of it |",
     f"| ssd / its own bound E_hit / verify = {own_bound:.1f} tok/s (target >= 0.9) | "
     f"{speed(best_ssd) / own_bound:.2f} |",
     f"| compilations after warm-up (target 0) | {compiles} |",

@@ -46,7 +46,13 @@ def predict(record: dict, latency: dict, batch_size: int) -> dict[str, float]:
   verify = latency["verify"]
   if record["mode"] == "ar":
     return {"predicted_tokens_per_second": 1e3 * batch_size / latency["ar_step"]}
-  isolated = {"verify_ms_isolated": verify, "expand_ms_isolated": latency["expand"]}
+  isolated = {
+    "verify_ms_isolated": verify,
+    "expand_ms_isolated": latency["expand"],
+    "together_ms_isolated": latency["together"],
+    "lookup_ms_isolated": latency["lookup"],
+    "propose_ms_isolated": latency["propose"],
+  }
   e = record["mean_accepted_tokens_per_round"]
   if record["mode"] == "sd":
     return isolated | {

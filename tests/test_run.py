@@ -158,7 +158,9 @@ def test_bench_quick_sweep_writes_json_plots_and_report(tmp_path):
   assert modes == {"ar", "sd", "ssd"}
   assert all(r["greedy_equal_to_ar"] for r in result["runs"])
   assert all(r["predicted_tokens_per_second"] > 0 for r in result["runs"])
-  assert {"verify", "propose", "expand", "lookup", "ar_step"} <= set(result["latency"][0])
+  assert {"verify", "propose", "expand", "together", "lookup", "ar_step"} <= set(
+    result["latency"][0]
+  )
   for png in (
     "tokens_per_mode",
     "accepted_histogram",
@@ -171,6 +173,7 @@ def test_bench_quick_sweep_writes_json_plots_and_report(tmp_path):
   assert "### Performance goals, bundled" in report
   assert "| compilations after warm-up (target 0) | 0 |" in report
   assert "best ssd / best sd" in report
+  assert "with this machine's overlap" in report
 
 
 def test_bench_overlap_reports_the_machine_share(tmp_path):

@@ -7,6 +7,8 @@ the engine's placed weights, and the median is reported in milliseconds:
   verify     target step over [pending, lookahead draft tokens]
   propose    the draft drafting `lookahead` tokens (sync SD's drafting; the neural backup)
   expand     SSD's expansion (glue + fork + tree decode over all branches)
+  together   verify and expand dispatched together, as in an SSD round: max(verify, expand)
+             when the draft's device is hardware of its own, up to their sum when it is not
   lookup     SSD's cache lookup (on a hit: no backup runs)
 """
 
@@ -128,6 +130,15 @@ def time_programs(
     dstate, cache, out["expand"] = _median_ms(
       lambda s: speculate.expand(engine.draft_params, s, proposal, **expand_kwargs), dstate, reps
     )
+
+    def together(states):
+      t, d = states
+      t, _, report = target_lib.step(engine.target_params, t, spec_t, **kwargs)
+      d, spec_cache = speculate.expand(engine.draft_params, d, proposal, **expand_kwargs)
+      return (t, d), (report, spec_cache)
+
+    # tstate has committed at most (reps + 1) * (k + 1) tokens: the capacity check covers both.
+    (tstate, dstate), _, out["together"] = _median_ms(together, (tstate, dstate), reps)
     hit = _outcome_for(cache, 0)
     lookup_kwargs = dict(
       common, fan_out_miss=spec.miss_fan_out, backup="neural", saguaro_c=spec.saguaro_c
