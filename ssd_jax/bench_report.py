@@ -121,15 +121,17 @@ def plot_batch(runs, out: Path) -> Path:
 def plot_predicted(runs, out: Path) -> Path:
   plt = _pyplot()
   fig, ax = plt.subplots(figsize=(4.5, 4.5))
-  for mode, marker in (("ar", "s"), ("sd", "^"), ("ssd", "o")):
-    pts = [
-      (r["predicted_tokens_per_second"], r["tokens_per_second"])
-      for r in runs
-      if r["mode"] == mode and "predicted_tokens_per_second" in r
-    ]
+  series = (
+    ("ar", "predicted_tokens_per_second", "s", "ar"),
+    ("sd", "predicted_tokens_per_second", "^", "sd"),
+    ("ssd", "predicted_tokens_per_second", "o", "ssd (perfect overlap)"),
+    ("ssd", "predicted_overlap_tokens_per_second", "x", "ssd (this machine's overlap)"),
+  )
+  for mode, key, marker, label in series:
+    pts = [(r[key], r["tokens_per_second"]) for r in runs if r["mode"] == mode and key in r]
     if pts:
       p, m = zip(*pts, strict=True)
-      ax.scatter(p, m, marker=marker, label=mode)
+      ax.scatter(p, m, marker=marker, label=label)
   lim = (
     max(
       [r.get("predicted_tokens_per_second", 0) for r in runs]
@@ -140,7 +142,7 @@ def plot_predicted(runs, out: Path) -> Path:
   ax.plot([0, lim], [0, lim], color="gray", lw=0.8)
   ax.set_xlabel("predicted tokens/s (analytical model)")
   ax.set_ylabel("measured tokens/s")
-  ax.legend()
+  ax.legend(fontsize=7)
   return _save(fig, out / "predicted_vs_measured.png")
 
 
@@ -210,18 +212,19 @@ def goals(runs: list[dict], prompt_set: str) -> list[str]:
 
 def _table(rows: list[dict]) -> list[str]:
   lines = [
-    "| set | T | batch | mode | k | fan-out | tok/s | vs ar | predicted | accepted/round "
-    "| hit rate |",
-    "|" + "---|" * 11,
+    "| set | T | batch | mode | k | fan-out | tok/s | vs ar | predicted | predicted, this "
+    "machine's overlap | accepted/round | hit rate |",
+    "|" + "---|" * 12,
   ]
   for r in rows:
     hit = r.get("cache_hit_rate_after_first_round")
+    overlap = f"{r['predicted_overlap_tokens_per_second']:.1f}" if r["mode"] == "ssd" else ""
     lines.append(
       f"| {r['prompt_set']} | {r['temperature']} | {r['batch_size']} | {r['mode']} | "
       f"{r['lookahead']} | {r.get('fan_out_kind', '') + ' ' if r['mode'] == 'ssd' else ''}"
       f"{r['fan_out'] or ''} | {r['tokens_per_second']:.1f} | "
       f"{r.get('speedup_vs_ar', 1.0):.2f}x | {r.get('predicted_tokens_per_second', np.nan):.1f}"
-      f" | {r['mean_accepted_tokens_per_round']:.2f} | "
+      f" | {overlap} | {r['mean_accepted_tokens_per_round']:.2f} | "
       f"{'' if hit is None or r['mode'] != 'ssd' else f'{hit:.2f}'} |"
     )
   return lines

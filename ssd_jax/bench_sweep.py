@@ -42,7 +42,12 @@ def _record(context: dict, result: harness.ModeResult, ar: harness.ModeResult | 
 def predict(record: dict, latency: dict, batch_size: int) -> dict[str, float]:
   """The analytical model's tokens/s for one run, from isolated latencies (ms) and the run's
   measured acceptance and hit rate (Theorem 7 / Corollary 16 for ssd; E_SD / (verify + draft)
-  for sd; 1 / step for ar)."""
+  for sd; 1 / step for ar).
+
+  For ssd also `predicted_overlap_tokens_per_second`: the same model with the overlap this
+  machine measured instead of a perfect one (a hit round costs verify and expand dispatched
+  together, plus the lookup; a miss round that plus the backup).
+  """
   verify = latency["verify"]
   if record["mode"] == "ar":
     return {"predicted_tokens_per_second": 1e3 * batch_size / latency["ar_step"]}
@@ -67,8 +72,12 @@ def predict(record: dict, latency: dict, batch_size: int) -> dict[str, float]:
   t_p = (latency["expand"] + latency["lookup"]) / verify
   t_b = (backup + latency["lookup"]) / verify
   speed = theory.ssd_speedup(p, e_hit, e_miss, t_p, t_b, batch_size)
+  hit_round = (latency["together"] + latency["lookup"]) / verify
+  miss_extra = hit_round - 1 + backup / verify  # a miss round: 1 + this, in verifications
+  measured = theory.ssd_speedup(p, e_hit, e_miss, hit_round, miss_extra, batch_size)
   return isolated | {
     "predicted_tokens_per_second": 1e3 * batch_size * speed / verify,
+    "predicted_overlap_tokens_per_second": 1e3 * batch_size * measured / verify,
     "t_p": t_p,
     "t_b": t_b,
     "t_sd": latency["propose"] / verify,
