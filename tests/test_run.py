@@ -190,3 +190,27 @@ def test_bench_overlap_reports_the_machine_share(tmp_path):
   assert 0.5 < row["efficiency"] < 3
   assert 0.5 < row["independence"] < 3
   assert 0 < row["verify_cores"] <= len(os.sched_getaffinity(0)) + 0.5
+
+
+def test_prediction_with_this_machines_overlap():
+  from ssd_jax.bench_sweep import predict  # noqa: PLC0415
+
+  record = {
+    "mode": "ssd",
+    "mean_accepted_tokens_per_round": 2.0,
+    "cache_hit_rate_after_first_round": 0.5,
+    "mean_accepted_on_hit": 2.5,
+    "mean_accepted_on_miss": 1.5,
+    "backup": "neural",
+  }
+  latency = {"verify": 30.0, "expand": 10.0, "lookup": 0.0, "propose": 5.0, "ar_step": 25.0}
+  # Perfect overlap measured (together = max(verify, expand)): both predictions agree.
+  perfect = predict(record, latency | {"together": 30.0}, 1)
+  assert perfect["predicted_overlap_tokens_per_second"] == pytest.approx(
+    perfect["predicted_tokens_per_second"]
+  )
+  assert perfect["predicted_tokens_per_second"] == pytest.approx(2e3 / (0.5 * 30 + 0.5 * 35))
+  # No overlap (together = verify + expand): hit rounds take 40 ms, misses 40 + the 5 ms backup.
+  serial = predict(record, latency | {"together": 40.0}, 1)
+  assert serial["predicted_overlap_tokens_per_second"] == pytest.approx(2e3 / (0.5 * 40 + 0.5 * 45))
+  assert serial["predicted_tokens_per_second"] == perfect["predicted_tokens_per_second"]
