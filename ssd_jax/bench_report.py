@@ -178,10 +178,10 @@ def goals(runs: list[dict], prompt_set: str) -> list[str]:
   ceiling = (1 + best_ssd["t_sd"]) * e_hit / same_k["mean_accepted_tokens_per_round"]
   # The same ceiling with this machine's overlap instead of a perfect one: a hit round costs
   # verify and expand run together, plus the lookup; an sd round, a proposal plus a verify.
-  r = best_ssd
+  b = best_ssd
   machine = (
-    (r["verify_ms_isolated"] + r["propose_ms_isolated"])
-    / (r["together_ms_isolated"] + r["lookup_ms_isolated"])
+    (b["verify_ms_isolated"] + b["propose_ms_isolated"])
+    / (b["together_ms_isolated"] + b["lookup_ms_isolated"])
     * e_hit
     / same_k["mean_accepted_tokens_per_round"]
   )
@@ -198,8 +198,8 @@ def goals(runs: list[dict], prompt_set: str) -> list[str]:
     f"| ssd / sd at the same k, share of Corollary 9's ceiling {ceiling:.2f} (target >= 0.85) "
     f"| {speed(best_ssd) / speed(same_k):.2f} = {speed(best_ssd) / speed(same_k) / ceiling:.2f}"
     " of it |",
-    f"| same, with this machine's overlap (together {r['together_ms_isolated']:.1f} ms vs verify "
-    f"{r['verify_ms_isolated']:.1f}): ceiling {machine:.2f} | "
+    f"| same, with this machine's overlap (together {b['together_ms_isolated']:.1f} ms vs verify "
+    f"{b['verify_ms_isolated']:.1f}): ceiling {machine:.2f} | "
     f"{speed(best_ssd) / speed(same_k) / machine:.2f} of it |",
     f"| ssd / its own bound E_hit / verify = {own_bound:.1f} tok/s (target >= 0.9) | "
     f"{speed(best_ssd) / own_bound:.2f} |",

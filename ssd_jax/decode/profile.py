@@ -185,7 +185,7 @@ def overlap(
   Two more numbers say why: `verify_cores`, the process's CPU seconds per second of wall time
   while the verification runs alone (how much of the machine the target already uses), and
   `independence` = 2 * verify / pair, where pair times the same verification on the target's
-  devices and on the draft's at once (when both meshes have one device): 2 when the draft's
+  device and on the draft's at once (on CPU, when both meshes have one device): 2 when the draft's
   device is hardware of its own (separate GPUs), 1 when the devices share one pool of compute
   (XLA's CPU devices share one intra-op thread pool).
   """
@@ -271,9 +271,11 @@ def _machine_share(engine, start_target, spec_t, kwargs, k, prompt_len, capacity
     tstate, _, report = verify(engine.target_params, tstate, spec_t)
     jax.block_until_ready(report)
   out = {"verify_cores": (time.process_time() - cpu) / (time.perf_counter() - wall)}
-  if engine.target_mesh.size != 1 or engine.draft_mesh.size != 1:
+  single = engine.target_mesh.size == 1 and engine.draft_mesh.size == 1
+  if not single or engine.target_mesh.devices.flat[0].platform != "cpu":
+    # An accelerator's draft device need not hold the target (nor is the answer in doubt there).
     return out | {"pair_ms": float("nan"), "independence": float("nan")}
-  # A replica of the target on the draft's device, verifying the same speculation.
+  # A replica of the target on the draft's (virtual CPU) device, verifying the same speculation.
   replica = sharding.place_params(engine.target.params, engine.target.config, engine.draft_mesh)
   spec_d = jax.device_put(spec_t, sharding.replicated(engine.draft_mesh))
   states = [
