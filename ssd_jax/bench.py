@@ -29,6 +29,12 @@ _EXAMPLES = """examples:
   python -m ssd_jax.bench models --hf"""
 
 
+_DRAFT_VOCAB = (
+  "score only the draft's N most frequent tokens (as in python -m ssd_jax.run: default 8192 "
+  "when the draft ships a token ranking; 0 = the whole vocabulary)"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
     prog="python -m ssd_jax.bench",
@@ -40,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
   s = sub.add_parser("sweep", help="decoding sweep")
   s.add_argument("--target", default="smollm2-135m")
   s.add_argument("--draft", default="smollm2-135m-draft")
-  s.add_argument("--draft-vocab", type=int, default=0, help="restrict the draft head (0: off)")
+  s.add_argument("--draft-vocab", type=int, default=None, help=_DRAFT_VOCAB)
   s.add_argument("--out", type=Path, default=Path("runs/bench"))
   s.add_argument("--prompt-sets", nargs="+", default=["humaneval", "sharegpt"])
   s.add_argument("--num-prompts", type=int, default=8)
@@ -60,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
   o = sub.add_parser("overlap", help="can this machine run verify and expansion at once?")
   o.add_argument("--target", default="smollm2-135m")
   o.add_argument("--draft", default="smollm2-135m-draft")
-  o.add_argument("--draft-vocab", type=int, default=0, help="restrict the draft head (0: off)")
+  o.add_argument("--draft-vocab", type=int, default=None, help=_DRAFT_VOCAB)
   o.add_argument("--out", type=Path, default=Path("runs/bench"))
   o.add_argument("--lookaheads", type=int, nargs="+", default=[7, 7, 4])
   o.add_argument("--fan-outs", type=int, nargs="+", default=[1, 3, 2])
@@ -74,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check(args, parser) -> None:
+  if getattr(args, "draft_vocab", None) is not None and args.draft_vocab < 0:
+    parser.error("--draft-vocab must be >= 0 (0 = the whole vocabulary)")
   if args.command == "sweep":
     if args.num_prompts < 1 or args.max_new_tokens < 1:
       parser.error("--num-prompts and --max-new-tokens must be >= 1")

@@ -13,6 +13,7 @@ from ssd_jax.data import load_prompts
 from ssd_jax.decode import Engine, Sampling, theory, tree
 from ssd_jax.decode.profile import time_programs
 from ssd_jax.models.registry import load_model
+from ssd_jax.run import resolve_draft_vocab
 
 
 def _record(context: dict, result: harness.ModeResult, ar: harness.ModeResult | None) -> dict:
@@ -104,7 +105,10 @@ def geometric_variants(
 def sweep(args) -> dict[str, Any]:
   target, draft = load_model(args.target), load_model(args.draft)
   engine = Engine(
-    target, draft, target_devices=args.target_devices, draft_vocab=args.draft_vocab or None
+    target,
+    draft,
+    target_devices=args.target_devices,
+    draft_vocab=resolve_draft_vocab(args, draft),
   )
   out: dict[str, Any] = {
     "environment": harness.environment(),
@@ -249,7 +253,7 @@ def measure_overlap(args) -> dict[str, Any]:
   from ssd_jax.decode.profile import overlap  # noqa: PLC0415
 
   target, draft = load_model(args.target), load_model(args.draft)
-  engine = Engine(target, draft, draft_vocab=args.draft_vocab or None)
+  engine = Engine(target, draft, draft_vocab=resolve_draft_vocab(args, draft))
   prompt = harness.encode(target.tokenizer, [load_prompts("bundled", 1)[0].text], chat=True)[0]
   rows = []
   for k, f in zip(args.lookaheads, args.fan_outs, strict=False):
