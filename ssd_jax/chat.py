@@ -36,6 +36,67 @@ class Streamer:
     self.text = text
 
 
+class Chat:
+  """One conversation's state and how it answers a line."""
+
+  def __init__(self, engine, spec, sampling, max_new_tokens, show_metrics, seed, stdout):
+    if engine.target.tokenizer is None:
+      raise ValueError(f"{engine.target.name} has no tokenizer: chat needs one")
+    self.engine, self.spec, self.sampling = engine, spec, sampling
+    self.max_new_tokens, self.show_metrics, self.seed = max_new_tokens, show_metrics, seed
+    self.out: TextIO = stdout
+    self.history: list[tuple[str, str]] = []
+    self.replies = 0
+
+  def command(self, line: str) -> bool:
+    """Run a /command; returns False for /quit."""
+    if line in ("/quit", "/exit"):
+      return False
+    if line == "/metrics":
+      self.show_metrics = not self.show_metrics
+      self.out.write(f"[metrics {'on' if self.show_metrics else 'off'}]\n")
+    elif line == "/reset":
+      self.history = []
+      self.out.write("[new conversation]\n")
+    else:
+      self.out.write(f"[unknown command {line}; {HELP}]\n")
+    return True
+
+  def answer(self, line: str) -> None:
+    """Stream the reply to `line`; a conversation grown past the model's context is refused
+    (the history is kept, /reset starts over)."""
+    tokenizer = self.engine.target.tokenizer
+    history = [*self.history, ("user", line)]
+    template = tokenizer.chat_template
+    prompt = render_messages(template, history) if template else line
+    streamer = Streamer(tokenizer, self.engine.target.config.eos_token_ids, self.out)
+    try:
+      out = self.engine.generate(
+        [tokenizer.encode(prompt)],
+        spec=self.spec,
+        sampling=self.sampling,
+        max_new_tokens=self.max_new_tokens,
+        seed=self.seed + self.replies,
+        on_tokens=streamer,
+      )
+    except ValueError as e:
+      self.out.write(f"[cannot answer: {e}; /reset starts a new conversation]\n")
+      return
+    self.out.write("\n")
+    self.history = [*history, ("assistant", streamer.text)]
+    self.replies += 1
+    if self.show_metrics:
+      self.out.write(_metrics_line(out.metrics, self.spec.mode) + "\n")
+
+
+def _metrics_line(m, mode: str) -> str:
+  hit = f", cache hit rate {m.hit_rate:.2f}" if mode == "ssd" else ""
+  return (
+    f"[{m.generated_tokens} tokens, {m.tokens_per_second:.1f} tok/s, "
+    f"{m.mean_accepted:.2f} accepted tokens/round{hit}]"
+  )
+
+
 def chat_loop(
   engine: Engine,
   spec: SpecConfig,
@@ -48,12 +109,7 @@ def chat_loop(
   stdout: TextIO = sys.stdout,
 ) -> int:
   """Run the conversation until /quit or end of input. Returns the number of replies."""
-  tokenizer = engine.target.tokenizer
-  if tokenizer is None:
-    raise ValueError(f"{engine.target.name} has no tokenizer: chat needs one")
-  template = tokenizer.chat_template
-  history: list[tuple[str, str]] = []
-  replies = 0
+  chat = Chat(engine, spec, sampling, max_new_tokens, show_metrics, seed, stdout)
   interactive = stdin.isatty()
   if interactive:
     stdout.write(f"ssd_jax chat ({spec.mode}). {HELP}\n")
@@ -65,41 +121,9 @@ def chat_loop(
     if not line:
       break
     line = line.strip()
-    if not line:
-      continue
-    if line in ("/quit", "/exit"):
+    if line.startswith("/") and not chat.command(line):
       break
-    if line == "/metrics":
-      show_metrics = not show_metrics
-      stdout.write(f"[metrics {'on' if show_metrics else 'off'}]\n")
-      continue
-    if line == "/reset":
-      history = []
-      stdout.write("[new conversation]\n")
-      continue
-    if line.startswith("/"):
-      stdout.write(f"[unknown command {line}; {HELP}]\n")
-      continue
-    history.append(("user", line))
-    prompt = render_messages(template, history) if template else line
-    streamer = Streamer(tokenizer, engine.target.config.eos_token_ids, stdout)
-    out = engine.generate(
-      [tokenizer.encode(prompt)],
-      spec=spec,
-      sampling=sampling,
-      max_new_tokens=max_new_tokens,
-      seed=seed + replies,
-      on_tokens=streamer,
-    )
-    stdout.write("\n")
-    history.append(("assistant", streamer.text))
-    replies += 1
-    if show_metrics:
-      m = out.metrics
-      hit = f", cache hit rate {m.hit_rate:.2f}" if spec.mode == "ssd" else ""
-      stdout.write(
-        f"[{m.generated_tokens} tokens, {m.tokens_per_second:.1f} tok/s, "
-        f"{m.mean_accepted:.2f} accepted tokens/round{hit}]\n"
-      )
+    if line and not line.startswith("/"):
+      chat.answer(line)
     stdout.flush()
-  return replies
+  return chat.replies

@@ -167,10 +167,6 @@ class SpecConfig:
       )
 
   @property
-  def miss_fan_out(self) -> tuple[int, ...]:
-    return self.fan_out_miss or self.fan_out
-
-  @property
   def branches(self) -> int:
     """N: branches expanded per sequence per round."""
     return sum(self.fan_out)

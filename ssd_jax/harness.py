@@ -65,7 +65,8 @@ class ModeResult:
       loop_rounds=sum(m.loop_rounds for m in self.metrics),
       accept_hist=sum(m.accept_hist for m in self.metrics),
       round_times={},
-      round_misses=[],
+      round_drafted=[],
+      backup_rounds=sum(m.backup_rounds for m in self.metrics),
     )
 
   def summary(self) -> dict[str, Any]:
@@ -111,6 +112,26 @@ def capacity_for(prompts: Sequence[Sequence[int]], max_new_tokens: int, lookahea
   """One cache size for the whole run, so every batch reuses the same compiled programs."""
   need = bucket_length(max(len(p) for p in prompts)) + max_new_tokens + lookahead + 2
   return -(-need // 128) * 128
+
+
+def check(
+  engine: Engine,
+  prompts: Sequence[Sequence[int]],
+  spec: SpecConfig,
+  sampling: Sampling,
+  max_new_tokens: int,
+  batch_size: int,
+  capacity: int,
+) -> None:
+  """Raise ValueError now if `run_mode` would refuse any batch of these prompts."""
+  longest = max(prompts, key=len)
+  engine.validate(
+    [longest] * batch_size,
+    spec=spec,
+    sampling=sampling,
+    max_new_tokens=max_new_tokens,
+    capacity=capacity,
+  )
 
 
 def run_mode(

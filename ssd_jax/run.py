@@ -8,16 +8,14 @@ tokens per round and cache hit rate, then one sample completion. `--chat` talks 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
 import warnings
 from pathlib import Path
 
+from ssd_jax.cli import DEFAULT_DRAFT_VOCAB, finite_float, resolve_draft_vocab, setup_devices
 from ssd_jax.config import BACKUPS, MODES
-
-DEFAULT_DRAFT_VOCAB = 8192
 
 _EXAMPLES = """examples:
   python -m ssd_jax.run                                   # the embedded default, all modes
@@ -30,6 +28,21 @@ _EXAMPLES = """examples:
 devices: the target uses --target-devices (tensor parallel), the draft --draft-devices of its
 own. On CPU that many virtual devices are created (at least twice the target mesh, which keeps
 XLA's CPU collectives from deadlocking)."""
+
+# Defaults of the flags that only some modes read; None in the parser tells "not given".
+# Lookahead 3 and fan-out 2: the fastest sd and ssd settings of the benchmark sweep for the
+# embedded pair on a 2-core CPU (docs/BENCHMARKS.md); a faster draft device favours more.
+SSD_ONLY = {
+  "fan_out": None,
+  "fan_out_list": None,
+  "geometric": False,
+  "fan_out_miss_list": None,
+  "acceptance_rate": 0.7,
+  "power_law": 0.5,
+  "saguaro_c": 1.0,
+  "backup": "neural",
+}
+SPECULATIVE = {"lookahead": 3, "draft_vocab": None, "draft_devices": 1}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,36 +58,34 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument(
     "--draft-vocab",
     type=int,
-    default=None,
     help="the draft's head scores only the N tokens the target emits most often (its "
     "token_ranking.npy): cheaper drafting, same outputs; 0 = the whole vocabulary; default: "
-    f"{DEFAULT_DRAFT_VOCAB} when the draft ships a token ranking, else 0",
+    f"{DEFAULT_DRAFT_VOCAB} (or the ranking's length) when the draft ships a ranking, else 0",
   )
   p.add_argument("--prompts", default="bundled", help="humaneval, sharegpt, bundled or PATH.jsonl")
   p.add_argument("--num-prompts", type=int, default=None, help="default: all (bundled) or 8")
   p.add_argument("--max-new-tokens", type=int, default=128)
-  # Defaults: the fastest sd and ssd settings of the benchmark sweep for the embedded pair on a
-  # 2-core CPU (docs/BENCHMARKS.md); a faster draft device favours longer lookaheads.
-  p.add_argument("--lookahead", type=int, default=3, help="draft tokens per round (K)")
+  p.add_argument("--lookahead", type=int, help="draft tokens per round (K); default 3")
   fan = p.add_mutually_exclusive_group()
-  fan.add_argument("--fan-out", type=int, default=None, help="uniform fan-out F (default 2)")
+  fan.add_argument("--fan-out", type=int, help="uniform fan-out F (default 2)")
   fan.add_argument("--fan-out-list", type=int, nargs="+", help="F_j for depths 0..lookahead")
   fan.add_argument(
     "--geometric",
     action="store_true",
+    default=None,
     help="Theorem 12 fan-out with the budget of --fan-out 2 per depth",
   )
   p.add_argument("--fan-out-miss-list", type=int, nargs="+", help="fan-out after a miss")
-  p.add_argument("--acceptance-rate", type=float, default=0.7, help="for --geometric")
-  p.add_argument("--power-law", type=float, default=0.5, help="miss-rate exponent r, --geometric")
-  p.add_argument("--temperature", type=float, default=0.0)
+  p.add_argument("--acceptance-rate", type=finite_float, help="for --geometric (default 0.7)")
+  p.add_argument("--power-law", type=finite_float, help="miss-rate exponent r, --geometric (0.5)")
+  p.add_argument("--temperature", type=finite_float, default=0.0)
   p.add_argument("--top-k", type=int, default=0)
-  p.add_argument("--top-p", type=float, default=1.0)
-  p.add_argument("--saguaro-c", type=float, default=1.0, help="Saguaro sampling C in [0, 1]")
-  p.add_argument("--backup", choices=BACKUPS, default="neural")
+  p.add_argument("--top-p", type=finite_float, default=1.0)
+  p.add_argument("--saguaro-c", type=finite_float, help="Saguaro sampling C in [0, 1] (1)")
+  p.add_argument("--backup", choices=BACKUPS, help="after a cache miss (default neural)")
   p.add_argument("--batch-size", type=int, default=1)
   p.add_argument("--target-devices", type=int, default=1)
-  p.add_argument("--draft-devices", type=int, default=1)
+  p.add_argument("--draft-devices", type=int, help="default 1")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--json", type=Path, help="write per-mode metrics, config and environment")
   p.add_argument("--chat", action="store_true", help="interactive chat (reads stdin lines)")
@@ -87,22 +98,84 @@ def build_parser() -> argparse.ArgumentParser:
   return p
 
 
+def _flag(name: str) -> str:
+  return "--" + name.replace("_", "-")
+
+
+def apply_mode_defaults(args, parser) -> None:
+  """Refuse flags the chosen mode never reads (a silently ignored flag misleads), then fill in
+  their defaults."""
+  modes = set(MODES) if args.mode == "all" else {args.mode}
+  unused = []
+  if "ssd" not in modes:
+    unused += [name for name in SSD_ONLY if getattr(args, name) is not None]
+  if modes == {"ar"}:
+    unused += [name for name in SPECULATIVE if getattr(args, name) is not None]
+  if unused:
+    flags = ", ".join(_flag(n) for n in unused)
+    parser.error(f"{flags} only apply to speculative modes that --mode {args.mode} does not run")
+  if not args.geometric and (args.acceptance_rate is not None or args.power_law is not None):
+    parser.error("--acceptance-rate and --power-law only apply with --geometric")
+  for name, default in (SSD_ONLY | SPECULATIVE).items():
+    if getattr(args, name) is None:
+      setattr(args, name, default)
+
+
+def check_args(args, parser) -> None:
+  apply_mode_defaults(args, parser)
+  if args.max_new_tokens < 1:
+    parser.error("--max-new-tokens must be >= 1")
+  if args.lookahead < 1:
+    parser.error("--lookahead must be >= 1")
+  if args.batch_size < 1 or args.target_devices < 1 or args.draft_devices < 1:
+    parser.error("--batch-size, --target-devices and --draft-devices must be >= 1")
+  if args.draft_vocab is not None and args.draft_vocab < 0:
+    parser.error("--draft-vocab must be >= 0 (0 = the whole vocabulary)")
+  if args.num_prompts is not None and args.num_prompts < 1:
+    parser.error("--num-prompts must be >= 1")
+  if not 0.0 <= args.saguaro_c <= 1.0:
+    parser.error("--saguaro-c must be in [0, 1]")
+  if args.temperature < 0:
+    parser.error("--temperature must be >= 0 (0 = greedy)")
+  if args.top_k < 0 or not 0.0 < args.top_p <= 1.0:
+    parser.error("--top-k must be >= 0 (0 = off) and --top-p in (0, 1] (1 = off)")
+  if args.chat and args.json:
+    parser.error("--chat and --json cannot be combined")
+  if args.metrics and not args.chat:
+    parser.error("--metrics only applies to --chat")
+  if args.json is not None:
+    check_writable(args.json, parser)
+
+
+def check_writable(path: Path, parser) -> None:
+  """Fail now, not after the whole run, when the JSON cannot be written."""
+  if path.is_dir():
+    parser.error(f"--json {path} is a directory; give a file name")
+  folder = path.parent
+  while not folder.exists() and folder != folder.parent:
+    folder = folder.parent
+  if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+    parser.error(f"--json {path}: cannot write in {folder}; choose another path")
+  if path.exists() and not os.access(path, os.W_OK):
+    parser.error(f"--json {path} exists and is not writable; choose another path")
+
+
 def fan_out_lists(args, parser) -> tuple[tuple[int, ...], tuple[int, ...]]:
   from ssd_jax.decode import tree  # noqa: PLC0415 (after device setup)
 
-  k = args.lookahead
+  lookahead = args.lookahead
   if args.fan_out_list:
     hit = tuple(args.fan_out_list)
   elif args.geometric:
     try:
-      hit = tree.geometric(k, 2 * (k + 1), args.acceptance_rate, args.power_law)
+      hit = tree.geometric(lookahead, 2 * (lookahead + 1), args.acceptance_rate, args.power_law)
     except ValueError as e:
       parser.error(str(e))
   else:
     f = 2 if args.fan_out is None else args.fan_out
     if f < 1:
       parser.error("--fan-out must be >= 1")
-    hit = tree.uniform(k, f)
+    hit = tree.uniform(lookahead, f)
   return hit, tuple(args.fan_out_miss_list or ())
 
 
@@ -123,95 +196,57 @@ def make_spec(mode: str, args, fan_out, fan_out_miss):
   )
 
 
-def resolve_draft_vocab(args, draft) -> int | None:
-  """The draft head's size for Engine (None: whole vocabulary); records it in args for --json.
-  The default restricts the head when the draft ships a ranking: in the default run that makes
-  proposals 1.5x and expansions 3x cheaper at the same tokens per round (docs/BENCHMARKS.md)."""
-  n = args.draft_vocab
-  if n is None:
-    n = DEFAULT_DRAFT_VOCAB if draft is not None and draft.token_ranking is not None else 0
-  args.draft_vocab = n
-  return (n or None) if draft is not None else None
-
-
-def check_args(args, parser) -> None:
-  if args.max_new_tokens < 1:
-    parser.error("--max-new-tokens must be >= 1")
-  if args.lookahead < 1:
-    parser.error("--lookahead must be >= 1")
-  if args.batch_size < 1 or args.target_devices < 1 or args.draft_devices < 1:
-    parser.error("--batch-size, --target-devices and --draft-devices must be >= 1")
-  if args.draft_vocab is not None and args.draft_vocab < 0:
-    parser.error("--draft-vocab must be >= 0 (0 = the whole vocabulary)")
-  if args.num_prompts is not None and args.num_prompts < 1:
-    parser.error("--num-prompts must be >= 1")
-  if not 0.0 <= args.saguaro_c <= 1.0:
-    parser.error("--saguaro-c must be in [0, 1]")
-  if args.temperature < 0:
-    parser.error("--temperature must be >= 0")
-  if args.chat and args.json:
-    parser.error("--chat and --json cannot be combined")
-  if args.metrics and not args.chat:
-    parser.error("--metrics only applies to --chat")
-
-
-def setup_devices(args) -> None:
-  """Virtual CPU devices must exist before JAX starts its backend."""
-  import jax  # noqa: PLC0415
-
-  need = max(args.target_devices + args.draft_devices, 2 * args.target_devices)
-  # Never fewer than asked for already (main() may run inside a process that set more), and
-  # keep whatever exists once the backends have started.
-  with contextlib.suppress(RuntimeError):
-    jax.config.update("jax_num_cpu_devices", max(need, jax.config.jax_num_cpu_devices))
-
-
 def main(argv: list[str] | None = None) -> int:
   parser = build_parser()
   args = parser.parse_args(argv)
   check_args(args, parser)
-  setup_devices(args)
-  import jax.numpy as jnp  # noqa: PLC0415
-
-  from ssd_jax.decode import Engine, Sampling  # noqa: PLC0415
-  from ssd_jax.models.registry import load_model  # noqa: PLC0415
+  setup_devices(args.target_devices, args.draft_devices)
+  from ssd_jax.decode import Sampling  # noqa: PLC0415 (after the device set-up)
 
   modes = list(MODES) if args.mode == "all" else [args.mode]
   fan_out, fan_out_miss = fan_out_lists(args, parser)
   try:
     specs = {m: make_spec(m, args, fan_out, fan_out_miss) for m in modes}
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-  except ValueError as e:
-    parser.error(str(e))
-  dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-  try:
-    target = load_model(args.target, dtype=dtype)
-    draft = load_model(args.draft, dtype=dtype) if modes != ["ar"] else None
-    with warnings.catch_warnings():
-      warnings.simplefilter("always")
-      engine = Engine(
-        target,
-        draft,
-        target_devices=args.target_devices,
-        draft_devices=args.draft_devices,
-        attention_impl=args.attention_impl,
-        draft_vocab=resolve_draft_vocab(args, draft),
-      )
+    engine = make_engine(args, modes)
   except (ValueError, FileNotFoundError) as e:
     parser.error(str(e))
   if args.chat:
     from ssd_jax.chat import chat_loop  # noqa: PLC0415
 
+    spec = specs[modes[-1]]
+    try:
+      engine.plan(spec, greedy=sampling.greedy)  # a bad configuration fails before the chat
+    except ValueError as e:
+      parser.error(str(e))
     chat_loop(
-      engine,
-      specs[modes[-1]],
-      sampling,
-      args.max_new_tokens,
-      show_metrics=args.metrics,
-      seed=args.seed,
+      engine, spec, sampling, args.max_new_tokens, show_metrics=args.metrics, seed=args.seed
     )
     return 0
   return benchmark(args, parser, engine, specs, sampling)
+
+
+def make_engine(args, modes):
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  from ssd_jax.decode import Engine  # noqa: PLC0415
+  from ssd_jax.models.registry import load_model  # noqa: PLC0415
+
+  dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+  target = load_model(args.target, dtype=dtype)
+  draft = load_model(args.draft, dtype=dtype) if modes != ["ar"] else None
+  draft_vocab = resolve_draft_vocab(args.draft_vocab, draft)
+  args.draft_vocab = draft_vocab or 0  # recorded in --json
+  with warnings.catch_warnings():
+    warnings.simplefilter("always")
+    return Engine(
+      target,
+      draft,
+      target_devices=args.target_devices,
+      draft_devices=args.draft_devices,
+      attention_impl=args.attention_impl,
+      draft_vocab=draft_vocab,
+    )
 
 
 def benchmark(args, parser, engine, specs, sampling) -> int:
@@ -221,18 +256,18 @@ def benchmark(args, parser, engine, specs, sampling) -> int:
   from ssd_jax.data import load_prompts  # noqa: PLC0415
 
   limit = args.num_prompts or (None if args.prompts == "bundled" else 8)
+  tokenizer = engine.target.tokenizer
   try:
     prompts = load_prompts(args.prompts, limit)
+    if tokenizer is None:
+      raise ValueError(f"target {engine.target.name!r} has no tokenizer; give a model with one")
+    chat = not args.no_chat_template and bool(tokenizer.chat_template)
+    ids = harness.encode(tokenizer, [p.text for p in prompts], chat)
+    capacity = harness.capacity_for(ids, args.max_new_tokens, args.lookahead)
+    for spec in specs.values():  # every mode's configuration is checked before any decodes
+      harness.check(engine, ids, spec, sampling, args.max_new_tokens, args.batch_size, capacity)
   except (ValueError, FileNotFoundError) as e:
     parser.error(str(e))
-  tokenizer = engine.target.tokenizer
-  if tokenizer is None:
-    parser.error(f"target {engine.target.name!r} has no tokenizer; give a model with one")
-  chat = not args.no_chat_template and bool(tokenizer.chat_template)
-  ids = harness.encode(tokenizer, [p.text for p in prompts], chat)
-  lookahead = max(s.lookahead for s in specs.values())
-  capacity = harness.capacity_for(ids, args.max_new_tokens, lookahead)
-  results = {}
   bar = tqdm(
     total=len(ids) * len(specs),
     desc="decoding",
@@ -240,7 +275,8 @@ def benchmark(args, parser, engine, specs, sampling) -> int:
     disable=args.no_progress,
     file=sys.stderr,
   )
-  try:
+  results = {}
+  with bar:
     for mode, spec in specs.items():
       bar.set_postfix_str(mode)
       results[mode] = harness.run_mode(
@@ -256,13 +292,9 @@ def benchmark(args, parser, engine, specs, sampling) -> int:
         trace=args.json is not None,
         progress=bar.update,
       )
-  except ValueError as e:
-    parser.error(str(e))
-  finally:
-    bar.close()
   print(format_table(results, args, len(prompts)))
-  sample = results[list(results)[-1]].tokens[0]
-  print(f"\nsample ({prompts[0].id}, {list(results)[-1]}):\n{tokenizer.decode(sample).strip()}")
+  last = list(results)[-1]
+  print(f"\nsample ({prompts[0].id}, {last}):\n{tokenizer.decode(results[last].tokens[0]).strip()}")
   if args.json:
     write_json(args, results, engine)
     print(f"\nwrote {args.json}")

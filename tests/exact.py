@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ssd_jax.config import ModelConfig
-from ssd_jax.decode.sampling import warped_probs
+from ssd_jax.decode.sampling import Sampling
 from ssd_jax.models import KVCache, forward, init_params
 from ssd_jax.models.registry import LoadedModel
 
@@ -54,36 +54,70 @@ def tiny_pair(seed: int = 0, noise: float = 0.3) -> tuple[LoadedModel, LoadedMod
   return target, draft
 
 
+def oracle_probs(logits: np.ndarray, sampling: Sampling) -> np.ndarray:
+  """The warped distribution f64[..., V], computed independently of ssd_jax (plain numpy, f64)
+  from the semantics in ssd_jax.decode.sampling's docstring:
+
+  - temperature 0: a point mass on the argmax (ties: the lowest id);
+  - top-k: keep every token whose probability is >= the k-th largest (ties at the cut kept);
+  - top-p (after top-k): keep token x when the mass of the tokens strictly more likely than x
+    is < top_p (so ties at the cut are all kept).
+  """
+  logits = np.asarray(logits, np.float64)
+  if sampling.temperature == 0:
+    return np.eye(logits.shape[-1])[np.argmax(logits, axis=-1)]
+  z = logits / sampling.temperature
+  p = np.exp(z - z.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  if sampling.top_k and sampling.top_k < p.shape[-1]:
+    kth = np.sort(p, axis=-1)[..., -sampling.top_k, None]
+    p = np.where(p >= kth, p, 0.0)
+    p /= p.sum(-1, keepdims=True)
+  if sampling.top_p < 1.0:
+    above = (p[..., None, :] * (p[..., None, :] > p[..., :, None])).sum(-1)  # mass above x
+    p = np.where(above < sampling.top_p, p, 0.0)
+    p /= p.sum(-1, keepdims=True)
+  return p
+
+
 def exact_law(
   model: LoadedModel,
   prompt: list[int],
   n: int,
-  temperature: float,
-  top_k: int = 0,
-  top_p: float = 1.0,
+  sampling: Sampling,
+  eos: int | None = None,
 ) -> np.ndarray:
-  """P(first n generated tokens = cell) for every cell, f64[V**n] (row-major cells)."""
+  """P(first n generated tokens = cell) for every cell, f64[V**n] (row-major cells).
+
+  With `eos`, generation stops after it: a cell then stands for the sequence up to its first
+  EOS padded with EOS (see `counts`), and cells with anything else after an EOS are impossible.
+  """
   prefixes = list(itertools.product(range(V), repeat=n - 1))
   tokens = jnp.asarray([prompt + list(p) for p in prefixes], jnp.int32)
   logits, _ = forward(
     model.params, tokens, KVCache.init(model.config, *tokens.shape), config=model.config
   )
-  probs = np.asarray(
-    warped_probs(logits, jnp.full((tokens.shape[0], 1), temperature), top_k=top_k, top_p=top_p),
-    np.float64,
-  )
+  probs = oracle_probs(np.asarray(logits), sampling)
   start = len(prompt) - 1
   law = np.zeros([V] * n)
   for i, prefix in enumerate(prefixes):
-    p = 1.0
+    p, stopped = 1.0, False
     for j, tok in enumerate(prefix):
-      p *= probs[i, start + j, tok]
-    law[prefix] = p * probs[i, start + n - 1]
+      if stopped:
+        p *= tok == eos
+      else:
+        p *= probs[i, start + j, tok]
+        stopped = tok == eos
+    last = probs[i, start + n - 1]
+    law[prefix] = p * (np.eye(V)[eos] if stopped else last)
   return law.reshape(-1)
 
 
-def counts(sequences: list[list[int]], n: int) -> np.ndarray:
-  cells = np.ravel_multi_index(np.asarray([s[:n] for s in sequences]).T, [V] * n)
+def counts(sequences: list[list[int]], n: int, eos: int | None = None) -> np.ndarray:
+  """Observed counts per cell of the first n tokens; sequences that stopped at `eos` are padded
+  with it."""
+  padded = [list(s[:n]) + [eos] * (n - len(s[:n])) for s in sequences]
+  cells = np.ravel_multi_index(np.asarray(padded).T, [V] * n)
   return np.bincount(cells, minlength=V**n)
 
 
@@ -100,6 +134,8 @@ def fit_z(observed: np.ndarray, law: np.ndarray) -> float:
     return float("inf")  # an impossible sequence was produced
   chi2 = float(((obs - exp) ** 2 / exp).sum())
   df = len(exp) - 1
+  if df == 0:  # a point mass (a greedy row): only an impossible sequence, caught above, fails
+    return 0.0
   return ((chi2 / df) ** (1 / 3) - (1 - 2 / (9 * df))) / (2 / (9 * df)) ** 0.5
 
 

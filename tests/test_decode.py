@@ -5,6 +5,7 @@ import dataclasses
 import numpy as np
 import pytest
 
+from ssd_jax import harness
 from ssd_jax.config import SpecConfig
 from ssd_jax.decode import Engine, Sampling
 from ssd_jax.models.registry import LoadedModel, load_model
@@ -127,7 +128,80 @@ def test_bad_inputs(models):
     Engine(target, mismatched)
   with pytest.raises(ValueError, match=r"capacity 16 cannot hold the longest prompt \(20 tokens\)"):
     Engine(target).generate([list(range(20))], max_new_tokens=2, capacity=16)
-  with pytest.raises(ValueError, match="temperatures must be 3 values"):
+  with pytest.raises(ValueError, match="temperatures has 1 entries for 3 prompts"):
     Engine(target).generate(PROMPTS, temperatures=[1.0])
   with pytest.raises(ValueError, match="lookahead must be an int >= 1"):
     SpecConfig(mode="sd", lookahead=0)
+
+
+@pytest.mark.parametrize(
+  ("kwargs", "message"),
+  [
+    (dict(prompts=[]), "non-empty list of token-id lists"),
+    (dict(prompts="hello"), "non-empty list of token-id lists"),
+    (dict(prompts=[[1, 2], []]), "prompt 1 must be a non-empty list of int token ids"),
+    (dict(prompts=[[1, 2.5]]), "prompt 0 must be a non-empty list of int token ids"),
+    (dict(prompts=[[1, 264]]), r"prompt 0 has token id 264 outside the vocabulary \[0, 264\)"),
+    (dict(prompts=[[3, -1]]), "prompt 0 has token id -1 outside the vocabulary"),
+    (dict(max_new_tokens=[4, 4]), "max_new_tokens has 2 entries for 3 prompts"),
+    (dict(max_new_tokens=-1), "max_new_tokens must be >= 0"),
+    (dict(max_new_tokens=2.5), "max_new_tokens must be an int"),
+    (dict(temperatures=[0.5, float("nan"), 1.0]), "temperatures: temperature must be a finite"),
+    (dict(temperatures=[0.5, -1.0, 1.0]), "temperature must be a finite number >= 0"),
+    (dict(sampling=[Sampling()]), "sampling has 1 entries for 3 prompts"),
+    (dict(max_new_tokens=9000), "exceed the model's context of 8192"),
+  ],
+)
+def test_bad_generate_arguments_are_named(models, kwargs, message):
+  kwargs = dict(prompts=PROMPTS) | kwargs
+  with pytest.raises(ValueError, match=message):
+    Engine(models["tiny-llama"]).generate(kwargs.pop("prompts"), **kwargs)
+
+
+@pytest.mark.parametrize(
+  "fields",
+  [
+    dict(temperature=float("nan")),
+    dict(temperature=float("inf")),
+    dict(temperature=-0.5),
+    dict(top_k=-1),
+    dict(top_k=2.0),
+    dict(top_p=0.0),
+    dict(top_p=float("nan")),
+    dict(top_p=1.5),
+  ],
+  ids=str,
+)
+def test_bad_sampling_is_refused(fields):
+  with pytest.raises(ValueError, match="must be"):
+    Sampling(**fields)
+
+
+SETTINGS = [
+  Sampling(temperature=0.9),
+  Sampling(temperature=0.3),
+  Sampling(temperature=0.8, top_k=5),
+  Sampling(temperature=1.2, top_p=0.7),
+  [Sampling(temperature=0.2, top_k=3), Sampling(temperature=1.1, top_p=0.5)],
+  [Sampling(), Sampling(temperature=0.6, top_k=1)],  # a greedy row in a sampled batch
+]
+
+
+@pytest.mark.parametrize("mode", ["ar", "sd", "ssd"])
+def test_new_sampling_settings_compile_nothing(models, mode):
+  """Temperatures, top-k and top-p are data: after one sampled warm-up, any mix of them, for
+  the batch or per row, runs the programs already compiled."""
+  spec = {
+    "ar": SpecConfig(mode="ar", lookahead=0),
+    "sd": SpecConfig(mode="sd", lookahead=3),
+    "ssd": SpecConfig(mode="ssd", lookahead=3, fan_out=(2, 2, 1, 1)),
+  }[mode]
+  engine = Engine(models["tiny-llama"], models["tiny-llama-draft"])
+  prompts = [[1, 2, 3], [4, 5, 6, 7]]
+  run = lambda **kw: engine.generate(prompts, spec=spec, max_new_tokens=16, **kw)
+  run(sampling=Sampling(temperature=0.7))
+  with harness.count_compiles() as compiles:
+    for seed, sampling in enumerate(SETTINGS):
+      run(sampling=sampling, seed=seed)
+    run(sampling=Sampling(temperature=0.7), temperatures=[0.2, 1.1])
+  assert compiles == []

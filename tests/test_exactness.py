@@ -1,19 +1,26 @@
 """Statistical exactness end to end: the decoded law equals the target's, per path; broken
-verifiers (negative controls) must fail the very same test. See tests/exact.py for the design."""
+verifiers and samplers (negative controls) must fail the very same test. See tests/exact.py for
+the design; the oracle warps logits in plain numpy, independently of ssd_jax."""
+
+import dataclasses
 
 import exact
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from ssd_jax.config import SpecConfig
 from ssd_jax.decode import Engine, Sampling
+from ssd_jax.decode import draft as draft_lib
 from ssd_jax.decode import target as target_lib
-from ssd_jax.decode.sampling import sample
+from ssd_jax.decode.sampling import Warp, sample, warped_probs
 from ssd_jax.decode.verify import verify
+from ssd_jax.models.registry import LoadedModel
 
 N = 50_000
 TOKENS = 3
+SAMPLED = Sampling(temperature=1.0)
 
 
 @pytest.fixture(scope="module")
@@ -22,76 +29,90 @@ def engine():
   return Engine(target, draft)
 
 
-def decode_law(engine, spec, temperature, seed=0, top_k=0, top_p=1.0):
-  sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p)
+def decode_law(engine, spec, sampling, seed=0, tokens=TOKENS, prompt=exact.PROMPT, eos=None):
   out = engine.generate(
-    [exact.PROMPT] * N, spec=spec, sampling=sampling, max_new_tokens=TOKENS, seed=seed, capacity=24
+    [prompt] * N, spec=spec, sampling=sampling, max_new_tokens=tokens, seed=seed, capacity=24
   )
-  observed = exact.counts(out.tokens, TOKENS)
-  law = exact.exact_law(engine.target, exact.PROMPT, TOKENS, temperature, top_k, top_p)
+  observed = exact.counts(out.tokens, tokens, eos)
+  law = exact.exact_law(engine.target, prompt, tokens, sampling, eos)
   return observed, law, out.metrics
 
 
-def sd_spec(c):
-  fan_out = (2, 2, 1) if c < 1 else ()
-  return SpecConfig(mode="sd", lookahead=2, saguaro_c=c, fan_out=fan_out)
+def assert_exact(observed, law):
+  z = exact.fit_z(observed, law)
+  assert z < exact.Z_MAX, (z, exact.total_variation(observed, law))
+
+
+def assert_broken(observed, law):
+  assert exact.fit_z(observed, law) > 3 * exact.Z_MAX
+
+
+def sd_spec(c, lookahead=2):
+  fan_out = (2,) * lookahead + (1,) if c < 1 else ()
+  return SpecConfig(mode="sd", lookahead=lookahead, saguaro_c=c, fan_out=fan_out)
+
+
+def ssd_spec(fan_out, backup="neural", c=1.0):
+  return SpecConfig(
+    mode="ssd", lookahead=len(fan_out) - 1, fan_out=fan_out, backup=backup, saguaro_c=c
+  )
 
 
 @pytest.mark.parametrize("temperature", [0.5, 1.0])
 @pytest.mark.parametrize("c", [1.0, 0.5, 0.0])
 def test_sync_sd_is_exact(engine, temperature, c):
-  observed, law, metrics = decode_law(engine, sd_spec(c), temperature)
-  z = exact.fit_z(observed, law)
-  assert z < exact.Z_MAX, (z, exact.total_variation(observed, law))
+  observed, law, metrics = decode_law(engine, sd_spec(c), Sampling(temperature=temperature))
+  assert_exact(observed, law)
   # Partial acceptance: both the accept and the residual branches are exercised.
   assert 0.05 < metrics.acceptance_per_position[0] < 0.95
 
 
-def test_ar_is_exact_with_top_k_and_top_p(engine):
-  for top_k, top_p in ((3, 1.0), (0, 0.8)):
-    observed, law, _ = decode_law(
-      engine, SpecConfig(mode="ar", lookahead=0), 1.0, top_k=top_k, top_p=top_p
-    )
-    assert exact.fit_z(observed, law) < exact.Z_MAX
+@pytest.mark.parametrize("sampling", [Sampling(temperature=1.0, top_k=3), Sampling(top_p=0.8)])
+@pytest.mark.parametrize("mode", ["ar", "sd"])
+def test_top_k_and_top_p_are_exact(engine, mode, sampling):
+  sampling = dataclasses.replace(sampling, temperature=1.0)
+  spec = SpecConfig(mode="ar", lookahead=0) if mode == "ar" else sd_spec(1.0)
+  assert_exact(*decode_law(engine, spec, sampling)[:2])
 
 
-def test_sync_sd_is_exact_with_top_k(engine):
-  observed, law, _ = decode_law(engine, sd_spec(1.0), 1.0, top_k=3)
-  assert exact.fit_z(observed, law) < exact.Z_MAX
-
-
-def _argmax_match(key, logits, drafts, q, point_mass, temperature, *, sampling):
+def _argmax_match(key, logits, drafts, q, point_mass, warp, *, greedy):
   """The reference implementation's non-hit path: accept by argmax match, bonus from p."""
   del q, point_mass
-  greedy, _ = verify(
-    key, logits, drafts, None, None, jnp.zeros_like(temperature), sampling=Sampling()
-  )
-  p = sampling.probs(logits, temperature[:, None])
-  bonus = sample(key, p[jnp.arange(logits.shape[0]), greedy])
-  return greedy, bonus
+  accepted, _ = verify(key, logits, drafts, None, None, warp, greedy=True)
+  p = warped_probs(logits, warp)
+  return accepted, sample(key, p[jnp.arange(logits.shape[0]), accepted])
 
 
-def _bonus_from_p(key, logits, drafts, q, point_mass, temperature, *, sampling):
+def _bonus_from_p(key, logits, drafts, q, point_mass, warp, *, greedy):
   """Correct acceptance, but the bonus after a rejection is drawn from p, not the residual."""
-  accepted, _ = verify(key, logits, drafts, q, point_mass, temperature, sampling=sampling)
-  p = sampling.probs(logits, temperature[:, None])
+  accepted, _ = verify(key, logits, drafts, q, point_mass, warp, greedy=greedy)
+  p = warped_probs(logits, warp)
   return accepted, sample(jax.random.fold_in(key, 1), p[jnp.arange(logits.shape[0]), accepted])
 
 
-@pytest.mark.parametrize("broken", [_argmax_match, _bonus_from_p])
-def test_negative_controls_fail(engine, monkeypatch, broken):
-  monkeypatch.setattr(target_lib, "verify", broken)
+def _ignores_point_mass(key, logits, drafts, q, point_mass, warp, *, greedy):
+  """The fast backup's random tokens verified against the draft's q, not their point mass."""
+  del point_mass
+  return verify(key, logits, drafts, q, None, warp, greedy=greedy)
+
+
+def broken(monkeypatch, module, name, replacement):
+  """Swap in a broken function for one decode, compiled afresh (and restored afterwards)."""
+  monkeypatch.setattr(module, name, replacement)
   jax.clear_caches()
-  try:
-    observed, law, _ = decode_law(engine, sd_spec(1.0), 1.0)
-  finally:
-    monkeypatch.undo()
-    jax.clear_caches()
-  assert exact.fit_z(observed, law) > 3 * exact.Z_MAX
 
 
-def ssd_spec(fan_out, backup="neural", c=1.0):
-  return SpecConfig(mode="ssd", lookahead=1, fan_out=fan_out, backup=backup, saguaro_c=c)
+@pytest.fixture
+def restore(monkeypatch):
+  yield monkeypatch
+  monkeypatch.undo()
+  jax.clear_caches()
+
+
+@pytest.mark.parametrize("mutant", [_argmax_match, _bonus_from_p])
+def test_negative_controls_fail(engine, restore, mutant):
+  broken(restore, target_lib, "verify", mutant)
+  assert_broken(*decode_law(engine, sd_spec(1.0), SAMPLED)[:2])
 
 
 # (spec, check on the metrics that the intended path carried most rounds)
@@ -108,33 +129,116 @@ SSD_PATHS = {
 @pytest.mark.parametrize("temperature", [0.5, 1.0])
 def test_ssd_paths_are_exact(engine, path, temperature):
   spec, exercised = SSD_PATHS[path]
-  observed, law, metrics = decode_law(engine, spec, temperature)
+  observed, law, metrics = decode_law(engine, spec, Sampling(temperature=temperature))
   assert exercised(metrics), metrics.later_hit_rate
-  assert exact.fit_z(observed, law) < exact.Z_MAX, exact.total_variation(observed, law)
+  assert_exact(observed, law)
 
 
 @pytest.mark.parametrize("c", [1.0, 0.5, 0.0])
 def test_ssd_saguaro_is_exact(engine, c):
-  observed, law, metrics = decode_law(engine, ssd_spec((4, 4), c=c), 1.0)
+  observed, law, metrics = decode_law(engine, ssd_spec((4, 4), c=c), SAMPLED)
   assert metrics.later_hit_rate > 0.3  # partial coverage: hits and misses both frequent
-  assert exact.fit_z(observed, law) < exact.Z_MAX, exact.total_variation(observed, law)
+  assert_exact(observed, law)
 
 
-def test_ssd_negative_control_fails(engine, monkeypatch):
-  """Branch tokens drawn greedily while the cache stores q: sampler and verifier disagree."""
-  from ssd_jax.decode import speculate  # noqa: PLC0415
+# Lookahead 2 and four tokens: second-round speculations (hits and backups) are verified at
+# every depth. Each warp on each path.
+DEEP = {
+  "hit top-k": (ssd_spec((3, 3, 3)), Sampling(temperature=1.0, top_k=4)),
+  "hit top-p": (ssd_spec((3, 3, 3), c=0.5), Sampling(temperature=0.8, top_p=0.8)),
+  "neural miss top-p": (ssd_spec((1, 1, 1)), Sampling(temperature=1.0, top_p=0.7)),
+  "fast miss top-k": (ssd_spec((1, 1, 1), backup="fast"), Sampling(temperature=1.0, top_k=3)),
+}
 
-  monkeypatch.setattr(
-    speculate, "sample", lambda key, probs: jnp.argmax(probs, -1).astype(jnp.int32)
+
+@pytest.mark.parametrize("case", list(DEEP))
+def test_ssd_lookahead_2_with_top_k_and_top_p_is_exact(engine, case):
+  spec, sampling = DEEP[case]
+  observed, law, metrics = decode_law(engine, spec, sampling, tokens=4)
+  assert 0.0 < metrics.later_hit_rate < 1.0 and metrics.acceptance_per_position[1] > 0.02
+  assert_exact(observed, law)
+
+
+MIXED = [
+  Sampling(temperature=1.0),
+  Sampling(temperature=0.4, top_k=3),
+  Sampling(temperature=1.3, top_p=0.75),
+  Sampling(temperature=0.0),
+]
+
+
+@pytest.mark.parametrize("spec", [sd_spec(1.0), ssd_spec((2, 2, 2)), ssd_spec((1, 1, 1), "fast")])
+def test_mixed_per_row_settings_in_one_batch_are_exact(engine, spec):
+  """Each row its own temperature / top-k / top-p (a greedy row among them), ragged prompts:
+  every group of rows follows its own law."""
+  prompts = [exact.PROMPT, [2, 7, 0]]
+  rows = [(MIXED[i % 4], prompts[i // 4 % 2]) for i in range(2 * N)]
+  out = engine.generate(
+    [p for _, p in rows],
+    spec=spec,
+    sampling=[s for s, _ in rows],
+    max_new_tokens=TOKENS,
+    seed=3,
+    capacity=24,
   )
-  jax.clear_caches()
-  try:
-    observed, law, metrics = decode_law(engine, ssd_spec((exact.V - 1, exact.V)), 1.0)
-  finally:
-    monkeypatch.undo()
-    jax.clear_caches()
+  for sampling in MIXED:
+    for prompt in prompts:
+      group = [
+        t for t, (s, p) in zip(out.tokens, rows, strict=True) if (s, p) == (sampling, prompt)
+      ]
+      law = exact.exact_law(engine.target, prompt, TOKENS, sampling)
+      assert_exact(exact.counts(group, TOKENS), law)
+
+
+@pytest.fixture(scope="module")
+def stopping():
+  """The tiny pair with the second most likely first token as EOS: many sequences stop early,
+  at every position, and most do not."""
+  target, draft = exact.tiny_pair()
+  eos = int(np.argsort(exact.exact_law(target, exact.PROMPT, 1, SAMPLED))[-2])
+  with_eos = lambda m: LoadedModel(
+    m.name, dataclasses.replace(m.config, eos_token_ids=(eos,)), m.params, None
+  )
+  return Engine(with_eos(target), with_eos(draft)), eos
+
+
+@pytest.mark.parametrize("spec", [sd_spec(1.0), ssd_spec((3, 3, 3)), ssd_spec((1, 1, 1), "fast")])
+def test_eos_is_exact(stopping, spec):
+  engine, eos = stopping
+  observed, law, _ = decode_law(engine, spec, SAMPLED, tokens=4, eos=eos)
+  cells = np.asarray(np.unravel_index(np.arange(law.size), [exact.V] * 4)).T
+  early = law[(cells[:, :3] == eos).any(axis=1)].sum()  # P(stop before the 4th token)
+  assert 0.05 < early < 0.8, early
+  assert_exact(observed, law)
+
+
+def test_ssd_negative_control_fails(engine, restore):
+  """Branch tokens drawn greedily while the cache stores q: sampler and verifier disagree."""
+  broken(restore, draft_lib, "sample", lambda key, probs: jnp.argmax(probs, -1).astype(jnp.int32))
+  observed, law, metrics = decode_law(engine, ssd_spec((exact.V - 1, exact.V)), SAMPLED)
   assert metrics.later_hit_rate == 1.0
-  assert exact.fit_z(observed, law) > 3 * exact.Z_MAX
+  assert_broken(observed, law)
+
+
+def test_fast_backup_negative_control_fails(engine, restore):
+  """Random tokens verified as if they had come from the draft's q."""
+  broken(restore, target_lib, "verify", _ignores_point_mass)
+  observed, law, metrics = decode_law(engine, SSD_PATHS["fast miss"][0], SAMPLED)
+  assert metrics.later_hit_rate < 0.5
+  assert_broken(observed, law)
+
+
+def test_saguaro_negative_control_fails(engine, restore):
+  """Tokens drawn from σ_{F,C} but verified with the unscaled q."""
+  draw = draft_lib.draw
+
+  def unscaled(params, logits, warp, depth, key, *, plan, fan_out):
+    tokens, _ = draw(params, logits, warp, depth, key, plan=plan, fan_out=fan_out)
+    return tokens, draft_lib.to_vocab(params, warped_probs(logits, warp), plan.config.vocab_size)
+
+  broken(restore, draft_lib, "draw", unscaled)
+  observed, law, _ = decode_law(engine, ssd_spec((4, 4), c=0.0), SAMPLED)
+  assert_broken(observed, law)
 
 
 # A draft whose head scores 5 of the 8 tokens, in an order unlike the ids': q is zero on the
@@ -154,24 +258,39 @@ def restricted():
   ids=str,
 )
 def test_restricted_draft_vocab_is_exact(restricted, spec):
-  observed, law, metrics = decode_law(restricted, spec, 1.0)
+  observed, law, metrics = decode_law(restricted, spec, SAMPLED)
   assert 0.05 < metrics.acceptance_per_position[0] < 0.95
-  assert exact.fit_z(observed, law) < exact.Z_MAX, exact.total_variation(observed, law)
+  assert_exact(observed, law)
 
 
-def test_restricted_draft_vocab_negative_control_fails(restricted, monkeypatch):
+def test_restricted_head_with_a_top_k_wider_than_the_head_is_exact(restricted):
+  """top-k 6 > the draft head's 5 columns: nothing is cut on the draft side, the target's p is
+  still its top-6."""
+  assert_exact(*decode_law(restricted, ssd_spec((2, 2, 2)), Sampling(temperature=1.0, top_k=6))[:2])
+
+
+def test_restricted_draft_vocab_negative_control_fails(restricted, restore):
   """q handed to the verifier by column position instead of token id."""
-  from ssd_jax.decode import draft as draft_lib  # noqa: PLC0415
 
   def unmapped(params, probs, vocab_size):
     pad = vocab_size - probs.shape[-1]
     return jnp.pad(probs, [(0, 0)] * (probs.ndim - 1) + [(0, pad)])
 
-  monkeypatch.setattr(draft_lib, "to_vocab", unmapped)
-  jax.clear_caches()
-  try:
-    observed, law, _ = decode_law(restricted, sd_spec(1.0), 1.0)
-  finally:
-    monkeypatch.undo()
-    jax.clear_caches()
-  assert exact.fit_z(observed, law) > 3 * exact.Z_MAX
+  broken(restore, draft_lib, "to_vocab", unmapped)
+  assert_broken(*decode_law(restricted, sd_spec(1.0), SAMPLED)[:2])
+
+
+def test_oracle_warp_matches_the_documented_semantics():
+  """The numpy oracle on hand-made distributions, ties included."""
+  logits = np.log([[0.4, 0.2, 0.2, 0.1, 0.1]])
+  top2 = exact.oracle_probs(logits, Sampling(temperature=1.0, top_k=2))  # the tie at 0.2: kept
+  np.testing.assert_allclose(top2, [[0.5, 0.25, 0.25, 0, 0]])
+  top_p = exact.oracle_probs(logits, Sampling(temperature=1.0, top_p=0.45))  # 0.4 < 0.45: 0.2s in
+  np.testing.assert_allclose(top_p, [[0.5, 0.25, 0.25, 0, 0]])
+  top_p = exact.oracle_probs(logits, Sampling(temperature=1.0, top_p=0.4))  # mass above 0.2 = 0.4
+  np.testing.assert_allclose(top_p, [[1, 0, 0, 0, 0]])
+  np.testing.assert_allclose(exact.oracle_probs(logits, Sampling()), [[1, 0, 0, 0, 0]])
+  # The implementation agrees on the same cases.
+  for s in (Sampling(temperature=1.0, top_k=2), Sampling(temperature=1.0, top_p=0.45)):
+    ours = warped_probs(jnp.asarray(logits, jnp.float32), Warp.of([s]))
+    np.testing.assert_allclose(ours, exact.oracle_probs(logits, s), atol=1e-6)

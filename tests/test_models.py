@@ -9,9 +9,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ssd_jax import checkpoint, sharding
+from ssd_jax import sharding
 from ssd_jax.config import ModelConfig
-from ssd_jax.models import KVCache, TreeKV, forward, init_params, tree_forward
+from ssd_jax.models import (
+  KVCache,
+  TreeKV,
+  checkpoint,
+  forward,
+  init_params,
+  placement,
+  tree_forward,
+)
 from ssd_jax.models.prefill import bucket_length, pad_prompts, prefill
 from ssd_jax.models.registry import load_model
 from ssd_jax.models.weights import load_hf, save_hf
@@ -136,9 +144,9 @@ def test_tensor_parallel_equals_single_device(tiny):
   assert not set(target.devices.flat) & set(draft.devices.flat)
   tokens = jax.random.randint(jax.random.key(5), (2, 9), 0, config.vocab_size)
   ref, _ = forward(params, tokens, KVCache.init(config, 2, 16), config=config)
-  sharded = sharding.place_params(params, config, target)
+  sharded = placement.place_params(params, config, target)
   assert sharded["layers"]["wq"].sharding.spec[2] == "tp"
-  cache = sharding.init_cache(config, target, 2, 16, jnp.float32)
+  cache = placement.init_cache(config, target, 2, 16, jnp.float32)
   step = jax.jit(functools.partial(forward, config=config), donate_argnames="cache")
   logits, cache = step(sharded, tokens, cache)
   np.testing.assert_allclose(np.asarray(logits), np.asarray(ref), atol=1e-5)
@@ -150,7 +158,7 @@ def test_sharding_rejects_indivisible_heads(tiny):
   config, _ = tiny
   target, _ = sharding.make_meshes(3, 1)
   with pytest.raises(ValueError, match="cannot split '(kv_)?heads' of size [48] over 3"):
-    sharding.param_shardings(config, target)
+    placement.param_shardings(config, target)
 
 
 def test_too_few_devices_is_a_clear_error():
@@ -194,7 +202,7 @@ def test_orbax_round_trip_is_bit_identical(tmp_path, tiny):
   assert config2 == config
   chex.assert_trees_all_equal(restored, jax.device_get(params))
   target, _ = sharding.make_meshes(4, 1)
-  _, placed = checkpoint.restore(tmp_path / "ckpt", sharding.param_shardings(config, target))
+  _, placed = checkpoint.restore(tmp_path / "ckpt", placement.param_shardings(config, target))
   assert placed["layers"]["w_up"].sharding.spec == jax.P(None, None, "tp")
   chex.assert_trees_all_equal(jax.device_get(placed), jax.device_get(params))
 

@@ -136,10 +136,10 @@ def test_chat_from_a_pipe():
 
 
 def test_bench_quick_sweep_writes_json_plots_and_report(tmp_path):
-  from ssd_jax import bench  # noqa: PLC0415
+  from ssd_jax.bench import cli  # noqa: PLC0415
 
   assert (
-    bench.main(
+    cli.main(
       [
         "sweep",
         "--quick",
@@ -177,10 +177,10 @@ def test_bench_quick_sweep_writes_json_plots_and_report(tmp_path):
 
 
 def test_bench_overlap_reports_the_machine_share(tmp_path):
-  from ssd_jax import bench  # noqa: PLC0415
+  from ssd_jax.bench import cli  # noqa: PLC0415
 
   argv = ["overlap", "--target", "tiny-llama", "--draft", "tiny-llama-draft", "--out"]
-  assert bench.main([*argv, str(tmp_path), "--lookaheads", "2", "--fan-outs", "2"]) == 0
+  assert cli.main([*argv, str(tmp_path), "--lookaheads", "2", "--fan-outs", "2"]) == 0
   (row,) = json.loads((tmp_path / "overlap.json").read_text())["rows"]
   for key in ("verify_ms", "expand_ms", "together_ms", "pair_ms"):
     assert row[key] > 0, key
@@ -193,7 +193,7 @@ def test_bench_overlap_reports_the_machine_share(tmp_path):
 
 
 def test_prediction_with_this_machines_overlap():
-  from ssd_jax.bench_sweep import predict  # noqa: PLC0415
+  from ssd_jax.bench.sweep import predict  # noqa: PLC0415
 
   record = {
     "mode": "ssd",

@@ -1,6 +1,7 @@
 """The SSD engine: greedy equality, hand-computed fork/lookup cases, placement, recompilation,
 bad input. Statistical exactness of its paths is in test_exactness.py."""
 
+import dataclasses
 import warnings
 
 import jax
@@ -8,13 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ssd_jax import harness, sharding
+from ssd_jax import harness
 from ssd_jax.config import SpecConfig
-from ssd_jax.decode import Engine, Sampling, speculate, tree
+from ssd_jax.decode import Engine, Sampling, Warp, speculate, tree
 from ssd_jax.decode import draft as draft_lib
-from ssd_jax.decode.state import SpecCache, Speculation
-from ssd_jax.decode.verify import Outcome
-from ssd_jax.models import KVCache
+from ssd_jax.decode.plan import DraftPlan
+from ssd_jax.decode.state import Outcome, Speculation, SpeculationCache
+from ssd_jax.models import KVCache, placement
 from ssd_jax.models.registry import load_model
 
 PROMPTS = [[5, 17, 99, 3, 42, 8, 8, 120], [7, 1], [200, 201, 202, 203, 204]]
@@ -97,21 +98,19 @@ def test_fork_hand_computed():
       ]
     )
   )
-  spec = Speculation(
+  speculation = Speculation(
     tokens=jnp.asarray([[9 % V, 0, 3]]),
     probs=None,
     point_mass=jnp.zeros(1, bool),
     hit=jnp.asarray([True]),
   )
-  keys, depth, valid = speculate.fork(glue, spec, (2, 1, 2), (1, 1, 3))
+  keys, depth, valid = speculate.fork(glue, speculation, (2, 1, 2), (1, 1, 3))
   np.testing.assert_array_equal(keys, [[1, 2, 2, 5, 4]])
   np.testing.assert_array_equal(depth, [[0, 0, 1, 2, 2]])
   assert valid.all()
   # A row whose speculation was a miss uses the miss list; tokens of zero mass are invalid.
-  spec = Speculation(
-    tokens=spec.tokens, probs=None, point_mass=spec.point_mass, hit=jnp.asarray([False])
-  )
-  keys, depth, valid = speculate.fork(glue, spec, (2, 1, 2), (1, 1, 3))
+  speculation = dataclasses.replace(speculation, hit=jnp.asarray([False]))
+  keys, depth, valid = speculate.fork(glue, speculation, (2, 1, 2), (1, 1, 3))
   np.testing.assert_array_equal(keys[0, :3], [1, 2, 5])
   np.testing.assert_array_equal(depth, [[0, 1, 2, 2, 2]])
   assert valid[0, :4].all() and not valid[0, 4]  # the third candidate at depth 2 has p = 0
@@ -121,7 +120,7 @@ def _cache(B=3, lookahead=2):
   """Branches: (depth 0, key 7), (depth 1, key 8), (depth 2, key 9) for every row."""
   keys = jnp.asarray([[7, 8, 9]] * B)
   tokens = jnp.arange(B * 3 * lookahead).reshape(B, 3, lookahead) + 100
-  return SpecCache(
+  return SpeculationCache(
     keys=keys,
     depth=jnp.asarray([[0, 1, 2]] * B),
     tokens=tokens,
@@ -130,31 +129,59 @@ def _cache(B=3, lookahead=2):
   )
 
 
+def draft_plan(config, lookahead, backup="neural", fan_out=(1, 1, 1)):
+  return DraftPlan(
+    config=config,
+    head_size=config.vocab_size,
+    lookahead=lookahead,
+    fan_out=fan_out,
+    fan_out_miss=fan_out,
+    saguaro_c=1.0,
+    backup=backup,
+    greedy=True,
+    attention_impl="xla",
+  )
+
+
+def draft_state(draft, plan, B, mesh=None):
+  """A draft state after prefilling B prompts of four 1s (lengths 3 + the pending token)."""
+  put = (lambda x: x) if mesh is None else (lambda x: jax.device_put(x, mesh.devices.flat[0]))
+  cache = (
+    KVCache.init(draft.config, B, 32)
+    if mesh is None
+    else placement.init_cache(draft.config, mesh, B, 32, jnp.float32)
+  )
+  params = draft.params if mesh is None else put(draft.params)
+  warp = Warp.of([Sampling()] * B)
+  return draft_lib.start(
+    params,
+    put(jnp.ones((B, 4), jnp.int32)),
+    put(jnp.full((B,), 4)),
+    cache,
+    put(warp),
+    put(jax.random.key(0)),
+    plan=plan,
+  )
+
+
 def test_lookup_hit_miss_partial_batch_and_all_accepted(models):
   draft = models["tiny-llama-draft"]
   B, lookahead = 3, 2
-  state = draft_lib.start(
-    draft.params,
-    jnp.ones((B, 4), jnp.int32),
-    jnp.full((B,), 4),
-    KVCache.init(draft.config, B, 32),
-    jnp.zeros(B),
-    jax.random.key(0),
-    config=draft.config,
-  )
   # Row 0: depth 1, bonus 8 -> hit. Row 1: depth 1, bonus 7 -> miss (7 is a depth-0 key).
   # Row 2: all accepted (depth 2 = lookahead), bonus 9 -> hit.
   outcome = Outcome(
-    accepted=jnp.asarray([1, 1, 2]), bonus=jnp.asarray([8, 7, 9]), committed=jnp.asarray([2, 2, 3])
+    accepted=jnp.asarray([1, 1, 2]),
+    bonus=jnp.asarray([8, 7, 9]),
+    committed=jnp.asarray([2, 2, 3]),
+    done=jnp.zeros(3, bool),
   )
   cache = _cache(B, lookahead)
   hit, index = speculate.find(cache, outcome)
   np.testing.assert_array_equal(hit, [True, False, True])
   np.testing.assert_array_equal(index[jnp.asarray([0, 2])], [1, 2])
-  kwargs = dict(
-    config=draft.config, lookahead=lookahead, fan_out_miss=(1, 1, 1), sampling=Sampling()
-  )
-  new_state, spec = speculate.lookup(draft.params, state, cache, outcome, backup="fast", **kwargs)
+  fast = draft_plan(draft.config, lookahead, backup="fast")
+  state = draft_state(draft, fast, B)
+  new_state, spec = speculate.lookup(draft.params, state, cache, outcome, plan=fast)
   np.testing.assert_array_equal(new_state.cache.lengths, [5, 5, 6])  # 3 + committed
   np.testing.assert_array_equal(spec.tokens[:, 0], [8, 7, 9])
   np.testing.assert_array_equal(spec.tokens[0, 1:], cache.tokens[0, 1])
@@ -162,36 +189,79 @@ def test_lookup_hit_miss_partial_batch_and_all_accepted(models):
   np.testing.assert_array_equal(spec.hit, [True, False, True])
   np.testing.assert_array_equal(spec.point_mass, [False, True, False])
   # Neural backup: the miss row gets exactly what the draft proposes from its bonus.
-  state = draft_lib.start(
-    draft.params,
-    jnp.ones((B, 4), jnp.int32),
-    jnp.full((B,), 4),
-    KVCache.init(draft.config, B, 32),
-    jnp.zeros(B),
-    jax.random.key(0),
-    config=draft.config,
+  neural = draft_plan(draft.config, lookahead)
+  _, spec = speculate.lookup(
+    draft.params, draft_state(draft, neural, B), cache, outcome, plan=neural
   )
-  _, spec = speculate.lookup(draft.params, state, cache, outcome, backup="neural", **kwargs)
-  state = draft_lib.start(
-    draft.params,
-    jnp.ones((B, 4), jnp.int32),
-    jnp.full((B,), 4),
-    KVCache.init(draft.config, B, 32),
-    jnp.zeros(B),
-    jax.random.key(0),
-    config=draft.config,
-  )
-  _, fresh = draft_lib.propose(
-    draft.params,
-    state,
-    outcome,
-    outcome.bonus,
-    config=draft.config,
-    lookahead=lookahead,
-    sampling=Sampling(),
-  )
+  state = draft_state(draft, neural, B)
+  _, fresh = draft_lib.propose(draft.params, state, outcome, outcome.bonus, plan=neural)
   np.testing.assert_array_equal(spec.tokens[1], fresh.tokens[1])
   assert not spec.point_mass.any()
+
+
+@pytest.fixture
+def drafting_runs(monkeypatch):
+  """Counts executions of the draft's synchronous drafting (first proposals and neural backups)
+  on the device, with `jax.debug.callback`."""
+  runs = []
+  decode_steps = draft_lib.decode_steps
+
+  def counted(*args, **kwargs):
+    jax.debug.callback(lambda: runs.append(1))
+    return decode_steps(*args, **kwargs)
+
+  monkeypatch.setattr(draft_lib, "decode_steps", counted)
+  jax.clear_caches()
+  yield runs
+  monkeypatch.undo()
+  jax.clear_caches()
+
+
+def test_finished_rows_do_not_force_the_neural_backup(models, drafting_runs):
+  """A miss in a row that is done after this outcome (EOS, budget, padding) must not make the
+  batch wait for a backup."""
+  draft = models["tiny-llama-draft"]
+  plan = draft_plan(draft.config, 2)
+  outcome = Outcome(
+    accepted=jnp.asarray([1, 1, 2]),
+    bonus=jnp.asarray([8, 7, 9]),  # row 1 misses
+    committed=jnp.asarray([2, 2, 3]),
+    done=jnp.asarray([False, True, False]),
+  )
+  state = draft_state(draft, plan, 3)
+  jax.block_until_ready(speculate.lookup(draft.params, state, _cache(), outcome, plan=plan))
+  assert drafting_runs == []
+  active_miss = dataclasses.replace(outcome, done=jnp.zeros(3, bool))
+  state = draft_state(draft, plan, 3)
+  jax.block_until_ready(speculate.lookup(draft.params, state, _cache(), active_miss, plan=plan))
+  assert drafting_runs == [1]
+
+
+@pytest.mark.parametrize(
+  ("budgets", "fan_out", "backups"),
+  [
+    ([40, 40], (2, 2, 2, 2), 0),  # draft = target: every active round after the first hits
+    ([40, 0], (2, 2, 2, 2), 0),  # a padding row (the harness pads the last batch this way)
+    ([40, 4], (2, 2, 2, 2), 0),  # a row that finishes early
+    ([40, 4], (3, 3, 2, 0), None),  # nothing cached for full acceptance: always a miss
+  ],
+)
+def test_backups_run_only_for_active_misses_and_are_counted(
+  models, drafting_runs, budgets, fan_out, backups
+):
+  target = models["tiny-llama"]
+  spec = SpecConfig(mode="ssd", lookahead=3, fan_out=fan_out)
+  out = Engine(target, target).generate(
+    PROMPTS[:2], spec=spec, max_new_tokens=budgets, ignore_eos=True
+  )
+  m = out.metrics
+  jax.effects_barrier()
+  assert len(drafting_runs) == 1 + m.backup_rounds  # the first proposal, then the backups
+  assert m.summary()["backup_rounds"] == m.backup_rounds
+  if backups is None:  # every round after the first needed the backup
+    assert m.backup_rounds == len(m.round_drafted) - 1 > 5
+  else:
+    assert m.backup_rounds == backups
 
 
 def test_programs_run_on_disjoint_devices(models):
@@ -200,25 +270,13 @@ def test_programs_run_on_disjoint_devices(models):
   t_devices = {d for x in jax.tree.leaves(engine.target_params) for d in x.devices()}
   d_devices = {d for x in jax.tree.leaves(engine.draft_params) for d in x.devices()}
   assert len(t_devices) == 4 and len(d_devices) == 1 and not t_devices & d_devices
+  plan = draft_plan(draft.config, 3, fan_out=(2, 2, 2, 2))
+  dstate = draft_state(draft, plan, 1, mesh=engine.draft_mesh)
   (device,) = d_devices
-  put = lambda x: jax.device_put(x, device)
-  dstate = draft_lib.start(
-    engine.draft_params,
-    put(jnp.ones((1, 4), jnp.int32)),
-    put(jnp.full((1,), 4)),
-    sharding.init_cache(draft.config, engine.draft_mesh, 1, 32, jnp.float32),
-    put(jnp.zeros(1)),
-    put(jax.random.key(0)),
-    config=draft.config,
-  )
-  kwargs = dict(config=draft.config, lookahead=3, sampling=Sampling())
-  dstate, proposal = draft_lib.propose(
-    engine.draft_params, dstate, None, put(jnp.ones((1,), jnp.int32)), **kwargs
-  )
-  _, spec_cache = speculate.expand(
-    engine.draft_params, dstate, proposal, fan_out=(2, 2, 2, 2), fan_out_miss=(2, 2, 2, 2), **kwargs
-  )
-  assert {d for x in jax.tree.leaves(spec_cache) for d in x.devices()} == d_devices
+  last = jax.device_put(jnp.ones((1,), jnp.int32), device)
+  dstate, proposal = draft_lib.propose(engine.draft_params, dstate, None, last, plan=plan)
+  _, speculations = speculate.expand(engine.draft_params, dstate, proposal, plan=plan)
+  assert {d for x in jax.tree.leaves(speculations) for d in x.devices()} == d_devices
 
 
 def test_tensor_parallel_target_matches_single_device(models):

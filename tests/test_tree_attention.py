@@ -121,7 +121,7 @@ def _pallas_fn(platform: str, *, interpret: bool, block_sizes: BlockSizes):
   def attend(q, k, v, lengths, depth, *tree):
     depth = jnp.broadcast_to(depth, q.shape[:2])
     return tree_attention_pallas(
-      q, k, v, lengths, depth, *tree, scale=q.shape[-1] ** -0.5, block_sizes=block_sizes,
+      q, k, v, lengths, depth, *tree, scale=q.shape[-1] ** -0.5, block_kv=block_sizes.block_kv,
       interpret=interpret, platform=platform,
     )  # fmt: skip
 

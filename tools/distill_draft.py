@@ -440,9 +440,9 @@ def step_costs(teacher, draft, branches: int, lookahead: int, vocab_ids=None) ->
   """Median ms, one core each in turn: a 1-token decode step of the target and the draft, the
   target verifying lookahead + 1 tokens, and the draft's expansion over `branches` branches
   (proposal and expansion with the draft's head restricted to `vocab_ids` if given)."""
+  from ssd_jax.bench.programs import time_programs  # noqa: PLC0415
   from ssd_jax.config import SpecConfig  # noqa: PLC0415
   from ssd_jax.decode import Engine, Sampling  # noqa: PLC0415
-  from ssd_jax.decode.profile import time_programs  # noqa: PLC0415
 
   engine = Engine(teacher, draft, draft_vocab=vocab_ids)
   spec = SpecConfig(

@@ -84,8 +84,8 @@ def load_prompts(
     The prompts `offset` to `offset + limit` of the set, in the set's fixed order.
 
   Raises:
-    ValueError: On an unknown spec, a negative `limit`, `offset` or `max_chars`, or a malformed
-      JSONL file (the message names the file and line).
+    ValueError: On an unknown spec, a negative `limit`, `offset` or `max_chars`, a malformed
+      JSONL file (the message names the file and line), or a set with no prompts at all.
     FileNotFoundError: If a JSONL file or a dataset package's data file is missing.
   """
   if limit is not None and limit < 0:
@@ -108,7 +108,16 @@ def load_prompts(
     raise ValueError(f"unknown prompt set {spec!r}; choose one of: {', '.join(SPECS)}")
   # islice stops the generators early, so a short ShareGPT slice reads only the file's head.
   stop = None if limit is None else offset + limit
-  return list(itertools.islice(prompts, offset, stop))
+  try:
+    out = list(itertools.islice(prompts, offset, stop))
+  except UnicodeDecodeError as e:
+    raise ValueError(f"prompt set {spec}: not UTF-8 text ({e.reason}); save it as UTF-8") from e
+  if not out and limit != 0 and offset == 0:  # the set itself is empty (a slice may be)
+    raise ValueError(
+      f"prompt set {spec} has no prompts: write one JSON object per line, e.g. "
+      '{"prompt": "Write a haiku."}'
+    )
+  return out
 
 
 def iter_sharegpt_first_turns(path: str | os.PathLike) -> Iterator[Prompt]:

@@ -1,16 +1,18 @@
 """The public decoding API: an Engine that owns the meshes and weights and runs ar / sd / ssd.
 
-How a run is driven (one controller thread, JAX async dispatch doing the overlap):
+One SSD round through the files, in order:
 
-1. The target's params live on the target mesh (tensor-parallel over `target_devices`), the
-   draft's on a mesh of its own devices. A jitted program never mixes the two meshes; small
-   pytrees cross with `jax.device_put`: the verification `Outcome` (a few ints per sequence)
-   towards the draft, the `Speculation` (tokens, and q when sampling) towards the target.
-2. Every round the controller dispatches that round's programs and returns immediately; it then
-   reads the *previous* round's `Report` (emitted tokens, done flags): the one host sync per
-   round, lagging a round so the devices never wait for Python.
-3. The loops themselves live in `baselines` (ar, sd) and `ssd`; this module prepares inputs,
-   places them, times prefill and decode, and assembles tokens and metrics.
+1. `Engine.generate` validates the requests (`inputs.prepare`) and fixes the run's static
+   `Plan` (`plan.py`): every jitted program below is compiled for its half of it, once.
+2. `target.start` and `LocalSpeculator.start` (`speculator.py`, via `draft.start`) prefill the
+   prompts on their meshes; the target's params live on the target mesh (tensor-parallel over
+   `target_devices`), the draft's on a mesh of its own devices.
+3. `loops.run_ssd` drives the rounds: `target.step` verifies speculation r (`verify.verify`)
+   while the speculator's `speculate.expand` forks and decodes the likely outcomes of that same
+   speculation; the outcome crosses to the draft (`jax.device_put`, a few ints per row),
+   `speculate.lookup` serves speculation r + 1 from the cache or a backup, and it crosses back.
+4. `loops.drive` reads each round's `Report` one round late (the one host sync per round); this
+   module turns the reports into tokens and `Metrics`.
 """
 
 from __future__ import annotations
@@ -21,18 +23,19 @@ import warnings
 from collections.abc import Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ssd_jax import sharding
 from ssd_jax.config import SpecConfig
-from ssd_jax.decode import draft as draft_lib
+from ssd_jax.decode import inputs, theory
 from ssd_jax.decode import target as target_lib
-from ssd_jax.decode import theory
-from ssd_jax.decode.metrics import Metrics, RoundTimer
+from ssd_jax.decode.loops import LOOPS, Run
+from ssd_jax.decode.metrics import Metrics, NullTimer, RoundTimer
+from ssd_jax.decode.plan import Plan
 from ssd_jax.decode.sampling import Sampling
+from ssd_jax.decode.speculator import LocalSpeculator
 from ssd_jax.decode.state import Report
-from ssd_jax.models.prefill import bucket_length, pad_prompts
+from ssd_jax.models import placement
 from ssd_jax.models.registry import LoadedModel
 from ssd_jax.models.transformer import head_subset
 
@@ -47,45 +50,22 @@ class Generation:
   metrics: Metrics
 
 
-@dataclasses.dataclass
-class Run:
-  """Everything one generate() call's loop needs (host-side; not a pytree)."""
+class _Outputs:
+  """Collects each round's report on the host: tokens per row, streamed to `on_tokens`."""
 
-  engine: Engine
-  spec: SpecConfig
-  sampling: Sampling
-  eos_ids: tuple[int, ...]
-  capacity: int
-  batch_size: int
-  timer: RoundTimer | None
-  on_report: Callable[[Report], bool]  # returns True when every sequence is done
+  def __init__(self, batch_size: int, on_tokens: OnTokens | None):
+    self.tokens: list[list[int]] = [[] for _ in range(batch_size)]
+    self.drafted: list[bool] = []
+    self.on_tokens = on_tokens
 
-  @property
-  def target_kwargs(self) -> dict:
-    e = self.engine
-    return dict(
-      config=e.target.config,
-      sampling=self.sampling,
-      eos_ids=self.eos_ids,
-      attention_impl=e.attention_impl,
-    )
-
-  def to_draft(self, tree):
-    return jax.device_put(tree, sharding.replicated(self.engine.draft_mesh))
-
-  def to_target(self, tree):
-    return jax.device_put(tree, sharding.replicated(self.engine.target_mesh))
-
-
-def drive(run: Run, dispatch_round: Callable[[], Report]) -> int:
-  """Dispatch rounds until every sequence is done, reading each report one round late."""
-  pending, rounds = None, 0
-  while True:
-    report = dispatch_round()
-    rounds += 1
-    if pending is not None and run.on_report(jax.device_get(pending)):
-      return rounds
-    pending = report
+  def __call__(self, report: Report) -> bool:
+    self.drafted.append(bool(report.drafted))
+    for b in np.nonzero(report.count)[0]:
+      new = report.tokens[b, : report.count[b]].tolist()
+      self.tokens[b].extend(new)
+      if self.on_tokens is not None:
+        self.on_tokens(int(b), new)
+    return bool(report.done.all())
 
 
 class Engine:
@@ -120,6 +100,8 @@ class Engine:
         f"{target.name!r} has {target.config.vocab_size}; speculative decoding needs the same "
         "tokenizer and vocabulary for both"
       )
+    if draft is None and draft_vocab is not None:
+      raise ValueError("draft_vocab restricts a draft's head, but no draft was given")
     devices = list(devices if devices is not None else jax.devices())
     # One device in all: the draft shares it (allowed, with a warning). Otherwise too few
     # devices is an error from make_meshes.
@@ -139,17 +121,52 @@ class Engine:
 
       attention_impl = default_impl(devices[0].platform)
     self.attention_impl = attention_impl
-    self.target_params = sharding.place_params(target.params, target.config, self.target_mesh)
+    self.target_params = placement.place_params(target.params, target.config, self.target_mesh)
     self.calibration: dict[str, float] = {}
     self.draft_params = None
     if draft is not None:
-      self.draft_params = sharding.place_params(draft.params, draft.config, self.draft_mesh)
+      self.draft_params = placement.place_params(draft.params, draft.config, self.draft_mesh)
       if draft_vocab is not None:
         head = head_subset(draft.params, _vocab_ids(draft, draft_vocab), draft.config)
-        replicated = sharding.replicated(self.draft_mesh)
-        self.draft_params = self.draft_params | jax.device_put(head, replicated)
-    elif draft_vocab is not None:
-      raise ValueError("draft_vocab restricts a draft's head, but no draft was given")
+        self.draft_params = self.draft_params | self._to_draft(head)
+
+  def _to_target(self, tree):
+    return jax.device_put(tree, sharding.replicated(self.target_mesh))
+
+  def _to_draft(self, tree):
+    return jax.device_put(tree, sharding.replicated(self.draft_mesh))
+
+  @property
+  def draft_head_size(self) -> int | None:
+    """Columns of the draft's LM head (its vocabulary unless `draft_vocab` restricted it)."""
+    if self.draft_params is None:
+      return None
+    ids = self.draft_params.get("head_ids")
+    return self.draft.config.vocab_size if ids is None else int(ids.shape[0])
+
+  def plan(
+    self, spec: SpecConfig, *, greedy: bool, ignore_eos: bool = False, batch_size: int = 1
+  ) -> Plan:
+    """The static plan of decoding `batch_size` rows with `spec` (see `plan.py`)."""
+    backup = spec.backup
+    if backup == "auto":
+      backup = theory.choose_backup(batch_size, self.auto_threshold(spec))
+    return Plan.make(
+      spec,
+      target=self.target.config,
+      draft=None if self.draft is None else self.draft.config,
+      head_size=self.draft_head_size,
+      greedy=greedy,
+      eos_ids=() if ignore_eos else self.target.config.eos_token_ids,
+      attention_impl=self.attention_impl,
+      backup=backup,
+    )
+
+  def auto_threshold(self, spec: SpecConfig) -> float:
+    """b* for the "auto" backup: `spec.auto_batch_threshold`, else `backup_threshold`."""
+    if spec.auto_batch_threshold is not None:
+      return spec.auto_batch_threshold
+    return self.backup_threshold(spec)
 
   def backup_threshold(self, spec: SpecConfig) -> float:
     """b* of Theorem 17 for this pair: the batch size from which the fast backup wins.
@@ -172,7 +189,7 @@ class Engine:
     prompts: Sequence[Sequence[int]],
     *,
     spec: SpecConfig | None = None,
-    sampling: Sampling | None = None,
+    sampling: Sampling | Sequence[Sampling] | None = None,
     max_new_tokens: int | Sequence[int] = 64,
     temperatures: Sequence[float] | None = None,
     seed: int = 0,
@@ -183,125 +200,122 @@ class Engine:
   ) -> Generation:
     """Generate continuations of token-id prompts (ragged lengths are fine).
 
+    Sampling settings are data: any temperatures, top-k and top-p, per row or for the batch,
+    run the same compiled programs (only "every row greedy" or not selects a program).
+
     Args:
       prompts: B lists of token ids.
       spec: mode and speculation knobs (default: autoregressive).
-      sampling: warp (top-k / top-p) and default temperature (default: greedy).
+      sampling: one `Sampling` for every row, or one per row (default: greedy).
       max_new_tokens: budget, one int or one per prompt.
-      temperatures: per-prompt temperatures overriding `sampling.temperature`.
+      temperatures: per-prompt temperatures overriding those of `sampling`.
       seed: PRNG seed; runs are deterministic per seed and configuration.
       ignore_eos: keep generating past EOS (fixed-length benchmarks).
       capacity: KV-cache slots per sequence (default: enough for prompt + budget + lookahead).
       on_tokens: called as on_tokens(row, new_tokens) after every round (streaming).
       trace: record per-round completion timestamps (a waiter thread per device).
+
+    Raises:
+      ValueError: bad input (the message names it); nothing has run on a device yet.
     """
     spec = spec or SpecConfig(mode="ar", lookahead=0)
-    sampling = sampling or Sampling()
+    batch, plan = self.validate(
+      prompts,
+      spec=spec,
+      sampling=sampling,
+      max_new_tokens=max_new_tokens,
+      temperatures=temperatures,
+      ignore_eos=ignore_eos,
+      capacity=capacity,
+    )
+    outputs = _Outputs(batch.batch_size, on_tokens)
+    metrics = self._decode(plan, batch, jax.random.key(seed), trace, outputs)
+    extra = self._ssd_extra(spec, plan) if plan.mode == "ssd" else {}
+    backups = sum(outputs.drafted[1:]) if plan.mode == "ssd" else 0
+    metrics = dataclasses.replace(
+      metrics, round_drafted=outputs.drafted, backup_rounds=backups, extra=extra
+    )
+    return Generation(tokens=outputs.tokens, metrics=metrics)
+
+  def validate(
+    self,
+    prompts: Sequence[Sequence[int]],
+    *,
+    spec: SpecConfig,
+    sampling: Sampling | Sequence[Sampling] | None = None,
+    max_new_tokens: int | Sequence[int] = 64,
+    temperatures: Sequence[float] | None = None,
+    ignore_eos: bool = False,
+    capacity: int | None = None,
+  ) -> tuple[inputs.Batch, Plan]:
+    """The host arrays and static plan `generate` would run with these arguments; raises
+    ValueError (naming the input) for anything it would refuse. Runs nothing on a device."""
     if spec.mode != "ar" and self.draft is None:
       raise ValueError(f"mode {spec.mode!r} needs a draft model")
-    B = len(prompts)
-    temps = (
-      np.full(B, sampling.temperature, np.float32)
-      if temperatures is None
-      else (np.asarray(temperatures, np.float32))
+    models = [self.target.config] + ([self.draft.config] if spec.mode != "ar" else [])
+    batch = inputs.prepare(
+      prompts,
+      models=models,
+      sampling=sampling,
+      temperatures=temperatures,
+      max_new_tokens=max_new_tokens,
+      lookahead=spec.lookahead if spec.mode != "ar" else 0,
+      capacity=capacity,
     )
-    budgets = np.broadcast_to(np.asarray(max_new_tokens, np.int32), (B,)).copy()
-    if temps.shape != (B,) or (temps < 0).any():
-      raise ValueError(f"temperatures must be {B} values >= 0, got {list(temps)}")
-    if (budgets < 0).any():
-      raise ValueError("max_new_tokens must be >= 0")
-    sampling = dataclasses.replace(sampling, temperature=float(temps.max()))
-    lookahead = spec.lookahead if spec.mode != "ar" else 0
-    need = bucket_length(max(len(p) for p in prompts)) + int(budgets.max()) + lookahead + 2
-    capacity = capacity or -(-need // 128) * 128
-    if capacity < max(len(p) for p in prompts) + int(budgets.max()) + lookahead + 1:
-      raise ValueError(
-        f"capacity {capacity} cannot hold the longest prompt ({max(len(p) for p in prompts)} "
-        f"tokens) + max_new_tokens ({int(budgets.max())}) + lookahead + 1; raise it"
-      )
-    tokens, lengths = pad_prompts(prompts, capacity)
-    outputs: list[list[int]] = [[] for _ in range(B)]
+    plan = self.plan(spec, greedy=batch.greedy, ignore_eos=ignore_eos, batch_size=batch.batch_size)
+    return batch, plan
 
-    round_misses: list[bool] = []  # per round: did any active sequence miss the cache
+  def _ssd_extra(self, spec: SpecConfig, plan: Plan) -> dict:
+    extra = {"fan_out": list(plan.draft.fan_out), "fan_out_miss": list(plan.draft.fan_out_miss)}
+    if spec.backup == "auto":
+      extra |= {"backup": plan.draft.backup, "backup_threshold": self.auto_threshold(spec)}
+    return extra
 
-    def on_report(report: Report) -> bool:
-      round_misses.append(bool(((report.count > 0) & ~report.hit).any()))
-      for b in np.nonzero(report.count)[0]:
-        new = report.tokens[b, : report.count[b]].tolist()
-        outputs[b].extend(new)
-        if on_tokens is not None:
-          on_tokens(int(b), new)
-      return bool(report.done.all())
-
-    eos = () if ignore_eos else self.target.config.eos_token_ids
-    run = Run(self, spec, sampling, eos, capacity, B, RoundTimer() if trace else None, on_report)
-    key = jax.random.key(seed)
-    metrics = self._run(run, tokens, lengths, budgets, temps, key)
-    return Generation(
-      tokens=outputs, metrics=dataclasses.replace(metrics, round_misses=round_misses)
-    )
-
-  def _run(self, run: Run, tokens, lengths, budgets, temps, key) -> Metrics:
-    from ssd_jax.decode import baselines, ssd  # noqa: PLC0415 (they import this module)
-
-    spec, t0 = run.spec, time.perf_counter()
+  def _decode(self, plan: Plan, batch: inputs.Batch, key, trace: bool, on_report) -> Metrics:
+    """Prefill both sides, run the mode's loop, and measure it."""
+    timer = RoundTimer() if trace else NullTimer()
+    t0 = time.perf_counter()
     key_target, key_draft = jax.random.split(key)
-    tstate = target_lib.start(
-      self.target_params,
-      *run.to_target((tokens, lengths)),
-      sharding.init_cache(
-        self.target.config,
-        self.target_mesh,
-        run.batch_size,
-        run.capacity,
-        _dtype(self.target_params),
-      ),
-      *run.to_target((budgets, temps, key_target)),
-      config=self.target.config,
-      lookahead=spec.lookahead if spec.mode != "ar" else 0,
-      attention_impl=self.attention_impl,
-    )
-    dstate = None
-    if spec.mode != "ar":
-      dstate = draft_lib.start(
-        self.draft_params,
-        *run.to_draft((tokens, lengths)),
-        sharding.init_cache(
-          self.draft.config,
-          self.draft_mesh,
-          run.batch_size,
-          run.capacity,
-          _dtype(self.draft_params),
-        ),
-        *run.to_draft((temps, key_draft)),
-        config=self.draft.config,
-        attention_impl=self.attention_impl,
-      )
-    jax.block_until_ready((tstate, dstate))
+    state = self._start_target(plan, batch, key_target)
+    speculator = None
+    if plan.draft is not None:
+      speculator = LocalSpeculator(self.draft_params, self.draft_mesh, plan.draft, timer)
+      speculator.start(batch.tokens, batch.lengths, batch.warp, key_draft, batch.capacity)
+    jax.block_until_ready((state, speculator and speculator.state))
     t1 = time.perf_counter()
-    if run.timer is not None:
-      run.timer.t0 = t1
-    loop = {"ar": baselines.run_ar, "sd": baselines.run_sd, "ssd": ssd.run_ssd}[spec.mode]
-    tstate, loop_rounds, extra = loop(run, tstate, dstate)
+    timer.start()
+    run = Run(plan, self.target_params, self._to_target, speculator, timer, on_report)
+    state, rounds = LOOPS[plan.mode](run, state)
     t2 = time.perf_counter()
-    hist = np.asarray(jax.device_get(tstate.accept_hist)).sum(0)
+    if speculator is not None:
+      speculator.close()
     return Metrics(
-      mode=spec.mode,
-      lookahead=spec.lookahead if spec.mode != "ar" else 0,
-      num_sequences=run.batch_size,
-      active_sequences=int((budgets > 0).sum()),
-      generated_tokens=int(jax.device_get(tstate.num_out).sum()),
+      mode=plan.mode,
+      lookahead=plan.target.lookahead,
+      num_sequences=batch.batch_size,
+      active_sequences=int((batch.budgets > 0).sum()),
+      generated_tokens=int(jax.device_get(state.num_out).sum()),
       decode_seconds=t2 - t1,
       prefill_seconds=t1 - t0,
-      loop_rounds=loop_rounds,
-      accept_hist=hist,
-      round_times=run.timer.close() if run.timer else {},
-      extra=extra,
+      loop_rounds=rounds,
+      accept_hist=np.asarray(jax.device_get(state.accept_hist)).sum(0),
+      round_times=timer.close(),
     )
 
-
-def _dtype(params) -> jnp.dtype:
-  return params["embed"].dtype
+  def _start_target(self, plan: Plan, batch: inputs.Batch, key):
+    cache = placement.init_cache(
+      plan.target.config,
+      self.target_mesh,
+      batch.batch_size,
+      batch.capacity,
+      self.target_params["embed"].dtype,
+    )
+    tokens, lengths, budgets, warp, key = self._to_target(
+      (batch.tokens, batch.lengths, batch.budgets, batch.warp, key)
+    )
+    return target_lib.start(
+      self.target_params, tokens, lengths, cache, budgets, warp, key, plan=plan.target
+    )
 
 
 def _vocab_ids(draft: LoadedModel, draft_vocab: int | Sequence[int]) -> np.ndarray:

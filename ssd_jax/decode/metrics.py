@@ -30,8 +30,11 @@ class Metrics:
       hit, accepted draft tokens).
     round_times: per-round timestamps in seconds since the first dispatch (see RoundTimer),
       empty unless tracing was on.
-    round_misses: per round read by the host, whether any active sequence's speculation was
-      not served from the cache.
+    round_drafted: per round read by the host, whether some active sequence's speculation was
+      not served from the cache (in ssd: the first proposal, then the rounds that needed a
+      backup; in sd: every round).
+    backup_rounds: ssd: rounds whose speculation needed a backup for some active sequence, i.e.
+      the rounds in which the draft's backup ran (the first round's is the first proposal).
   """
 
   mode: str
@@ -44,7 +47,8 @@ class Metrics:
   loop_rounds: int
   accept_hist: np.ndarray
   round_times: dict[str, list[float]] = dataclasses.field(default_factory=dict)
-  round_misses: list[bool] = dataclasses.field(default_factory=list)
+  round_drafted: list[bool] = dataclasses.field(default_factory=list)
+  backup_rounds: int = 0
   extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
   @property
@@ -104,35 +108,35 @@ class Metrics:
 
     A stage can start only when its inputs exist, so its duration in round r is its completion
     time minus the latest of: the round's dispatch and the completion of what it waits for
-    (ssd: verify and expand wait for lookup r-1, lookup waits for both; sd: the draft waits for
-    verify r-1, verify for the draft; ar: verify r-1). Completions are observed by waiter
-    threads, which wake up late by up to a scheduler tick on a busy host; a stage observed to
-    end before what it waited for took at most that long and counts as 0.
+    (ssd: verify r waits for lookup r-1, which produced its speculation; expand r, dispatched
+    as soon as lookup r-1 was, waits for nothing else; lookup r for verify r and expand r. sd:
+    the draft waits for verify r-1, verify for the draft; ar: verify r-1). Completions are
+    observed by waiter threads, which wake up late by up to a scheduler tick on a busy host; a
+    stage observed to end before what it waited for took at most that long and counts as 0.
     """
     t = {k: np.asarray(v) for k, v in self.round_times.items()}
     if "dispatch" not in t or "verify_done" not in t:
       return {}
     n = min(len(v) for v in t.values())
     t = {k: v[:n] for k, v in t.items()}
-    prev = lambda x: np.concatenate([[-np.inf], x[:-1]])  # completion of round r - 1
+    prev = lambda x, first: np.concatenate([[first], x[:-1]])  # completion of round r - 1
     start = lambda *deps: np.maximum.reduce([t["dispatch"], *deps])
     out = {}
-    if "expand_done" in t:  # ssd
-      ready = prev(t["lookup_done"])
-      out["verify_ms"] = t["verify_done"] - start(ready)
-      out["expand_ms"] = t["expand_done"] - start(ready)
+    if "expand_done" in t:  # ssd; expansion 0 starts with the loop (time 0)
+      out["verify_ms"] = t["verify_done"] - start(prev(t["lookup_done"], -np.inf))
+      out["expand_ms"] = t["expand_done"] - prev(t["lookup_done"], 0.0)
       lookup = t["lookup_done"] - np.maximum(t["verify_done"], t["expand_done"])
       # Lookup r serves round r + 1: on a miss there its time includes the backup.
-      missed = np.asarray(self.round_misses[1 : n + 1], bool)
+      missed = np.asarray(self.round_drafted[1 : n + 1], bool)
       out["lookup_ms"] = lookup[: len(missed)][~missed]
       out["backup_ms"] = lookup[: len(missed)][missed]
       out["round_ms"] = np.diff(t["lookup_done"], prepend=0.0)[1:]
     elif "draft_done" in t:  # sd
-      out["draft_ms"] = t["draft_done"] - start(prev(t["verify_done"]))
+      out["draft_ms"] = t["draft_done"] - start(prev(t["verify_done"], -np.inf))
       out["verify_ms"] = t["verify_done"] - t["draft_done"]
       out["round_ms"] = np.diff(t["verify_done"])
     else:  # ar
-      out["verify_ms"] = t["verify_done"] - start(prev(t["verify_done"]))
+      out["verify_ms"] = t["verify_done"] - start(prev(t["verify_done"], -np.inf))
       out["round_ms"] = np.diff(t["verify_done"])
     return {k: np.maximum(v, 0.0) for k, v in out.items()}
 
@@ -159,6 +163,7 @@ class Metrics:
         "cache_hit_rate_after_first_round": self.later_hit_rate,
         "mean_accepted_on_hit": self.mean_accepted_hit,
         "mean_accepted_on_miss": self.mean_accepted_miss,
+        "backup_rounds": self.backup_rounds,
       }
     out |= {f"{k}_median": v for k, v in self.stage_ms().items()}
     out |= self.extra
@@ -169,7 +174,25 @@ def median_ms(samples: dict[str, np.ndarray]) -> dict[str, float]:
   return {k: float(np.median(v) * 1e3) if len(v) else float("nan") for k, v in samples.items()}
 
 
-class RoundTimer:
+class NullTimer:
+  """The timer of untraced runs: every call does nothing (the loops never test for tracing)."""
+
+  t0 = 0.0
+
+  def start(self) -> None:
+    pass
+
+  def mark(self, name: str) -> None:
+    pass
+
+  def when_ready(self, stream: str, name: str, value: Any) -> None:
+    pass
+
+  def close(self) -> dict[str, list[float]]:
+    return {}
+
+
+class RoundTimer(NullTimer):
   """Timestamps when device work of each round finishes, without blocking the controller.
 
   One waiter thread per stream (the target's and the draft's devices each run their programs in
@@ -183,6 +206,10 @@ class RoundTimer:
     self._queues: dict[str, Queue] = {}
     self._threads: list[threading.Thread] = []
     self._lock = threading.Lock()
+
+  def start(self) -> None:
+    """Make now time 0 (the first round's dispatch)."""
+    self.t0 = time.perf_counter()
 
   def _record(self, name: str, t: float) -> None:
     with self._lock:

@@ -1,29 +1,40 @@
-"""Sampling strategies and Saguaro sampling, as pure functions of logits.
+"""How logits become the distributions tokens are drawn from, as data, and Saguaro sampling.
 
-`Sampling` is a frozen, hashable dataclass: pass it as a static jit argument. It fixes the
-*structure* of the warp (top-k, top-p); temperatures are per-row arrays so one compiled program
-serves a batch that mixes greedy and sampled requests. A row with temperature 0 is greedy.
+`Sampling` is what a user asks for (per request); `Warp` is the same settings as per-row arrays,
+the form every jitted program takes. Because temperature, top-k and top-p are array data, one
+compiled program serves any mix of requests; the only thing the programs are compiled for is
+whether every row is greedy (`Plan.greedy`), which removes distributions altogether.
 
-Exactness rule: the target's p and the draft's q must be warped by the same `Sampling`; the
-verifier then reproduces the warped target distribution exactly.
+Semantics (the exactness tests' numpy oracle implements the same text independently):
+  1. temperature T: p = softmax(logits / T); T = 0 is greedy (a point mass on the argmax,
+     ties to the lowest id);
+  2. top-k (0 = off): keep every token whose probability is at least the k-th largest one (ties
+     at the cut are all kept), renormalize;
+  3. top-p (1 = off): keep every token x for which the mass of the tokens strictly more likely
+     than x is below top_p (the smallest such set, with ties at the cut all kept), renormalize.
+Exactness rule: the target's p and the draft's q of a row are warped by the same `Warp`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+_ONE_BITS = 0x3F800000  # the int32 bit pattern of f32 1.0; non-negative floats order as ints
+_BISECTIONS = 31  # enough to pin any threshold in [0, 1] to one float
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Sampling:
-  """How logits become a distribution.
+  """One request's sampling settings.
 
   Attributes:
-    temperature: default temperature for every row (0 = greedy). Per-row temperatures passed to
-      the jitted functions override it; it also decides `greedy` below, which lets fully greedy
-      runs skip computing and moving distributions.
+    temperature: 0 = greedy.
     top_k: keep the k most likely tokens (0 = off).
     top_p: keep the smallest set of most likely tokens with mass >= top_p (1.0 = off).
   """
@@ -33,50 +44,116 @@ class Sampling:
   top_p: float = 1.0
 
   def __post_init__(self):
-    if self.temperature < 0:
-      raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-    if self.top_k < 0:
-      raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-    if not 0.0 < self.top_p <= 1.0:
-      raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+    t, k, p = self.temperature, self.top_k, self.top_p
+    if not isinstance(t, int | float) or not math.isfinite(t) or t < 0:
+      raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 0:
+      raise ValueError(f"top_k must be an int >= 0 (0 = off), got {k!r}")
+    if not isinstance(p, int | float) or not math.isfinite(p) or not 0.0 < p <= 1.0:
+      raise ValueError(f"top_p must be in (0, 1] (1 = off), got {p!r}")
 
   @property
   def greedy(self) -> bool:
     return self.temperature == 0.0
 
-  def probs(self, logits: jax.Array, temperature: jax.Array) -> jax.Array:
-    """Warped distribution f32[..., V]. `temperature` broadcasts against logits[..., 0]; rows
-    with temperature 0 get a point mass on the argmax."""
-    return warped_probs(logits, temperature, top_k=self.top_k, top_p=self.top_p)
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Warp:
+  """Per-row sampling settings, the data form of `Sampling` (rows are the leading axis).
+
+  Attributes:
+    temperature: f32[B], 0 = greedy.
+    top_k: i32[B], 0 = off.
+    top_p: f32[B], 1 = off.
+  """
+
+  temperature: jax.Array  # f32[B]
+  top_k: jax.Array  # i32[B]
+  top_p: jax.Array  # f32[B]
+
+  @classmethod
+  def of(cls, rows: Sequence[Sampling]) -> Warp:
+    """Host arrays (numpy) for one `Sampling` per row."""
+    return cls(
+      temperature=np.asarray([s.temperature for s in rows], np.float32),
+      top_k=np.asarray([s.top_k for s in rows], np.int32),
+      top_p=np.asarray([s.top_p for s in rows], np.float32),
+    )
 
 
-def warped_probs(
-  logits: jax.Array, temperature: jax.Array, *, top_k: int = 0, top_p: float = 1.0
-) -> jax.Array:
-  """softmax(logits / T) restricted to top-k / top-p; one-hot argmax where T == 0."""
+def _per_row(x: jax.Array, logits: jax.Array) -> jax.Array:
+  """A per-row value [B, ...] shaped to broadcast against logits [B, ..., V]."""
+  x = jnp.asarray(x)
+  return x.reshape(x.shape + (1,) * (logits.ndim - x.ndim))
+
+
+def _bits(x: jax.Array) -> jax.Array:
+  return jax.lax.bitcast_convert_type(x, jnp.float32)
+
+
+def _bisect(pred, shape, lo: int, hi: int) -> jax.Array:
+  """The int32 float pattern where `pred` (monotone: False below, True from there on) first
+  holds, searched in (lo, hi] with pred(hi) True; `pred(t)` takes f32 thresholds of `shape`."""
+
+  def body(_, bounds):
+    lo, hi = bounds
+    mid = lo + (hi - lo) // 2
+    ok = pred(_bits(mid))
+    open_ = hi - lo > 1  # a settled search stays put (`lo` itself is never evaluated)
+    return jnp.where(open_ & ~ok, mid, lo), jnp.where(open_ & ok, mid, hi)
+
+  init = (jnp.full(shape, lo, jnp.int32), jnp.full(shape, hi, jnp.int32))
+  return jax.lax.fori_loop(0, _BISECTIONS, body, init)[1]
+
+
+def top_k_mask(probs: jax.Array, top_k: jax.Array) -> jax.Array:
+  """Tokens whose probability is at least the k-th largest (all tokens where k = 0 or k >= V).
+
+  Found by bisection on the threshold (31 passes of compare-and-count over V), not a sort:
+  top-k is then data, and costs a fraction of sorting a 49,152-token vocabulary on CPU.
+  """
+  k = jnp.broadcast_to(top_k, probs.shape[:-1])
+  # First threshold at which fewer than k tokens remain; the cut is the float just below it.
+  fewer = lambda t: (probs >= t[..., None]).sum(-1) < k
+  first = _bisect(fewer, probs.shape[:-1], 0, _ONE_BITS + 1)
+  threshold = jnp.where(k > 0, _bits(first - 1), 0.0)
+  return probs >= threshold[..., None]
+
+
+def top_p_mask(probs: jax.Array, top_p: jax.Array) -> jax.Array:
+  """Tokens x with mass(tokens strictly more likely than x) < top_p (all where top_p >= 1)."""
+  top_p = jnp.broadcast_to(top_p, probs.shape[:-1])
+  below = lambda t: jnp.where(probs > t[..., None], probs, 0.0).sum(-1) < top_p
+  threshold = _bits(_bisect(below, probs.shape[:-1], -1, _ONE_BITS))
+  return probs >= jnp.where(top_p < 1.0, threshold, 0.0)[..., None]
+
+
+def _renormalized(probs: jax.Array, keep: jax.Array) -> jax.Array:
+  kept = jnp.where(keep, probs, 0.0)
+  return kept / kept.sum(-1, keepdims=True)
+
+
+def _filter(probs: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+  probs = _renormalized(probs, top_k_mask(probs, top_k))
+  return _renormalized(probs, top_p_mask(probs, top_p))
+
+
+def warped_probs(logits: jax.Array, warp: Warp) -> jax.Array:
+  """The distribution f32[B, ..., V] each row samples from (see the module docstring); rows with
+  temperature 0 get a point mass on the argmax. Filtering runs only when some row asks for it
+  (`lax.cond`: one program either way)."""
   logits = logits.astype(jnp.float32)
-  t = jnp.asarray(temperature, jnp.float32)[..., None]
-  scaled = logits / jnp.where(t > 0, t, 1.0)
-  if top_k:
-    kth = jax.lax.top_k(scaled, top_k)[0][..., -1:]
-    scaled = jnp.where(scaled >= kth, scaled, -jnp.inf)
-  if top_p < 1.0:
-    # Keep the most likely tokens until their mass reaches top_p (the crossing token included):
-    # find the smallest kept logit and cut below it. Ties at the cut are all kept; p and q are
-    # warped by this same function, so that choice cannot affect exactness.
-    desc = -jnp.sort(-scaled, axis=-1)
-    desc_probs = jax.nn.softmax(desc, axis=-1)
-    kept = jnp.cumsum(desc_probs, axis=-1) - desc_probs < top_p
-    cut = jnp.min(jnp.where(kept, desc, jnp.inf), axis=-1, keepdims=True)
-    scaled = jnp.where(scaled >= cut, scaled, -jnp.inf)
-  probs = jax.nn.softmax(scaled, axis=-1)
+  t = _per_row(warp.temperature, logits)
+  probs = jax.nn.softmax(logits / jnp.where(t > 0, t, 1.0), axis=-1)
+  top_k, top_p = _per_row(warp.top_k, logits[..., 0]), _per_row(warp.top_p, logits[..., 0])
+  filtering = jnp.any(warp.top_k > 0) | jnp.any(warp.top_p < 1.0)
+  probs = jax.lax.cond(filtering, _filter, lambda p, *_: p, probs, top_k, top_p)
   greedy = jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
   return jnp.where(t > 0, probs, greedy)
 
 
-def saguaro(
-  probs: jax.Array, fan_out: int | jax.Array, c: float, max_fan_out: int | None = None
-) -> jax.Array:
+def saguaro(probs: jax.Array, fan_out: jax.Array, c: float, max_fan_out: int) -> jax.Array:
   """Saguaro sampling σ_{F,C} (paper Definition 14): the mass of the top-`fan_out` tokens is
   multiplied by `c` in [0, 1] and the distribution renormalized.
 
@@ -87,23 +164,17 @@ def saguaro(
 
   Args:
     probs: f32[..., V].
-    fan_out: F, a static int or an int array broadcasting against probs[..., 0] (0 = no scaling).
-    c: the scale C.
-    max_fan_out: static upper bound of an array `fan_out`.
+    fan_out: F, an int array broadcasting against probs[..., 0] (0 = no scaling).
+    c: the scale C (static).
+    max_fan_out: static upper bound of `fan_out` (at most V).
   """
   if c == 1.0:
     return probs
-  if isinstance(fan_out, int):
-    if fan_out == 0:
-      return probs
-    kth = jax.lax.top_k(probs, fan_out)[0][..., -1:]
-    top = probs >= kth
-  else:
-    fan_out = jnp.asarray(fan_out)
-    values = jax.lax.top_k(probs, max_fan_out)[0]  # [..., max_fan_out], descending
-    index = jnp.broadcast_to(jnp.maximum(fan_out - 1, 0), probs.shape[:-1])[..., None]
-    kth = jnp.take_along_axis(values, index, axis=-1)
-    top = (probs >= kth) & (fan_out[..., None] > 0)
+  fan_out = jnp.asarray(fan_out)
+  values = jax.lax.top_k(probs, max_fan_out)[0]  # [..., max_fan_out], descending
+  index = jnp.broadcast_to(jnp.maximum(fan_out - 1, 0), probs.shape[:-1])[..., None]
+  kth = jnp.take_along_axis(values, index, axis=-1)
+  top = (probs >= kth) & (fan_out[..., None] > 0)
   scaled = jnp.where(top, probs * c, probs)
   total = scaled.sum(-1, keepdims=True)
   return jnp.where(total > 0, scaled / jnp.where(total > 0, total, 1.0), probs)

@@ -3,6 +3,9 @@
 Conventions: the last committed token of each sequence (the prompt's last token, then each
 round's bonus) is *pending*: it is not yet in any KV cache and is the first token the next round
 feeds. So a cache's `lengths` = committed tokens - 1.
+
+What crosses between the two sides each round is small: an `Outcome` (a few ints per row)
+towards the draft, a `Speculation` (tokens, and q when sampling) towards the target.
 """
 
 from __future__ import annotations
@@ -12,10 +15,18 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from ssd_jax.decode.verify import Outcome
+from ssd_jax.decode.sampling import Warp
 from ssd_jax.models.kv_cache import KVCache
 
-__all__ = ["DraftState", "Outcome", "Report", "SpecCache", "Speculation", "TargetState"]
+__all__ = [
+  "DraftState",
+  "Outcome",
+  "Report",
+  "Speculation",
+  "SpeculationCache",
+  "TargetState",
+  "Warp",
+]
 
 
 @jax.tree_util.register_dataclass
@@ -41,6 +52,36 @@ class Speculation:
   def lookahead(self) -> int:
     return self.tokens.shape[1] - 1
 
+  @classmethod
+  def empty(cls, batch_size: int) -> Speculation:
+    """No draft tokens: what autoregressive decoding verifies (only the pending token)."""
+    return cls(
+      tokens=jnp.zeros((batch_size, 1), jnp.int32),
+      probs=None,
+      point_mass=jnp.zeros((batch_size,), bool),
+      hit=jnp.zeros((batch_size,), bool),
+    )
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Outcome:
+  """What one verification decided, per sequence.
+
+  Attributes:
+    accepted: i32[B], draft tokens accepted (0..lookahead): the accept depth.
+    bonus: i32[B], the token sampled after them (residual or p_lookahead).
+    committed: i32[B], tokens committed to the KV caches this round (accepted + 1, or 0 for
+      sequences that had already finished).
+    done: bool[B], sequences finished after this round (nothing more is verified for them, so
+      the draft need not speculate for them).
+  """
+
+  accepted: jax.Array  # i32[B]
+  bonus: jax.Array  # i32[B]
+  committed: jax.Array  # i32[B]
+  done: jax.Array  # bool[B]
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -52,7 +93,7 @@ class TargetState:
     last: i32[B], the pending token.
     num_out: i32[B], generated tokens so far.
     max_new: i32[B], per-row generation budget.
-    temperature: f32[B], per-row temperature (0 = greedy).
+    warp: per-row sampling settings.
     done: bool[B], rows that emitted EOS or exhausted their budget.
     key: PRNG key for verification.
     accept_hist: i32[B, 2, lookahead + 1], rounds by (speculation was a cache hit, accepted
@@ -63,7 +104,7 @@ class TargetState:
   last: jax.Array  # i32[B]
   num_out: jax.Array  # i32[B]
   max_new: jax.Array  # i32[B]
-  temperature: jax.Array  # f32[B]
+  warp: Warp
   done: jax.Array  # bool[B]
   key: jax.Array  # key<fry>[]
   accept_hist: jax.Array  # i32[B, 2, lookahead + 1]
@@ -79,48 +120,57 @@ class Report:
     count: i32[B], how many (0 for sequences already finished).
     done: bool[B], sequences finished after this round.
     hit: bool[B], active sequences whose speculation this round came from the cache.
+    drafted: bool[], some active sequence's speculation this round was not from the cache: in
+      ssd, the round's speculation needed the first proposal or a backup.
   """
 
   tokens: jax.Array  # i32[B, lookahead + 1]
   count: jax.Array  # i32[B]
   done: jax.Array  # bool[B]
   hit: jax.Array  # bool[B]
+  drafted: jax.Array  # bool[]
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DraftState:
-  """The draft's side: its cache (same committed lengths as the target's) and its PRNG key.
+  """The draft's side: its cache (same committed lengths as the target's), the rows' sampling
+  settings (the target's) and its PRNG key.
 
   Attributes:
     cache: the draft KVCache.
-    temperature: f32[B], per-row temperature (the same as the target's).
+    warp: per-row sampling settings, the same as the target's.
     key: PRNG key for drafting.
   """
 
   cache: KVCache
-  temperature: jax.Array  # f32[B]
+  warp: Warp
   key: jax.Array
+
+  def advance(self, outcome: Outcome) -> DraftState:
+    """Commit what the target committed (its keys/values are already written)."""
+    cache = self.cache.with_lengths(self.cache.lengths + outcome.committed)
+    return dataclasses.replace(self, cache=cache)
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class SpecCache:
+class SpeculationCache:
   """The speculation cache built by one expansion: per sequence, one entry per fork branch.
 
-  Branch n was forked at accept depth `depth[n]` with bonus token `keys[b, n]`; its value is the
-  speculation to verify if the outcome turns out to be (depth[n], keys[b, n]).
+  Branch n was forked at accept depth `depth[b, n]` with bonus token `keys[b, n]`; its value is
+  the speculation to verify if the outcome turns out to be (depth[b, n], keys[b, n]).
 
   Attributes:
     keys: i32[B, N], the forked bonus token of each branch.
-    depth: i32[N], each branch's accept depth (the same layout for every sequence).
+    depth: i32[B, N], each branch's accept depth (the hit or the miss layout, per row).
     tokens: i32[B, N, lookahead], the branch's draft continuation.
     probs: f32[B, N, lookahead, V] proposal distributions (None in greedy runs).
     valid: bool[B, N], entries that may be served (False: excluded or duplicate tokens).
   """
 
   keys: jax.Array  # i32[B, N]
-  depth: jax.Array  # i32[N]
+  depth: jax.Array  # i32[B, N]
   tokens: jax.Array  # i32[B, N, lookahead]
   probs: jax.Array | None  # f32[B, N, lookahead, V]
   valid: jax.Array  # bool[B, N]

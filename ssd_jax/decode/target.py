@@ -4,60 +4,63 @@
   step    one round: forward [pending, draft tokens], verify, commit lengths, update per-row
           budgets, done flags and acceptance counts; report the emitted tokens to the host.
 Autoregressive decoding is `step` with lookahead 0 (no draft tokens: the bonus is sampled from p).
+Both are compiled for a `TargetPlan` (their only static argument).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 
-from ssd_jax.config import ModelConfig
-from ssd_jax.decode.sampling import Sampling
-from ssd_jax.decode.state import Report, Speculation, TargetState, initial_hist
-from ssd_jax.decode.verify import Outcome, verify
+from ssd_jax.decode.plan import TargetPlan
+from ssd_jax.decode.sampling import Warp
+from ssd_jax.decode.state import Outcome, Report, Speculation, TargetState, initial_hist
+from ssd_jax.decode.verify import verify
 from ssd_jax.models.kv_cache import KVCache
 from ssd_jax.models.prefill import prefill
 from ssd_jax.models.transformer import Params, forward
 
 
-@functools.partial(
-  jax.jit, static_argnames=("config", "lookahead", "attention_impl"), donate_argnames="cache"
-)
+@functools.partial(jax.jit, static_argnames="plan", donate_argnames="cache")
 def start(
   params: Params,
   tokens: jax.Array,
   prompt_lengths: jax.Array,
   cache: KVCache,
   max_new: jax.Array,
-  temperature: jax.Array,
+  warp: Warp,
   key: jax.Array,
   *,
-  config: ModelConfig,
-  lookahead: int,
-  attention_impl: str = "xla",
+  plan: TargetPlan,
 ) -> TargetState:
   """Prefill all but the last prompt token (it is pending) and build the state.
 
   Args:
     tokens: i32[B, P] right-padded prompts; prompt_lengths: i32[B].
     cache: an empty cache, donated.
-    max_new: i32[B] per-row budgets; temperature: f32[B].
+    max_new: i32[B] per-row budgets; warp: per-row sampling settings.
   """
   B = tokens.shape[0]
   cache = prefill.__wrapped__(
-    params, tokens, prompt_lengths - 1, cache, config=config, attention_impl=attention_impl
+    params,
+    tokens,
+    prompt_lengths - 1,
+    cache,
+    config=plan.config,
+    attention_impl=plan.attention_impl,
   )
   return TargetState(
     cache=cache,
     last=tokens[jnp.arange(B), prompt_lengths - 1],
     num_out=jnp.zeros((B,), jnp.int32),
     max_new=max_new.astype(jnp.int32),
-    temperature=temperature.astype(jnp.float32),
+    warp=warp,
     done=max_new <= 0,
     key=key,
-    accept_hist=initial_hist(B, lookahead),
+    accept_hist=initial_hist(B, plan.lookahead),
   )
 
 
@@ -89,57 +92,52 @@ def _emit(
   return emitted, count, finished
 
 
-@functools.partial(
-  jax.jit,
-  static_argnames=("config", "sampling", "eos_ids", "attention_impl", "kv_window"),
-  donate_argnames="state",
-)
+@functools.partial(jax.jit, static_argnames="plan", donate_argnames="state")
 def step(
-  params: Params,
-  state: TargetState,
-  spec: Speculation,
-  *,
-  config: ModelConfig,
-  sampling: Sampling,
-  eos_ids: tuple[int, ...],
-  attention_impl: str = "xla",
-  kv_window: int | None = None,
+  params: Params, state: TargetState, speculation: Speculation, *, plan: TargetPlan
 ) -> tuple[TargetState, Outcome, Report]:
   """Verify one speculation and advance every active sequence. `state` is donated.
 
-  The first column of `spec.tokens` is replaced by the target's own pending token, so the
+  The first column of `speculation.tokens` is replaced by the target's own pending token, so the
   target never depends on the draft for what it has already committed.
   """
-  inputs = spec.tokens.at[:, 0].set(state.last)  # i32[B, lookahead + 1]
+  inputs = speculation.tokens.at[:, 0].set(state.last)  # i32[B, lookahead + 1]
   logits, cache = forward(
-    params, inputs, state.cache, config=config, attention_impl=attention_impl, kv_window=kv_window
+    params, inputs, state.cache, config=plan.config, attention_impl=plan.attention_impl
   )
   key, key_verify = jax.random.split(state.key)
   accepted, bonus = verify(
     key_verify,
     logits,
     inputs[:, 1:],
-    spec.probs,
-    spec.point_mass,
-    state.temperature,
-    sampling=sampling,
+    speculation.probs,
+    speculation.point_mass,
+    state.warp,
+    greedy=plan.greedy,
   )
-  emitted, count, finished = _emit(state, inputs[:, 1:], accepted, bonus, eos_ids)
+  emitted, count, finished = _emit(state, inputs[:, 1:], accepted, bonus, plan.eos_ids)
   active = ~state.done
   B = active.shape[0]
   committed = jnp.where(active, accepted + 1, 0)
-  hist = state.accept_hist.at[jnp.arange(B), spec.hit.astype(jnp.int32), accepted].add(
+  hist = state.accept_hist.at[jnp.arange(B), speculation.hit.astype(jnp.int32), accepted].add(
     active.astype(jnp.int32)
   )
-  new_state = TargetState(
+  done = state.done | (active & finished)
+  new_state = dataclasses.replace(
+    state,
     cache=cache.with_lengths(cache.lengths + committed),
     last=jnp.where(active, bonus, state.last),
     num_out=state.num_out + count,
-    max_new=state.max_new,
-    temperature=state.temperature,
-    done=state.done | (active & finished),
+    done=done,
     key=key,
     accept_hist=hist,
   )
-  report = Report(tokens=emitted, count=count, done=new_state.done, hit=spec.hit & active)
-  return new_state, Outcome(accepted=accepted, bonus=bonus, committed=committed), report
+  report = Report(
+    tokens=emitted,
+    count=count,
+    done=done,
+    hit=speculation.hit & active,
+    drafted=jnp.any(active & ~speculation.hit),
+  )
+  outcome = Outcome(accepted=accepted, bonus=bonus, committed=committed, done=done)
+  return new_state, outcome, report

@@ -13,29 +13,10 @@ mismatch, so greedy speculative decoding emits exactly the autoregressive argmax
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 
-from ssd_jax.decode.sampling import Sampling, sample
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Outcome:
-  """What one verification decided, per sequence.
-
-  Attributes:
-    accepted: i32[B], draft tokens accepted (0..lookahead): the accept depth.
-    bonus: i32[B], the token sampled after them (residual or p_lookahead).
-    committed: i32[B], tokens committed to the KV caches this round (accepted + 1, or 0 for
-      sequences that had already finished).
-  """
-
-  accepted: jax.Array  # i32[B]
-  bonus: jax.Array  # i32[B]
-  committed: jax.Array  # i32[B]
+from ssd_jax.decode.sampling import Warp, sample, warped_probs
 
 
 def leading_true(mask: jax.Array) -> jax.Array:
@@ -62,9 +43,9 @@ def verify(
   draft_tokens: jax.Array,  # i32[B, lookahead]
   draft_probs: jax.Array | None,  # f32[B, lookahead, V]
   point_mass: jax.Array | None,  # bool[B]
-  temperature: jax.Array,  # f32[B]
+  warp: Warp,
   *,
-  sampling: Sampling,
+  greedy: bool,
 ) -> tuple[jax.Array, jax.Array]:
   """Accept/reject `draft_tokens` against the target and sample the bonus token.
 
@@ -75,9 +56,8 @@ def verify(
     draft_probs: the distributions q_j that produced them (warped like p), or None when every
       proposal is deterministic (or every row is greedy).
     point_mass: rows whose proposals are deterministic (q = δ_x); None means none are.
-    temperature: per-row temperature; 0 makes a row greedy.
-    sampling: static warp (top-k / top-p) shared with the draft; `sampling.greedy` skips the
-      stochastic path entirely.
+    warp: per-row sampling settings, the same as the draft's; temperature 0 makes a row greedy.
+    greedy: static: every row is greedy, so the stochastic path is skipped entirely.
 
   Returns:
     accepted i32[B] and bonus i32[B].
@@ -88,10 +68,10 @@ def verify(
   argmax = jnp.argmax(target_logits, axis=-1).astype(jnp.int32)  # i32[B, T]
   greedy_accepted = leading_true(draft_tokens == argmax[:, :lookahead])
   greedy_bonus = argmax[rows, greedy_accepted]
-  if sampling.greedy:
+  if greedy:
     return greedy_accepted, greedy_bonus
 
-  p = sampling.probs(target_logits, temperature[:, None])  # f32[B, T, V]
+  p = warped_probs(target_logits, warp)  # f32[B, T, V]
   delta = jax.nn.one_hot(draft_tokens, V, dtype=jnp.float32)  # f32[B, lookahead, V]
   if draft_probs is None:
     q = delta
@@ -107,7 +87,7 @@ def verify(
   # Residual at the first rejection; after full acceptance q is "zero" so the residual is p.
   q_next = jnp.concatenate([q, jnp.zeros((B, 1, V), q.dtype)], axis=1)[rows, accepted]
   bonus = sample(key_bonus, residual(p[rows, accepted], q_next))
-  stochastic = temperature > 0
+  stochastic = warp.temperature > 0
   return (
     jnp.where(stochastic, accepted, greedy_accepted),
     jnp.where(stochastic, bonus, greedy_bonus),

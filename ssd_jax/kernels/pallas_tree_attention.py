@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -31,9 +30,6 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from ssd_jax.kernels.backend import PallasBackend, select_backend
-
-if TYPE_CHECKING:  # tree_attention imports this module lazily; avoid the cycle at run time
-  from ssd_jax.kernels.tree_attention import BlockSizes
 
 _NEG = -1e30  # finite: exp(_NEG - m) is 0 and never NaN
 _F32 = jnp.float32
@@ -248,14 +244,14 @@ def tree_attention_pallas(
   tree_step: jax.Array | int | None = None,  # i32[]
   *,
   scale: float,
-  block_sizes: BlockSizes,
+  block_kv: int = 128,
   interpret: bool | None = None,
   platform: str | None = None,
 ) -> jax.Array:
   """Tree attention as a Pallas kernel; same contract as `tree_attention_reference`.
 
   Args:
-    block_sizes: a `BlockSizes` (main-cache slots per step, shrunk for short caches).
+    block_kv: main-cache slots per step (a power of two; shrunk for short caches).
     interpret: run in the Pallas interpreter (default: unless the default backend is GPU/TPU).
     platform: "cuda"/"gpu" or "tpu" kernel variant (default: the default backend; in interpret
       mode on CPU the cuda variant). Cross-lowering passes it with `interpret=False`.
@@ -268,7 +264,7 @@ def tree_attention_pallas(
   _, T, N, _ = q.shape
   num_slots, K = k.shape[1], k.shape[2]
   group = N // K
-  tile, padded_rows, block_kv = _tiling(T * group, num_slots, block_sizes.block_kv, backend)
+  tile, padded_rows, block_kv = _tiling(T * group, num_slots, block_kv, backend)
   if backend.platform == "cuda" and num_slots < block_kv:
     k, v = _pad_axis(k, 1, block_kv), _pad_axis(v, 1, block_kv)
   limits = _row_limits(lengths, depth, group, padded_rows, num_slots)

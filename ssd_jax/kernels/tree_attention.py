@@ -108,6 +108,6 @@ def tree_attention(
     from ssd_jax.kernels import pallas_tree_attention  # noqa: PLC0415 (Pallas imports are slow)
 
     return pallas_tree_attention.tree_attention_pallas(
-      *args, scale=scale, block_sizes=block_sizes or BlockSizes(), interpret=interpret
+      *args, scale=scale, block_kv=(block_sizes or BlockSizes()).block_kv, interpret=interpret
     )
   raise ValueError(f"unknown attention impl {impl!r}; expected one of {IMPLS}")

@@ -8,7 +8,7 @@ Names:
   tiny-llama, tiny-qwen2, tiny-qwen3, tiny-llama-draft
                       small random models with a byte-level tokenizer (tests and demos).
 Paths: an HF directory (config.json + *.safetensors), a *.gguf file, or an orbax checkpoint
-written by `ssd_jax.checkpoint.save`.
+written by `ssd_jax.models.checkpoint.save`.
 
 An HF directory may also hold `token_ranking.npy`: token ids, those the target emits most often
 first (the shipped draft's comes from its distillation data). `Engine(draft_vocab=N)` restricts
@@ -156,7 +156,7 @@ def load_model(
 
 
 def _load_path(path: Path, dtype, tokenizer_from) -> LoadedModel:
-  from ssd_jax import checkpoint  # noqa: PLC0415 (orbax is slow to import)
+  from ssd_jax.models import checkpoint  # noqa: PLC0415 (orbax is slow to import)
 
   tok_dir = Path(tokenizer_from) if tokenizer_from else path
   if path.suffix == ".gguf":

@@ -235,7 +235,6 @@ def tree_forward(
   *,
   config: ModelConfig,
   attention_impl: str = "xla",
-  kv_window: int | None = None,
 ) -> tuple[jax.Array, TreeKV]:
   """Tree step `step` of the draft's branch decode.
 
@@ -248,7 +247,6 @@ def tree_forward(
   """
   depth = jnp.broadcast_to(depth, tokens.shape)  # i32[B, T]
   positions = cache.lengths[:, None] + depth + 1 + step  # i32[B, T]
-  window = kv_window or cache.capacity
 
   def attend(index, q, k, v, kv):
     tk, tv = kv
@@ -256,8 +254,8 @@ def tree_forward(
     tv = tv.at[index, :, step].set(v.astype(tv.dtype))
     out = tree_attention(
       q,
-      cache.k[index, :, :window],
-      cache.v[index, :, :window],
+      cache.k[index],
+      cache.v[index],
       cache.lengths,
       depth,
       tk[index],

@@ -22,10 +22,25 @@ from ssd_jax.config import ModelConfig, RopeScaling
 Params = dict[str, Any]
 
 _FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+_REQUIRED = (
+  "model_type",
+  "vocab_size",
+  "hidden_size",
+  "num_hidden_layers",
+  "num_attention_heads",
+  "intermediate_size",
+)
 
 
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
   """ModelConfig from an HF `config.json` dict (transformers 4.x and 5.x spellings)."""
+  if not isinstance(hf, dict):
+    raise ValueError(f"config.json must hold a JSON object, got {type(hf).__name__}")
+  missing = [k for k in _REQUIRED if k not in hf]
+  if missing:
+    raise ValueError(
+      f"config.json lacks {', '.join(missing)}: an HF config needs {', '.join(_REQUIRED)}"
+    )
   model_type = hf.get("model_type")
   if model_type not in _FAMILIES:
     raise ValueError(
@@ -221,7 +236,12 @@ def load_hf(directory: str | os.PathLike) -> tuple[ModelConfig, Params]:
     hf = json.loads(config_path.read_text())
   except json.JSONDecodeError as e:
     raise ValueError(f"{config_path} is not valid JSON: {e}") from e
-  config = config_from_hf(hf)
+  try:
+    config = config_from_hf(hf)
+  except (KeyError, TypeError) as e:  # e.g. rope scaling without its fields
+    raise ValueError(f"{config_path}: malformed field ({type(e).__name__}: {e})") from e
+  except ValueError as e:
+    raise ValueError(f"{config_path}: {e}") from e
   return config, params_from_hf_tensors(config, _read_tensors(directory))
 
 

@@ -15,11 +15,12 @@ Speed is compared as ratios measured side by side in one run: the machine may be
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import time
 from pathlib import Path
+
+from ssd_jax.cli import finite_float, setup_devices
 
 _EXAMPLES = """examples:
   python -m ssd_jax.bench sweep --out runs/bench                   # the default sweep
@@ -54,9 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--lookaheads", type=int, nargs="+", default=[3, 5, 7])
   s.add_argument("--fan-outs", type=int, nargs="+", default=[1, 2, 3, 4])
   s.add_argument("--no-geometric", action="store_true", help="skip Theorem 12 fan-outs")
-  s.add_argument("--temperatures", type=float, nargs="+", default=[0.0])
+  s.add_argument("--temperatures", type=finite_float, nargs="+", default=[0.0])
   s.add_argument("--batch-sizes", type=int, nargs="+", default=[1])
-  s.add_argument("--saguaro-c", type=float, default=1.0)
+  s.add_argument("--saguaro-c", type=finite_float, default=1.0)
   s.add_argument("--backup", choices=("neural", "fast", "auto"), default="neural")
   s.add_argument("--target-devices", type=int, default=1)
   s.add_argument("--seed", type=int, default=0)
@@ -98,19 +99,15 @@ def main(argv: list[str] | None = None) -> int:
   parser = build_parser()
   args = parser.parse_args(argv)
   check(args, parser)
-  import jax  # noqa: PLC0415
-
-  with contextlib.suppress(RuntimeError):  # room for a tensor-parallel target and the draft
-    n = max(getattr(args, "target_devices", 1) + 1, 2 * getattr(args, "target_devices", 1))
-    jax.config.update("jax_num_cpu_devices", max(n, jax.config.jax_num_cpu_devices))
+  setup_devices(getattr(args, "target_devices", 1))
   args.out.mkdir(parents=True, exist_ok=True)
-  from ssd_jax import bench_sweep  # noqa: PLC0415
+  from ssd_jax.bench import sweep  # noqa: PLC0415 (after the device set-up)
 
   try:
     run = {
-      "sweep": bench_sweep.sweep,
-      "models": bench_sweep.model_speed,
-      "overlap": bench_sweep.measure_overlap,
+      "sweep": sweep.sweep,
+      "models": sweep.model_speed,
+      "overlap": sweep.measure_overlap,
     }[args.command]
     result = run(args)
     path = args.out / f"{args.command}.json"
@@ -121,12 +118,8 @@ def main(argv: list[str] | None = None) -> int:
   path.write_text(json.dumps(result, indent=1))
   print(f"wrote {path}")
   if args.command == "sweep":
-    from ssd_jax import bench_report  # noqa: PLC0415
+    from ssd_jax.bench import report as report_lib  # noqa: PLC0415
 
-    report = bench_report.write(result, args.out)
+    report = report_lib.write(result, args.out)
     print(f"wrote {report} and its plots")
   return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())

@@ -8,12 +8,12 @@ from typing import Any
 import numpy as np
 
 from ssd_jax import harness
+from ssd_jax.bench.programs import overlap, time_programs
+from ssd_jax.cli import resolve_draft_vocab
 from ssd_jax.config import SpecConfig
 from ssd_jax.data import load_prompts
 from ssd_jax.decode import Engine, Sampling, theory, tree
-from ssd_jax.decode.profile import time_programs
 from ssd_jax.models.registry import load_model
-from ssd_jax.run import resolve_draft_vocab
 
 
 def _record(context: dict, result: harness.ModeResult, ar: harness.ModeResult | None) -> dict:
@@ -102,14 +102,17 @@ def geometric_variants(
   ]
 
 
-def sweep(args) -> dict[str, Any]:
+def _engine(args, **kwargs) -> Engine:
+  """The engine for the flags' target and draft, recording the draft head's size in `args`."""
   target, draft = load_model(args.target), load_model(args.draft)
-  engine = Engine(
-    target,
-    draft,
-    target_devices=args.target_devices,
-    draft_vocab=resolve_draft_vocab(args, draft),
-  )
+  draft_vocab = resolve_draft_vocab(args.draft_vocab, draft)
+  args.draft_vocab = draft_vocab or 0
+  return Engine(target, draft, draft_vocab=draft_vocab, **kwargs)
+
+
+def sweep(args) -> dict[str, Any]:
+  engine = _engine(args, target_devices=args.target_devices)
+  target, draft = engine.target, engine.draft
   out: dict[str, Any] = {
     "environment": harness.environment(),
     "args": _jsonable(args),
@@ -127,11 +130,11 @@ def sweep(args) -> dict[str, Any]:
         context = {"prompt_set": prompt_set, "temperature": temperature, "batch_size": batch}
         _sweep_point(args, engine, ids, capacity, sampling, context, out)
     if args.hf:
-      from ssd_jax import bench_hf  # noqa: PLC0415
+      from ssd_jax.bench import hf  # noqa: PLC0415 (torch is optional)
 
       out["hf"].append(
         {"prompt_set": prompt_set}
-        | bench_hf.compare(
+        | hf.compare(
           target, draft, [p.text for p in prompts], args.max_new_tokens, out["runs"], prompt_set
         )
       )
@@ -242,18 +245,16 @@ def model_speed(args) -> dict[str, Any]:
     )
     print(rows[-1], flush=True)
   if args.hf:
-    from ssd_jax import bench_hf  # noqa: PLC0415
+    from ssd_jax.bench import hf  # noqa: PLC0415 (torch is optional)
 
-    rows += bench_hf.model_speed(tokens[0].tolist(), args.decode_tokens)
+    rows += hf.model_speed(tokens[0].tolist(), args.decode_tokens)
   return {"environment": harness.environment(), "rows": rows, "args": _jsonable(args)}
 
 
 def measure_overlap(args) -> dict[str, Any]:
-  """Can this machine overlap verification and expansion? (see decode.profile.overlap)"""
-  from ssd_jax.decode.profile import overlap  # noqa: PLC0415
-
-  target, draft = load_model(args.target), load_model(args.draft)
-  engine = Engine(target, draft, draft_vocab=resolve_draft_vocab(args, draft))
+  """Can this machine overlap verification and expansion? (see bench.programs.overlap)"""
+  engine = _engine(args)
+  target = engine.target
   prompt = harness.encode(target.tokenizer, [load_prompts("bundled", 1)[0].text], chat=True)[0]
   rows = []
   for k, f in zip(args.lookaheads, args.fan_outs, strict=False):

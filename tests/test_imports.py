@@ -1,0 +1,110 @@
+"""The package's imports run one way (DESIGN.md §3): no import circles between modules, and no
+module importing one from a layer above its own. Imports inside functions count too."""
+
+import ast
+import pathlib
+
+import pytest
+
+import ssd_jax
+
+ROOT = pathlib.Path(ssd_jax.__file__).parent
+
+# Lowest first. A module may import from its own layer and the layers below.
+LAYERS = [
+  ("ssd_jax.config", "ssd_jax.sharding", "ssd_jax.cli", "ssd_jax.data"),
+  ("ssd_jax.kernels",),
+  ("ssd_jax.models",),
+  ("ssd_jax.decode",),
+  ("ssd_jax.harness",),
+  ("ssd_jax.run", "ssd_jax.chat", "ssd_jax.bench"),
+  ("ssd_jax",),  # the package's own __init__: the public names
+]
+
+
+def modules() -> dict[str, pathlib.Path]:
+  out = {}
+  for path in ROOT.rglob("*.py"):
+    parts = path.relative_to(ROOT.parent).with_suffix("").parts
+    out[".".join(parts).removesuffix(".__init__")] = path
+  return out
+
+
+def imports(name: str, path: pathlib.Path, known: dict) -> set[str]:
+  """The package modules `name` imports, anywhere in its file (lazy imports included)."""
+  out = set()
+  package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+  for node in ast.walk(ast.parse(path.read_text())):
+    if isinstance(node, ast.Import):
+      out |= {a.name for a in node.names if a.name in known}
+    elif isinstance(node, ast.ImportFrom):
+      base = node.module or ""
+      if node.level:  # relative: resolve against this module's package
+        anchor = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+        base = f"{anchor}.{base}".rstrip(".")
+      for alias in node.names:
+        target = f"{base}.{alias.name}"
+        out.add(target if target in known else base)
+  return {m for m in out if m in known and m != name}
+
+
+def layer_of(name: str) -> int:
+  best = None
+  for i, group in enumerate(LAYERS):
+    for prefix in group:
+      inside = name == prefix or name.startswith(prefix + ".")
+      if inside and (best is None or len(prefix) > len(best[1])):
+        best = (i, prefix)  # the longest matching prefix decides
+  assert best is not None, f"{name} is in no layer: add it to LAYERS"
+  return best[0]
+
+
+GRAPH = {name: imports(name, path, modules()) for name, path in modules().items()}
+
+
+def test_every_module_has_a_layer():
+  for name in GRAPH:
+    layer_of(name)
+
+
+@pytest.mark.parametrize("name", sorted(GRAPH))
+def test_no_import_from_a_layer_above(name):
+  above = [m for m in GRAPH[name] if layer_of(m) > layer_of(name)]
+  assert not above, f"{name} (layer {layer_of(name)}) imports {above} from above"
+
+
+def test_no_import_circles():
+  """Depth-first search for a back edge; a package __init__ re-exporting its submodules is not
+  a circle unless a submodule imports the __init__ back."""
+  state: dict[str, str] = {}
+  stack: list[str] = []
+
+  def visit(m):
+    state[m] = "open"
+    stack.append(m)
+    for n in sorted(GRAPH[m]):
+      if state.get(n) == "open":
+        raise AssertionError("import circle: " + " -> ".join([*stack[stack.index(n) :], n]))
+      if n not in state:
+        visit(n)
+    stack.pop()
+    state[m] = "done"
+
+  for m in sorted(GRAPH):
+    if m not in state:
+      visit(m)
+
+
+def test_the_inference_package_never_imports_optax():
+  for name, path in modules().items():
+    tree = ast.parse(path.read_text())
+    names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    assert not [n for n in names if n.split(".")[0] == "optax"], name
+
+
+def test_the_check_sees_lazy_imports():
+  """A function-level import is an edge like any other (engine imports kernels.backend lazily)."""
+  assert "ssd_jax.kernels.backend" in GRAPH["ssd_jax.decode.engine"]
+  assert "ssd_jax.decode.loops" in GRAPH["ssd_jax.decode.engine"]
+  assert "ssd_jax.decode.engine" not in GRAPH["ssd_jax.decode.loops"]
