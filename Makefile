@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 
-.PHONY: run test lint format bench hf clean
+.PHONY: run test quick lint format bench hf clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)
+
+# Local work: everything but the real-model and 50,000-sample statistical tests (CI runs all).
+quick: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow and not statistical" $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

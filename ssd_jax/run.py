@@ -148,16 +148,17 @@ def check_args(args, parser) -> None:
 
 
 def check_writable(path: Path, parser) -> None:
-  """Fail now, not after the whole run, when the JSON cannot be written."""
-  if path.is_dir():
-    parser.error(f"--json {path} is a directory; give a file name")
-  folder = path.parent
-  while not folder.exists() and folder != folder.parent:
-    folder = folder.parent
-  if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
-    parser.error(f"--json {path}: cannot write in {folder}; choose another path")
-  if path.exists() and not os.access(path, os.W_OK):
-    parser.error(f"--json {path} exists and is not writable; choose another path")
+  """Fail now, not after the whole run, when the JSON cannot be written: make its folder and
+  open the file for appending (removing it again if it did not exist)."""
+  try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    existed = path.exists()
+    with path.open("a"):
+      pass
+    if not existed:
+      path.unlink()
+  except OSError as e:
+    parser.error(f"--json {path}: cannot write there ({e.strerror}); choose another path")
 
 
 def fan_out_lists(args, parser) -> tuple[tuple[int, ...], tuple[int, ...]]:

@@ -14,6 +14,8 @@ from ssd_jax.models import KVCache, forward
 from ssd_jax.models.registry import ASSETS, load_model
 from ssd_jax.models.weights import load_hf, save_hf
 
+pytestmark = pytest.mark.slow  # the shipped draft, and the real target's tokenizer and weights
+
 FIXTURE = Path(__file__).parent / "fixtures" / "draft_slice.npz"
 SHIPPED = ASSETS / "smollm2-135m-draft"
 
@@ -52,7 +54,6 @@ def test_token_ranking_covers_held_out_target_tokens(draft):
   assert np.isin(held_out, ranking[:8192]).mean() >= 0.9
 
 
-@pytest.mark.slow
 def test_recorded_agreement_on_the_fixed_slice(draft):
   f = np.load(FIXTURE)
   n = int(f["n"])
@@ -63,7 +64,6 @@ def test_recorded_agreement_on_the_fixed_slice(draft):
   assert abs(hits - int(f["agreeing"])) <= 2  # float round-off may flip a near-tie or two
 
 
-@pytest.mark.slow
 def test_target_reproduces_the_fixed_slice():
   """The real model's greedy decoding is the same as when the fixture was recorded."""
   from ssd_jax.decode import Engine  # noqa: PLC0415

@@ -18,6 +18,8 @@ from ssd_jax.decode.sampling import Warp, sample, warped_probs
 from ssd_jax.decode.verify import verify
 from ssd_jax.models.registry import LoadedModel
 
+pytestmark = pytest.mark.statistical
+
 N = 50_000
 TOKENS = 3
 SAMPLED = Sampling(temperature=1.0)

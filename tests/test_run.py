@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -89,13 +90,85 @@ def test_table_is_printed(capsys):
     (["--fan-out", "2", "--geometric"], "not allowed with argument"),
     (["--draft-vocab", "100"], "has no token ranking"),
     (["--draft-vocab", "-1"], "--draft-vocab must be >= 0"),
+    (["--temperature", "nan"], "--temperature: expected a finite number"),
+    (["--temperature", "inf"], "--temperature: expected a finite number"),
+    (["--temperature", "-1"], "--temperature must be >= 0"),
+    (["--top-p", "0"], "--top-p in \\(0, 1\\]"),
+    (["--top-k", "-3"], "--top-k must be >= 0"),
+    (["--saguaro-c", "nan"], "--saguaro-c: expected a finite number"),
+    (["--max-new-tokens", "9000"], "exceed the model's context of 8192"),
+    (["--batch-size", "100000", "--max-new-tokens", "4000"], "need .* GiB but"),
+    (["--mode", "sd", "--fan-out-list", "1", "1", "1", "1"], "--fan-out-list only apply"),
+    (["--mode", "sd", "--saguaro-c", "0.5"], "--saguaro-c only apply"),
+    (["--mode", "sd", "--backup", "fast"], "--backup only apply"),
+    (["--mode", "sd", "--geometric"], "--geometric only apply"),
+    (["--mode", "ar", "--lookahead", "4"], "--lookahead only apply"),
+    (["--mode", "ar", "--fan-out", "2"], "--fan-out only apply"),
+    (["--acceptance-rate", "0.5"], "only apply with --geometric"),
+    (["--fan-out", "300"], "fan-out of 300 forks more tokens than the draft's head scores \\(264"),
+    (["--mode", "ssd", "--lookahead", "2", "--fan-out-list", "1", "0", "600"], "fan-out of 600"),
+    (["--json", "/proc/no/such/dir/out.json"], "--json .*cannot write there"),
   ],
 )
 def test_bad_flags_exit_2_with_a_message(capsys, argv, message):
   with pytest.raises(SystemExit) as exit_info:
     run.main([*TINY, *argv])
   assert exit_info.value.code == 2
-  assert __import__("re").search(message, capsys.readouterr().err)
+  assert re.search(message, capsys.readouterr().err)
+
+
+def _exit_2(capsys, argv) -> str:
+  with pytest.raises(SystemExit) as exit_info:
+    run.main([*TINY, *argv])
+  assert exit_info.value.code == 2
+  return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text", ["", "\n  \n\t\n"])
+def test_an_empty_prompt_file_exits_2(capsys, tmp_path, text):
+  path = tmp_path / "empty.jsonl"
+  path.write_text(text)
+  assert "has no prompts" in _exit_2(capsys, ["--prompts", str(path)])
+
+
+def test_a_draft_config_missing_keys_exits_2(capsys, tmp_path):
+  from ssd_jax.models.weights import save_hf  # noqa: PLC0415
+
+  model = load_model("tiny-llama-draft")
+  save_hf(tmp_path, model.config, model.params)
+  config = json.loads((tmp_path / "config.json").read_text())
+  del config["num_attention_heads"]
+  (tmp_path / "config.json").write_text(json.dumps(config))
+  err = _exit_2(capsys, ["--draft", str(tmp_path)])
+  assert "config.json lacks num_attention_heads" in err
+
+
+def test_an_unwritable_json_path_fails_before_decoding(capsys, tmp_path):
+  (tmp_path / "file").write_text("")  # a file where the JSON's folder should be
+  err = _exit_2(capsys, ["--json", str(tmp_path / "file" / "out.json")])
+  assert "--json" in err and "cannot write there" in err
+  assert "decoding" not in capsys.readouterr().out
+
+
+def test_a_small_ranked_draft_gets_a_head_it_can_have(tmp_path, capsys):
+  """The default draft vocabulary (8,192 with a ranking) is capped at the draft's ranking, so
+  an HF-directory draft of the tiny 264-token vocabulary runs without --draft-vocab; a top-k and
+  a fan-out wider than its restricted head run too (nothing to cut there), or are named."""
+  import numpy as np  # noqa: PLC0415
+
+  from ssd_jax.models.weights import save_hf  # noqa: PLC0415
+
+  model = load_model("tiny-llama-draft")
+  save_hf(tmp_path, model.config, model.params)
+  np.save(tmp_path / "token_ranking.npy", np.arange(264, dtype=np.int32)[::-1].copy())
+  draft = ["--draft", str(tmp_path), "--max-new-tokens", "6", "--num-prompts", "1"]
+  assert run.main([*TINY, *draft]) == 0
+  assert "draft vocab 264" in capsys.readouterr().out
+  sampled = ["--draft-vocab", "100", "--top-k", "150", "--temperature", "0.8"]
+  assert run.main([*TINY, *draft, *sampled]) == 0
+  err = _exit_2(capsys, [*draft, "--draft-vocab", "2", "--fan-out", "3"])
+  assert "fan-out of 3 forks more tokens than the draft's head scores (2" in err
+  assert "--draft-vocab" in err
 
 
 def test_chat_loop_answers_each_line():

@@ -372,3 +372,71 @@ def test_every_attention_impl_gives_the_same_greedy_tokens(models, ar_tokens, im
     PROMPTS[:1], spec=spec, max_new_tokens=8, ignore_eos=True
   )
   assert out.tokens[0] == ar_tokens["tiny-llama", 1][0][:8]
+
+
+@pytest.mark.parametrize("backup", ["neural", "fast"])
+@pytest.mark.parametrize("draft_name", ["tiny-llama", "tiny-llama-draft"])
+def test_greedy_ssd_with_eos_budgets_and_ragged_prompts(models, backup, draft_name):
+  """EOS mid-stream in some rows, per-row budgets, ragged prompts, batch 3: every row is AR's
+  tokens cut at its first EOS or its budget."""
+  target = models["tiny-llama"]
+  free = Engine(target).generate(PROMPTS, max_new_tokens=30, ignore_eos=True).tokens
+  eos = free[0][5]  # row 0 emits it at step 5; the others maybe later or never
+  config = dataclasses.replace(target.config, eos_token_ids=(eos,))
+  stopping = type(target)(target.name, config, target.params, target.tokenizer)
+  budgets = [30, 4, 11]
+  spec = SpecConfig(mode="ssd", lookahead=3, fan_out=(2, 2, 1, 1), backup=backup)
+  out = Engine(stopping, models[draft_name]).generate(PROMPTS, spec=spec, max_new_tokens=budgets)
+  for row, (tokens, budget) in enumerate(zip(out.tokens, budgets, strict=True)):
+    expected = free[row][:budget]
+    if eos in expected:
+      expected = expected[: expected.index(eos) + 1]
+    assert tokens == expected, row
+  assert out.tokens[0][-1] == eos and len(out.tokens[1]) == 4
+
+
+def _served_wrong_branch(speculations, outcome):
+  """A lookup that finds the right entry but serves its neighbour's continuation."""
+  hit, index = _find(speculations, outcome)
+  return hit, (index + 1) % speculations.keys.shape[1]
+
+
+_find = speculate.find
+HIT_CASES = [(1, (2, 2), 1), (3, (2, 2, 2, 2), 1), (3, (3, 1, 1, 2), 3), (5, (1,) * 6, 3)]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.4])
+@pytest.mark.parametrize(("lookahead", "fan_out", "batch"), HIT_CASES)
+def test_with_the_target_as_draft_every_hit_accepts_everything(
+  models, lookahead, fan_out, batch, temperature
+):
+  """A hit serves the continuation drafted for the very outcome that happened: with the target
+  as its own draft (q = p), every round served from the cache accepts all its tokens."""
+  target = models["tiny-qwen2"]
+  spec = SpecConfig(mode="ssd", lookahead=lookahead, fan_out=fan_out)
+  out = Engine(target, target).generate(
+    PROMPTS[:batch],
+    spec=spec,
+    sampling=Sampling(temperature=temperature),
+    max_new_tokens=64,
+    ignore_eos=True,
+    seed=1,
+  )
+  hits = out.metrics.accept_hist[1]  # rounds served from the cache, by accepted count
+  assert hits.sum() >= 4 * batch, hits
+  assert hits[:lookahead].sum() == 0, hits
+
+
+def test_serving_the_wrong_branch_is_caught(models, monkeypatch):
+  """The mutant: the cache entry that matched, but its neighbour's tokens."""
+  monkeypatch.setattr(speculate, "find", _served_wrong_branch)
+  jax.clear_caches()
+  try:
+    target = models["tiny-qwen2"]
+    spec = SpecConfig(mode="ssd", lookahead=3, fan_out=(2, 2, 2, 2))
+    out = Engine(target, target).generate(PROMPTS, spec=spec, max_new_tokens=40, ignore_eos=True)
+  finally:
+    monkeypatch.undo()
+    jax.clear_caches()
+  hits = out.metrics.accept_hist[1]
+  assert hits.sum() > 0 and hits[:3].sum() > 0

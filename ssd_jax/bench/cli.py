@@ -8,6 +8,9 @@
           and bf16.
   overlap whether this machine runs the target's verification and the draft's expansion at
           the same time (SSD's premise): each alone, then both dispatched together.
+  forward the forward's cost against new tokens T (1..16), with and without logits, at cache
+          fills 256 / 1024 / 4096, for the target and the draft, tree steps over 8 / 24
+          branches, beside the matrix products alone.
 
 Speed is compared as ratios measured side by side in one run: the machine may be shared.
 """
@@ -27,7 +30,8 @@ _EXAMPLES = """examples:
   python -m ssd_jax.bench sweep --quick --target tiny-llama --draft tiny-llama-draft
   python -m ssd_jax.bench sweep --batch-sizes 1 2 4 8 --backup auto --lookaheads 5
   python -m ssd_jax.bench sweep --hf                               # + HF transformers
-  python -m ssd_jax.bench models --hf"""
+  python -m ssd_jax.bench models --hf
+  python -m ssd_jax.bench forward --fills 256 --new-tokens 1 4 8"""
 
 
 _DRAFT_VOCAB = (
@@ -71,6 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
   o.add_argument("--out", type=Path, default=Path("runs/bench"))
   o.add_argument("--lookaheads", type=int, nargs="+", default=[7, 7, 4])
   o.add_argument("--fan-outs", type=int, nargs="+", default=[1, 3, 2])
+  f = sub.add_parser("forward", help="forward cost against new tokens, cache fill, branches")
+  f.add_argument("--models", nargs="+", default=["smollm2-135m", "smollm2-135m-draft"])
+  f.add_argument("--out", type=Path, default=Path("runs/bench"))
+  f.add_argument("--fills", type=int, nargs="+", default=[256, 1024, 4096])
+  f.add_argument("--new-tokens", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+  f.add_argument("--branches", type=int, nargs="+", default=[8, 24])
+  f.add_argument("--reps", type=int, default=12)
   m = sub.add_parser("models", help="prefill / decode speed of the target")
   m.add_argument("--target", default="smollm2-135m")
   m.add_argument("--out", type=Path, default=Path("runs/bench"))
@@ -101,13 +112,14 @@ def main(argv: list[str] | None = None) -> int:
   check(args, parser)
   setup_devices(getattr(args, "target_devices", 1))
   args.out.mkdir(parents=True, exist_ok=True)
-  from ssd_jax.bench import sweep  # noqa: PLC0415 (after the device set-up)
+  from ssd_jax.bench import forward, sweep  # noqa: PLC0415 (after the device set-up)
 
   try:
     run = {
       "sweep": sweep.sweep,
       "models": sweep.model_speed,
       "overlap": sweep.measure_overlap,
+      "forward": forward.forward_costs,
     }[args.command]
     result = run(args)
     path = args.out / f"{args.command}.json"

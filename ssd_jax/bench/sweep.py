@@ -86,7 +86,7 @@ def predict(record: dict, latency: dict, batch_size: int) -> dict[str, float]:
 
 
 def geometric_variants(
-  k: int, fan_outs: list[int], uniform_runs: list[dict], acceptance: float
+  lookahead: int, fan_outs: list[int], uniform_runs: list[dict], acceptance: float
 ) -> list[tuple[str, int, tuple[int, ...]]]:
   """Theorem 12 fan-outs with the budgets of the uniform ones, from the measured acceptance and
   the power law fitted to the uniform runs' miss rates (r = 0.5 when it cannot be fitted)."""
@@ -97,7 +97,11 @@ def geometric_variants(
   r = theory.fit_power_law(*zip(*usable, strict=True)) if len(usable) >= 2 else 0.5
   r = float(np.clip(r, 0.05, 3.0))
   return [
-    (f"geometric (r={r:.2f}, a={acceptance:.2f})", f, tree.geometric(k, f * (k + 1), acceptance, r))
+    (
+      f"geometric (r={r:.2f}, a={acceptance:.2f})",
+      f,
+      tree.geometric(lookahead, f * (lookahead + 1), acceptance, r),
+    )
     for f in sorted(set(fan_outs) - {1})
   ]
 
@@ -157,21 +161,26 @@ def _sweep_point(args, engine, ids, capacity, sampling, context, out) -> None:
   t0 = time.time()
   ar = run(SpecConfig(mode="ar", lookahead=0))
   records = [_record(context, ar, ar)]
-  for k in args.lookaheads:
-    sd = run(SpecConfig(mode="sd", lookahead=k))
+  for lookahead in args.lookaheads:
+    sd = run(SpecConfig(mode="sd", lookahead=lookahead))
     records.append(_record(context, sd, ar))
     acceptance = float(np.mean(records[-1]["acceptance_per_position"]))
 
-    def ssd(kind, budget, fan_out, k=k):
+    def ssd(kind, budget, fan_out, lookahead=lookahead):
       spec = SpecConfig(
-        mode="ssd", lookahead=k, fan_out=fan_out, saguaro_c=args.saguaro_c, backup=args.backup
+        mode="ssd",
+        lookahead=lookahead,
+        fan_out=fan_out,
+        saguaro_c=args.saguaro_c,
+        backup=args.backup,
       )
       return _record(context, run(spec), ar) | {"fan_out_kind": kind, "budget": budget}
 
-    uniform = [ssd("uniform", f, tree.uniform(k, f)) for f in args.fan_outs]
+    uniform = [ssd("uniform", f, tree.uniform(lookahead, f)) for f in args.fan_outs]
     records += uniform
     if not args.no_geometric:
-      records += [ssd(*v) for v in geometric_variants(k, args.fan_outs, uniform, acceptance)]
+      variants = geometric_variants(lookahead, args.fan_outs, uniform, acceptance)
+      records += [ssd(*v) for v in variants]
   _add_predictions(args, engine, ids, capacity, sampling, context, records, out)
   out["runs"] += records
   best = max((r for r in records if r["mode"] == "ssd"), key=lambda r: r["tokens_per_second"])
@@ -187,13 +196,14 @@ def _add_predictions(args, engine, ids, capacity, sampling, context, records, ou
   batch = context["batch_size"]
   cache: dict = {}
   for record in records:
-    k = max(record["lookahead"], 1)
-    fan_out = tuple(record["fan_out"]) or tree.uniform(k, 1)
-    key = (k, fan_out)
+    lookahead = max(record["lookahead"], 1)
+    fan_out = tuple(record["fan_out"]) or tree.uniform(lookahead, 1)
+    key = (lookahead, fan_out)
     if key not in cache:
-      spec = SpecConfig(mode="ssd", lookahead=k, fan_out=fan_out, saguaro_c=args.saguaro_c)
+      spec = SpecConfig(mode="ssd", lookahead=lookahead, fan_out=fan_out, saguaro_c=args.saguaro_c)
       cache[key] = time_programs(engine, ids[0], spec, sampling, capacity, batch_size=batch)
-      out["latency"].append(context | {"lookahead": k, "fan_out": list(fan_out)} | cache[key])
+      where = {"lookahead": lookahead, "fan_out": list(fan_out)}
+      out["latency"].append(context | where | cache[key])
     record["backup"] = record.get("backup") or args.backup
     record |= predict(record, cache[key], batch)
 
@@ -257,8 +267,9 @@ def measure_overlap(args) -> dict[str, Any]:
   target = engine.target
   prompt = harness.encode(target.tokenizer, [load_prompts("bundled", 1)[0].text], chat=True)[0]
   rows = []
-  for k, f in zip(args.lookaheads, args.fan_outs, strict=False):
-    spec = SpecConfig(mode="ssd", lookahead=k, fan_out=tree.uniform(k, f))
-    rows.append({"lookahead": k, "fan_out": f} | overlap(engine, prompt, spec, Sampling(), 1024))
+  for lookahead, f in zip(args.lookaheads, args.fan_outs, strict=False):
+    spec = SpecConfig(mode="ssd", lookahead=lookahead, fan_out=tree.uniform(lookahead, f))
+    row = {"lookahead": lookahead, "fan_out": f}
+    rows.append(row | overlap(engine, prompt, spec, Sampling(), 1024))
     print(rows[-1], flush=True)
   return {"environment": harness.environment(), "rows": rows, "args": _jsonable(args)}
