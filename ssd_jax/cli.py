@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import math
+import os
+import sys
+import threading
+import time
 
 DEFAULT_DRAFT_VOCAB = 8192
 
@@ -49,3 +54,123 @@ def finite_float(text: str) -> float:
   if not math.isfinite(value):
     raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
   return value
+
+
+def pin_cores(cores: list[int] | tuple[int, ...]) -> None:
+  """Run this process on `cores` only. Before JAX starts its CPU backend this also sizes XLA's
+  thread pool to them (it reads the affinity mask once); afterwards it would not, so refuse."""
+  if "jax" in sys.modules:
+    from jax._src import xla_bridge  # noqa: PLC0415
+
+    if xla_bridge.backends_are_initialized():
+      raise RuntimeError("pin the process before JAX starts its backends")
+  os.sched_setaffinity(0, set(cores))
+
+
+def core_list(text: str) -> list[int]:
+  """argparse type: "1" or "0,1" or "0-3" -> sorted core ids that exist here."""
+  cores: set[int] = set()
+  try:
+    for part in text.split(","):
+      lo, _, hi = part.partition("-")
+      cores |= set(range(int(lo), int(hi or lo) + 1))
+  except ValueError:
+    raise argparse.ArgumentTypeError(
+      f"expected core ids like 1 or 0,1 or 0-3, got {text!r}"
+    ) from None
+  missing = cores - set(range(os.cpu_count() or 1))
+  if missing or not cores:
+    raise argparse.ArgumentTypeError(f"no such cores here: {sorted(missing) or text}")
+  return sorted(cores)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """Where a command line's run goes: the draft side's placement and, on CPU, the cores.
+
+  Attributes:
+    placement: "device" (ssd's draft on a mesh of this process) or "process" (a speculator).
+    target_cores: this process's cores (ar, sd with its draft beside the target, and the target
+      of ssd); None: not pinned (every core).
+    speculator_cores: the speculator process's cores (None: not started here).
+    address: "host:port" of a remote speculator.
+  """
+
+  placement: str
+  target_cores: tuple[int, ...] | None
+  speculator_cores: tuple[int, ...] | None = None
+  address: str | None = None
+
+  def where(self, mode: str) -> str:
+    """What `mode` ran on, for the table."""
+    target = _cores(self.target_cores)
+    if mode != "ssd" or self.placement == "device":
+      return target if mode != "ssd" else f"{target} + a device"
+    return f"{target} + {self.address or _cores(self.speculator_cores)}"
+
+  def cores(self, mode: str) -> int:
+    """CPU cores `mode` ran on (the speculator's one included for ssd in a process here)."""
+    n = len(self.target_cores) if self.target_cores else os.cpu_count() or 1
+    return n + (len(self.speculator_cores) if mode == "ssd" and self.speculator_cores else 0)
+
+
+def _cores(cores) -> str:
+  if not cores:
+    return f"cores 0-{(os.cpu_count() or 1) - 1}"
+  return f"core{'s' if len(cores) > 1 else ''} {','.join(map(str, cores))}"
+
+
+def accelerator_present() -> bool:
+  """Whether JAX would start on a GPU or TPU here, judged without starting a backend (which
+  would fix the CPU thread pool's size before the process is pinned)."""
+  platforms = os.environ.get("JAX_PLATFORMS", "").lower()
+  if platforms:
+    return platforms.split(",")[0] not in ("cpu", "")
+  import importlib.util  # noqa: PLC0415
+
+  names = ("jax_cuda13_plugin", "jax_cuda12_plugin", "jax_rocm60_plugin", "libtpu")
+  return any(importlib.util.find_spec(name) is not None for name in names)
+
+
+def resolve_layout(placement: str, target_cores: str | None, address: str | None) -> Layout:
+  """The layout for --draft-placement, --target-cores N|all and --speculator HOST:PORT.
+
+  On a CPU host "auto" (the default) means a speculator process: the target (and ar, and sd
+  with its draft beside the target) on cores [0, N), the speculator on core N; N defaults to
+  all cores but one. Raises ValueError for a layout this machine cannot give.
+  """
+  total = os.cpu_count() or 1
+  if target_cores in (None, "all"):
+    n = None
+  elif not target_cores.isdigit() or not 1 <= int(target_cores) <= total:
+    raise ValueError(f"--target-cores must be 1..{total} or all, got {target_cores!r}")
+  else:
+    n = int(target_cores)
+  if address is not None:
+    return Layout("process", None if n is None else tuple(range(n)), address=address)
+  if placement == "auto":
+    placement = "device" if accelerator_present() or total < 2 else "process"
+  if placement == "device":
+    return Layout("device", None if n in (None, total) else tuple(range(n)))
+  n = total - 1 if n is None else n
+  if n >= total:
+    raise ValueError(
+      f"--target-cores {n} leaves no core for the speculator process on this {total}-core "
+      "machine: lower it, or use --draft-placement device"
+    )
+  return Layout("process", tuple(range(n)), speculator_cores=(n,))
+
+
+def exit_with_parent(parent: int, remove: str | None = None) -> None:
+  """Exit at once when process `parent` is gone (removing the file `remove`, this process's
+  log), watched by a daemon thread: a child started by another process never outlives it."""
+
+  def watch():
+    while os.getppid() == parent:
+      time.sleep(0.5)
+    if remove:
+      with contextlib.suppress(OSError):
+        os.unlink(remove)
+    os._exit(3)
+
+  threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()

@@ -8,13 +8,21 @@ tokens per round and cache hit rate, then one sample completion. `--chat` talks 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import warnings
 from pathlib import Path
 
-from ssd_jax.cli import DEFAULT_DRAFT_VOCAB, finite_float, resolve_draft_vocab, setup_devices
+from ssd_jax.cli import (
+  DEFAULT_DRAFT_VOCAB,
+  Layout,
+  exit_with_parent,
+  finite_float,
+  pin_cores,
+  resolve_draft_vocab,
+  resolve_layout,
+  setup_devices,
+)
 from ssd_jax.config import BACKUPS, MODES
 
 _EXAMPLES = """examples:
@@ -24,6 +32,14 @@ _EXAMPLES = """examples:
   python -m ssd_jax.run --lookahead 7 --fan-out-list 4 3 2 2 1 1 1 4 --backup fast --batch-size 4
   python -m ssd_jax.run --chat --mode ssd
   python -m ssd_jax.run --target tiny-llama --draft tiny-llama-draft   # random test models
+
+layout: on a CPU host ssd's draft runs in a speculator process of its own, pinned to a core of
+its own (--draft-placement auto, the default): ar, sd (its draft beside the target) and ssd's
+target run on cores [0, N) (--target-cores, default all but one), the speculator on core N. The
+table then adds sd on all cores, the best use of this machine's cores without SSD. With
+--draft-placement device the draft gets a virtual device of this process: placement, not
+compute (all CPU devices of one process share one thread pool). --speculator HOST:PORT uses a
+speculator another host runs (python -m ssd_jax.speculator --listen HOST:PORT).
 
 devices: the target uses --target-devices (tensor parallel), the draft --draft-devices of its
 own. On CPU that many virtual devices are created (at least twice the target mesh, which keeps
@@ -86,7 +102,24 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--batch-size", type=int, default=1)
   p.add_argument("--target-devices", type=int, default=1)
   p.add_argument("--draft-devices", type=int, help="default 1")
+  p.add_argument(
+    "--draft-placement",
+    choices=("auto", "device", "process"),
+    default="auto",
+    help="where ssd's draft runs (see layout below; default auto)",
+  )
+  p.add_argument("--target-cores", help="N or all: this process's cores [0, N) (see layout)")
+  p.add_argument("--speculator", metavar="HOST:PORT", help="a speculator another host runs")
+  p.add_argument(
+    "--speculator-pipe",
+    choices=("shm", "transfer"),
+    help="how arrays reach the speculator: shared memory (default here) or jax transfer",
+  )
+  p.add_argument(
+    "--no-all-cores", action="store_true", help="skip the sd-on-all-cores line of the table"
+  )
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--exit-with", type=int, help=argparse.SUPPRESS)  # a child of another run
   p.add_argument("--json", type=Path, help="write per-mode metrics, config and environment")
   p.add_argument("--chat", action="store_true", help="interactive chat (reads stdin lines)")
   p.add_argument("--metrics", action="store_true", help="with --chat: statistics per reply")
@@ -201,6 +234,19 @@ def main(argv: list[str] | None = None) -> int:
   parser = build_parser()
   args = parser.parse_args(argv)
   check_args(args, parser)
+  if args.exit_with:
+    exit_with_parent(args.exit_with)
+  try:
+    layout = resolve_layout(args.draft_placement, args.target_cores, args.speculator)
+  except ValueError as e:
+    parser.error(str(e))
+  if layout.target_cores:
+    try:
+      pin_cores(layout.target_cores)  # before JAX starts: its thread pool takes these cores
+    except RuntimeError:  # main() called in a process whose JAX already runs on every core
+      message = "JAX already runs here, so the layout cannot be pinned: ssd drafts on a device"
+      warnings.warn(message, stacklevel=2)
+      layout = Layout("device", None)
   setup_devices(args.target_devices, args.draft_devices)
   from ssd_jax.decode import Sampling  # noqa: PLC0415 (after the device set-up)
 
@@ -209,9 +255,21 @@ def main(argv: list[str] | None = None) -> int:
   try:
     specs = {m: make_spec(m, args, fan_out, fan_out_miss) for m in modes}
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    engine = make_engine(args, modes)
+    engine = make_engine(args, modes, layout)
   except (ValueError, FileNotFoundError) as e:
     parser.error(str(e))
+  from ssd_jax.decode.channel import ChannelError  # noqa: PLC0415
+
+  with engine:  # stops a speculator process however the run ends
+    try:
+      return run_engine(args, parser, engine, specs, sampling, layout)
+    except ChannelError as e:
+      print(f"python -m ssd_jax.run: error: {e}", file=sys.stderr)
+      return 1
+
+
+def run_engine(args, parser, engine, specs, sampling, layout) -> int:
+  modes = list(specs)
   if args.chat:
     from ssd_jax.chat import chat_loop  # noqa: PLC0415
 
@@ -224,10 +282,12 @@ def main(argv: list[str] | None = None) -> int:
       engine, spec, sampling, args.max_new_tokens, show_metrics=args.metrics, seed=args.seed
     )
     return 0
-  return benchmark(args, parser, engine, specs, sampling)
+  from ssd_jax.sidebyside import compare  # noqa: PLC0415
+
+  return compare(args, parser, engine, specs, sampling, layout)
 
 
-def make_engine(args, modes):
+def make_engine(args, modes, layout):
   import jax.numpy as jnp  # noqa: PLC0415
 
   from ssd_jax.decode import Engine  # noqa: PLC0415
@@ -247,104 +307,11 @@ def make_engine(args, modes):
       draft_devices=args.draft_devices,
       attention_impl=args.attention_impl,
       draft_vocab=draft_vocab,
+      draft_placement=layout.placement if "ssd" in modes else "device",
+      speculator_cores=layout.speculator_cores,
+      speculator_address=layout.address,
+      speculator_pipe=args.speculator_pipe,
     )
-
-
-def benchmark(args, parser, engine, specs, sampling) -> int:
-  from tqdm import tqdm  # noqa: PLC0415
-
-  from ssd_jax import harness  # noqa: PLC0415
-  from ssd_jax.data import load_prompts  # noqa: PLC0415
-
-  limit = args.num_prompts or (None if args.prompts == "bundled" else 8)
-  tokenizer = engine.target.tokenizer
-  try:
-    prompts = load_prompts(args.prompts, limit)
-    if tokenizer is None:
-      raise ValueError(f"target {engine.target.name!r} has no tokenizer; give a model with one")
-    chat = not args.no_chat_template and bool(tokenizer.chat_template)
-    ids = harness.encode(tokenizer, [p.text for p in prompts], chat)
-    capacity = harness.capacity_for(ids, args.max_new_tokens, args.lookahead)
-    for spec in specs.values():  # every mode's configuration is checked before any decodes
-      harness.check(engine, ids, spec, sampling, args.max_new_tokens, args.batch_size, capacity)
-  except (ValueError, FileNotFoundError) as e:
-    parser.error(str(e))
-  bar = tqdm(
-    total=len(ids) * len(specs),
-    desc="decoding",
-    unit="prompt",
-    disable=args.no_progress,
-    file=sys.stderr,
-  )
-  results = {}
-  with bar:
-    for mode, spec in specs.items():
-      bar.set_postfix_str(mode)
-      results[mode] = harness.run_mode(
-        engine,
-        ids,
-        spec,
-        sampling=sampling,
-        max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        ignore_eos=args.ignore_eos,
-        capacity=capacity,
-        trace=args.json is not None,
-        progress=bar.update,
-      )
-  print(format_table(results, args, len(prompts)))
-  last = list(results)[-1]
-  print(f"\nsample ({prompts[0].id}, {last}):\n{tokenizer.decode(results[last].tokens[0]).strip()}")
-  if args.json:
-    write_json(args, results, engine)
-    print(f"\nwrote {args.json}")
-  return 0
-
-
-def format_table(results, args, num_prompts: int) -> str:
-  from ssd_jax import harness  # noqa: PLC0415
-
-  speed = harness.speedups(results)
-  head = (
-    f"{num_prompts} prompts ({args.prompts}), max {args.max_new_tokens} new tokens, "
-    f"temperature {args.temperature}, batch {args.batch_size}, lookahead {args.lookahead}"
-    + (f", draft vocab {args.draft_vocab}" if args.draft_vocab else "")
-  )
-  rows = [
-    head,
-    "",
-    f"{'mode':<5} {'tok/s':>8} {'vs ar':>7} {'accepted/round':>15} {'hit rate':>9} {'tokens':>7}",
-  ]
-  for mode, r in results.items():
-    m = r.merged
-    hit = f"{m.hit_rate:>9.2f}" if mode == "ssd" else f"{'-':>9}"
-    vs = f"{speed[mode]:>6.2f}x" if mode in speed else f"{'-':>7}"
-    rows.append(
-      f"{mode:<5} {r.tokens_per_second:>8.1f} {vs} {m.mean_accepted:>15.2f} {hit} "
-      f"{r.generated_tokens:>7}"
-    )
-  if args.temperature == 0 and len(results) > 1:
-    same = harness.same_tokens(results)
-    rows.append(f"\ngreedy outputs identical across modes: {'yes' if same else 'NO'}")
-  return "\n".join(rows)
-
-
-def write_json(args, results, engine) -> None:
-  from ssd_jax import harness  # noqa: PLC0415
-
-  config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-  payload = {
-    "config": config,
-    "environment": harness.environment()
-    | {"attention_impl": engine.attention_impl, "shared_device": engine.shared},
-    "modes": {mode: r.summary() for mode, r in results.items()},
-    "speedup_vs_ar": harness.speedups(results),
-  }
-  if args.temperature == 0:
-    payload["greedy_outputs_identical"] = harness.same_tokens(results)
-  args.json.parent.mkdir(parents=True, exist_ok=True)
-  args.json.write_text(json.dumps(payload, indent=1))
 
 
 if __name__ == "__main__":

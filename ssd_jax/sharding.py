@@ -55,12 +55,13 @@ def make_meshes(
       f"{len(devices)} available; on CPU set XLA_FLAGS=--xla_force_host_platform_device_count="
       f"{max(2 * need, 2)} (or jax_num_cpu_devices) before JAX starts, or ask for fewer devices"
     )
-  target = jax.make_mesh(
-    (target_devices,), (TP,), axis_types=(AxisType.Auto,), devices=devices[:target_devices]
-  )
-  draft_devs = devices[:draft_devices] if share else devices[target_devices:need]
-  draft = jax.make_mesh((draft_devices,), (TP,), axis_types=(AxisType.Auto,), devices=draft_devs)
-  return target, draft
+  draft_devices = devices[:draft_devices] if share else devices[target_devices:need]
+  return mesh_of(devices[:target_devices]), mesh_of(draft_devices)
+
+
+def mesh_of(devices: Sequence[jax.Device]) -> Mesh:
+  """A one-axis ("tp") mesh over `devices`, sharding by the rule table."""
+  return jax.make_mesh((len(devices),), (TP,), axis_types=(AxisType.Auto,), devices=devices)
 
 
 def logical_spec(axes: Sequence[str | None], mesh: Mesh, shape: Sequence[int]) -> PartitionSpec:

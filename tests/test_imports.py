@@ -17,7 +17,7 @@ LAYERS = [
   ("ssd_jax.models",),
   ("ssd_jax.decode",),
   ("ssd_jax.harness",),
-  ("ssd_jax.run", "ssd_jax.chat", "ssd_jax.bench"),
+  ("ssd_jax.run", "ssd_jax.chat", "ssd_jax.sidebyside", "ssd_jax.bench", "ssd_jax.speculator"),
   ("ssd_jax",),  # the package's own __init__: the public names
 ]
 

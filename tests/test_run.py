@@ -15,7 +15,17 @@ from ssd_jax.config import SpecConfig
 from ssd_jax.decode import Engine, Sampling
 from ssd_jax.models.registry import load_model
 
-TINY = ["--target", "tiny-llama", "--draft", "tiny-llama-draft", "--no-progress"]
+# In this process JAX already runs, so the CLI's default layout (a pinned speculator process,
+# tested through real processes in test_speculator.py) cannot apply: place the draft here.
+TINY = [
+  "--target",
+  "tiny-llama",
+  "--draft",
+  "tiny-llama-draft",
+  "--no-progress",
+  "--draft-placement",
+  "device",
+]
 
 
 @pytest.fixture(scope="module")

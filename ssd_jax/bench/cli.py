@@ -8,6 +8,8 @@
           and bf16.
   overlap whether this machine runs the target's verification and the draft's expansion at
           the same time (SSD's premise): each alone, then both dispatched together.
+  exchange  one SSD round's exchange with a speculator process, per pipe (shared memory and
+          jax.experimental.transfer), greedy and sampled payloads.
   forward the forward's cost against new tokens T (1..16), with and without logits, at cache
           fills 256 / 1024 / 4096, for the target and the draft, tree steps over 8 / 24
           branches, beside the matrix products alone.
@@ -23,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from ssd_jax.cli import finite_float, setup_devices
+from ssd_jax.cli import core_list, finite_float, pin_cores, setup_devices
 
 _EXAMPLES = """examples:
   python -m ssd_jax.bench sweep --out runs/bench                   # the default sweep
@@ -82,6 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
   f.add_argument("--new-tokens", type=int, nargs="+", default=[1, 2, 4, 8, 16])
   f.add_argument("--branches", type=int, nargs="+", default=[8, 24])
   f.add_argument("--reps", type=int, default=12)
+  x = sub.add_parser("exchange", help="one round's exchange with a speculator process")
+  x.add_argument("--out", type=Path, default=Path("runs/bench"))
+  x.add_argument("--pipes", nargs="+", choices=("shm", "transfer"), default=["shm", "transfer"])
+  x.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+  x.add_argument("--lookahead", type=int, default=3)
+  x.add_argument("--vocab", type=int, default=49152)
+  x.add_argument("--reps", type=int, default=200)
+  x.add_argument("--target-cores", type=core_list, default=[0], help="this process's cores")
+  x.add_argument("--speculator-cores", type=core_list, default=[1])
   m = sub.add_parser("models", help="prefill / decode speed of the target")
   m.add_argument("--target", default="smollm2-135m")
   m.add_argument("--out", type=Path, default=Path("runs/bench"))
@@ -110,9 +121,11 @@ def main(argv: list[str] | None = None) -> int:
   parser = build_parser()
   args = parser.parse_args(argv)
   check(args, parser)
+  if getattr(args, "target_cores", None):
+    pin_cores(args.target_cores)  # before JAX starts: sizes its thread pool
   setup_devices(getattr(args, "target_devices", 1))
   args.out.mkdir(parents=True, exist_ok=True)
-  from ssd_jax.bench import forward, sweep  # noqa: PLC0415 (after the device set-up)
+  from ssd_jax.bench import exchange, forward, sweep  # noqa: PLC0415 (after the device set-up)
 
   try:
     run = {
@@ -120,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
       "models": sweep.model_speed,
       "overlap": sweep.measure_overlap,
       "forward": forward.forward_costs,
+      "exchange": exchange.exchange,
     }[args.command]
     result = run(args)
     path = args.out / f"{args.command}.json"

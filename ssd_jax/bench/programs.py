@@ -105,7 +105,7 @@ def _verifier(setup: Setup, speculation: Speculation, plan=None):
   e, plan = setup.engine, plan or setup.plan.target
 
   def run(state):
-    state, _, report = target_lib.step(e.target_params, state, speculation, plan=plan)
+    state, report = target_lib.step(e.target_params, state, speculation, plan=plan)
     return state, report
 
   return run
@@ -234,7 +234,7 @@ def _machine_share(setup: Setup, on_target, prompt_len: int, reps: int) -> dict[
   tstate = setup.target_state()  # its program ran in overlap
   wall, cpu = time.perf_counter(), time.process_time()
   for _ in range(reps):  # at most reps * (lookahead + 1) tokens committed: fits (see overlap)
-    tstate, _, report = step(engine.target_params, tstate, on_target)
+    tstate, report = step(engine.target_params, tstate, on_target)
     jax.block_until_ready(report)
   out = {"verify_cores": (time.process_time() - cpu) / (time.perf_counter() - wall)}
   single = engine.target_mesh.size == 1 and engine.draft_mesh.size == 1
@@ -254,12 +254,12 @@ def _machine_share(setup: Setup, on_target, prompt_len: int, reps: int) -> dict[
     if prompt_len + 3 * (i + 1) * (lookahead + 1) >= setup.capacity:
       break
     t = time.perf_counter()
-    states[0], _, report = step(sides[0][0], states[0], sides[0][1])
+    states[0], report = step(sides[0][0], states[0], sides[0][1])
     jax.block_until_ready(report)
     t1 = time.perf_counter()
     reports = []
     for j, (params, speculation) in enumerate(sides):
-      states[j], _, report = step(params, states[j], speculation)
+      states[j], report = step(params, states[j], speculation)
       reports.append(report)
     jax.block_until_ready(reports)
     t2 = time.perf_counter()

@@ -18,6 +18,7 @@ One SSD round through the files, in order:
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -32,12 +33,12 @@ from ssd_jax.decode import target as target_lib
 from ssd_jax.decode.loops import LOOPS, Run
 from ssd_jax.decode.metrics import Metrics, NullTimer, RoundTimer
 from ssd_jax.decode.plan import Plan
+from ssd_jax.decode.remote import SpeculatorOptions, SpeculatorProcess
 from ssd_jax.decode.sampling import Sampling
-from ssd_jax.decode.speculator import LocalSpeculator
+from ssd_jax.decode.speculator import LocalSpeculator, draft_params
 from ssd_jax.decode.state import Report
 from ssd_jax.models import placement
 from ssd_jax.models.registry import LoadedModel
-from ssd_jax.models.transformer import head_subset
 
 OnTokens = Callable[[int, list[int]], None]
 
@@ -81,6 +82,20 @@ class Engine:
     draft_vocab: restrict the draft's LM head to N tokens (the first N of the draft's token
       ranking) or to an explicit list of token ids: cheaper drafting, same outputs (see
       `transformer.head_subset`); default: the whole vocabulary.
+    draft_placement: where ssd's draft side runs: "device" (a mesh of this process: on CPU
+      its devices share this process's thread pool, so that is placement, not compute),
+      "process" (a speculator process pinned to `speculator_cores`: compute of its own), or
+      "auto" (a process on a CPU host with a core to spare, else a device). sd always drafts
+      beside the target, in this process.
+    speculator_cores: CPU cores of the speculator process (default: the cores this process
+      may not use; if it may use all, the last of them, shared).
+    speculator_address: "host:port" of a speculator another host runs (`python -m
+      ssd_jax.speculator --listen`); implies the process placement.
+    speculator_pipe: how arrays cross to the process: "shm" (one host; the default for a child)
+      or "transfer" (`jax.experimental.transfer`; the default with an address).
+
+  An engine with a speculator process owns it: `close()` (or leaving a `with` block, or the
+  interpreter's exit) stops it.
   """
 
   def __init__(
@@ -93,6 +108,10 @@ class Engine:
     attention_impl: str | None = None,
     devices: Sequence[jax.Device] | None = None,
     draft_vocab: int | Sequence[int] | None = None,
+    draft_placement: str = "device",
+    speculator_cores: Sequence[int] | None = None,
+    speculator_address: str | None = None,
+    speculator_pipe: str | None = None,
   ):
     if draft is not None and draft.config.vocab_size != target.config.vocab_size:
       raise ValueError(
@@ -125,10 +144,54 @@ class Engine:
     self.calibration: dict[str, float] = {}
     self.draft_params = None
     if draft is not None:
-      self.draft_params = placement.place_params(draft.params, draft.config, self.draft_mesh)
-      if draft_vocab is not None:
-        head = head_subset(draft.params, _vocab_ids(draft, draft_vocab), draft.config)
-        self.draft_params = self.draft_params | self._to_draft(head)
+      self.draft_params = draft_params(draft, self.draft_mesh, draft_vocab)
+    self.draft_placement = resolve_placement(draft_placement, speculator_address, devices[0])
+    self.speculator_options = None
+    self._process: SpeculatorProcess | None = None
+    if draft is not None and self.draft_placement == "process":
+      self.speculator_options = speculator_options(
+        draft, draft_vocab, attention_impl, speculator_cores, speculator_address, speculator_pipe
+      )
+
+  def close(self) -> None:
+    """Stop the speculator process, if one runs (the engine can still decode: a later ssd
+    run starts a new one)."""
+    if self._process is not None:
+      self._process.close()
+      self._process = None
+
+  def __enter__(self) -> Engine:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+  def speculator_process(self) -> SpeculatorProcess:
+    """The speculator process of this engine, started (and its draft loaded) on first use."""
+    if self._process is None:
+      self._process = SpeculatorProcess(self.speculator_options, self.target_mesh.devices.flat[0])
+      if self._process.head_size not in (None, self.draft_head_size):
+        raise ValueError("the speculator's draft head differs from this engine's")
+    return self._process
+
+  @property
+  def speculator_startup(self) -> dict[str, float] | None:
+    """Seconds the speculator process took to start and to load its draft (None: none ran)."""
+    return None if self._process is None else self._process.startup
+
+  def placement(self) -> dict[str, object]:
+    """Where each side runs: CPU cores (on CPU) or device ids, for reports."""
+    if self.target_mesh.devices.flat[0].platform == "cpu":
+      target = {"cores": sorted(os.sched_getaffinity(0))}
+    else:
+      target = {"devices": [d.id for d in self.target_mesh.devices.flat]}
+    out = {"target": target, "draft_placement": self.draft_placement}
+    if self.speculator_options is not None:
+      o = self.speculator_options
+      out["speculator"] = {"address": o.address} if o.address else {"cores": list(o.cores or ())}
+    elif self.draft is not None:
+      out["speculator"] = {"devices": [d.id for d in self.draft_mesh.devices.flat]}
+    return out
 
   def _to_target(self, tree):
     return jax.device_put(tree, sharding.replicated(self.target_mesh))
@@ -278,10 +341,14 @@ class Engine:
     key_target, key_draft = jax.random.split(key)
     state = self._start_target(plan, batch, key_target)
     speculator = None
-    if plan.draft is not None:
+    if plan.mode == "ssd" and self.speculator_options is not None:
+      speculator = self.speculator_process().speculator(plan.draft, timer)
+    elif plan.draft is not None:
       speculator = LocalSpeculator(self.draft_params, self.draft_mesh, plan.draft, timer)
+    if speculator is not None:
       speculator.start(batch.tokens, batch.lengths, batch.warp, key_draft, batch.capacity)
-    jax.block_until_ready((state, speculator and speculator.state))
+      speculator.ready()
+    jax.block_until_ready(state)
     t1 = time.perf_counter()
     timer.start()
     run = Run(plan, self.target_params, self._to_target, speculator, timer, on_report)
@@ -318,25 +385,55 @@ class Engine:
     )
 
 
-def _vocab_ids(draft: LoadedModel, draft_vocab: int | Sequence[int]) -> np.ndarray:
-  """The token ids a restricted draft head scores: the first N of the draft's token ranking,
-  or an explicit list."""
-  if not isinstance(draft_vocab, int | np.integer):
-    return np.asarray(draft_vocab)
-  vocab = draft.config.vocab_size
-  if not 1 <= draft_vocab <= vocab:
+def resolve_placement(placement: str, address: str | None, device: jax.Device) -> str:
+  """ "device" or "process" (see Engine's `draft_placement`)."""
+  if placement not in ("auto", "device", "process"):
+    raise ValueError(f"draft_placement must be auto, device or process, got {placement!r}")
+  if address is not None:
+    return "process"
+  if placement == "auto":  # a core of its own only exists in a process of its own on CPU
+    return "process" if device.platform == "cpu" and (os.cpu_count() or 1) > 1 else "device"
+  return placement
+
+
+def speculator_options(draft, draft_vocab, attention_impl, cores, address, pipe):
+  """What the speculator process is asked to run: the same draft, head and attention impl."""
+  if draft.source is None:
     raise ValueError(
-      f"draft_vocab must be in [1, {vocab}] (the vocabulary size), got {draft_vocab}"
+      f"draft {draft.name!r} was not loaded by name or path (load_model), so a speculator "
+      "process cannot load it too: save it (models.weights.save_hf) and load it from there"
     )
-  if draft.token_ranking is None:
-    raise ValueError(
-      f"draft {draft.name!r} has no token ranking (token_ranking.npy in its directory), so "
-      "draft_vocab=N cannot pick its N most frequent tokens: pass explicit token ids, or omit "
-      "draft_vocab to score the whole vocabulary"
-    )
-  if draft_vocab > draft.token_ranking.size:
-    raise ValueError(
-      f"draft_vocab={draft_vocab} but the token ranking of {draft.name!r} lists only "
-      f"{draft.token_ranking.size} tokens"
-    )
-  return draft.token_ranking[:draft_vocab]
+  if address is None and cores is None:
+    cores = _spare_cores()
+  pipe = pipe or ("transfer" if address is not None else "shm")
+  if pipe not in ("shm", "transfer"):
+    raise ValueError(f"speculator_pipe must be shm or transfer, got {pipe!r}")
+  if address is not None and pipe == "shm" and address.rpartition(":")[0] not in _LOOPBACK:
+    raise ValueError(f"shared memory cannot reach {address}: use speculator_pipe='transfer'")
+  vocab = draft_vocab if draft_vocab is None or isinstance(draft_vocab, int) else tuple(draft_vocab)
+  return SpeculatorOptions(
+    draft=draft.source,
+    dtype=jax.numpy.dtype(jax.tree.leaves(draft.params)[0].dtype).name,
+    draft_vocab=vocab,
+    attention_impl=attention_impl,
+    cores=None if cores is None else tuple(int(c) for c in cores),
+    address=address,
+    pipe=pipe,
+  )
+
+
+_LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def _spare_cores() -> tuple[int, ...]:
+  """Cores this process may not use (pinned elsewhere), else its last core (then shared)."""
+  mine = os.sched_getaffinity(0)
+  spare = sorted(set(range(os.cpu_count() or 1)) - mine)
+  if spare:
+    return (spare[0],)
+  warnings.warn(
+    "the speculator process shares a core with the target (this process may use every core): "
+    "pin the target first (python -m ssd_jax.run does, see --target-cores) to give it one",
+    stacklevel=3,
+  )
+  return (max(mine),)

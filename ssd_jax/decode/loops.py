@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
 
 from ssd_jax.decode import target as target_lib
 from ssd_jax.decode.metrics import NullTimer
@@ -52,26 +53,30 @@ class Run:
   timer: NullTimer
   on_report: Callable[[Report], bool]
 
-  def verify(self, state: TargetState, speculation: Speculation):
+  def verify(self, state: TargetState, speculation: Speculation) -> tuple[TargetState, Report]:
     """Dispatch the target's round on `speculation` (placed on the target mesh)."""
-    state, outcome, report = target_lib.step(
+    state, report = target_lib.step(
       self.target_params, state, self.to_target(speculation), plan=self.plan.target
     )
     self.timer.when_ready("target", "verify_done", report)
-    return state, outcome, report
+    return state, report
 
 
 def drive(run: Run, dispatch_round: Callable[[], Report]) -> int:
-  """Dispatch rounds until every sequence is done, reading each report one round late.
-  Returns the number of rounds dispatched."""
+  """Dispatch rounds until every sequence is done, reading each report one round late (a
+  report already on the host is not read again). Returns the number of rounds dispatched."""
   pending, rounds = None, 0
   while True:
     run.timer.mark("dispatch")
     report = dispatch_round()
     rounds += 1
-    if pending is not None and run.on_report(jax.device_get(pending)):
+    if pending is not None and run.on_report(_on_host(pending)):
       return rounds
     pending = report
+
+
+def _on_host(report: Report) -> Report:
+  return report if isinstance(report.count, np.ndarray) else jax.device_get(report)
 
 
 def run_ar(run: Run, state: TargetState) -> tuple[TargetState, int]:
@@ -80,7 +85,7 @@ def run_ar(run: Run, state: TargetState) -> tuple[TargetState, int]:
 
   def dispatch():
     nonlocal state
-    state, _, report = run.verify(state, no_draft)
+    state, report = run.verify(state, no_draft)
     return report
 
   rounds = drive(run, dispatch)  # before reading `state`: the rounds replace it
@@ -94,7 +99,8 @@ def run_sd(run: Run, state: TargetState) -> tuple[TargetState, int]:
   def dispatch():
     nonlocal state, outcome
     speculation = run.speculator.propose(outcome)
-    state, outcome, report = run.verify(state, speculation)
+    state, report = run.verify(state, speculation)
+    outcome = report.outcome
     return report
 
   rounds = drive(run, dispatch)  # before reading `state`: the rounds replace it
@@ -102,13 +108,22 @@ def run_sd(run: Run, state: TargetState) -> tuple[TargetState, int]:
 
 
 def run_ssd(run: Run, state: TargetState) -> tuple[TargetState, int]:
-  """Speculative speculative decoding (see the module docstring)."""
-  speculation = run.speculator.first()
+  """Speculative speculative decoding (see the module docstring).
+
+  A speculator in another process needs each outcome on the host before it can serve the next
+  speculation: then the round's report (which carries the outcome) is read at once instead of a
+  round late, still one host read per round.
+  """
+  speculator = run.speculator
+  speculation = speculator.first()
 
   def dispatch():
     nonlocal state, speculation
-    state, outcome, report = run.verify(state, speculation)
-    speculation = run.speculator.next(outcome)
+    state, report = run.verify(state, speculation)
+    speculator.expand()  # of the speculation being verified: both run at once
+    if speculator.reads_outcome:
+      report = jax.device_get(report)
+    speculation = speculator.next(report.outcome)
     return report
 
   rounds = drive(run, dispatch)  # before reading `state`: the rounds replace it

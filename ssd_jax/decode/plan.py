@@ -75,6 +75,17 @@ class DraftPlan:
     """N: branches expanded per sequence per round."""
     return sum(self.fan_out)
 
+  def to_json(self) -> dict:
+    """Every field but the config (a speculator process has its own, from the same files)."""
+    fields = dataclasses.asdict(self)
+    del fields["config"]
+    return fields
+
+  @classmethod
+  def from_json(cls, fields: dict, config: ModelConfig) -> DraftPlan:
+    tuples = {k: tuple(v) for k, v in fields.items() if isinstance(v, list)}
+    return cls(config=config, **(fields | tuples))
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Plan:

@@ -122,6 +122,8 @@ class Report:
     hit: bool[B], active sequences whose speculation this round came from the cache.
     drafted: bool[], some active sequence's speculation this round was not from the cache: in
       ssd, the round's speculation needed the first proposal or a backup.
+    outcome: the verification outcome the draft side needs; a speculator in another process
+      gets it from this report, so the report stays the one host read per round.
   """
 
   tokens: jax.Array  # i32[B, lookahead + 1]
@@ -129,6 +131,7 @@ class Report:
   done: jax.Array  # bool[B]
   hit: jax.Array  # bool[B]
   drafted: jax.Array  # bool[]
+  outcome: Outcome
 
 
 @jax.tree_util.register_dataclass

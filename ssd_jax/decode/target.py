@@ -95,7 +95,7 @@ def _emit(
 @functools.partial(jax.jit, static_argnames="plan", donate_argnames="state")
 def step(
   params: Params, state: TargetState, speculation: Speculation, *, plan: TargetPlan
-) -> tuple[TargetState, Outcome, Report]:
+) -> tuple[TargetState, Report]:
   """Verify one speculation and advance every active sequence. `state` is donated.
 
   The first column of `speculation.tokens` is replaced by the target's own pending token, so the
@@ -138,6 +138,6 @@ def step(
     done=done,
     hit=speculation.hit & active,
     drafted=jnp.any(active & ~speculation.hit),
+    outcome=Outcome(accepted=accepted, bonus=bonus, committed=committed, done=done),
   )
-  outcome = Outcome(accepted=accepted, bonus=bonus, committed=committed, done=done)
-  return new_state, outcome, report
+  return new_state, report

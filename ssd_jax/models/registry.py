@@ -48,6 +48,7 @@ class LoadedModel:
   params: Params
   tokenizer: Tokenizer | None
   token_ranking: np.ndarray | None = None  # i32[V]: most frequent target outputs first
+  source: str | None = None  # the registry name or path it was loaded from (None: built here)
 
 
 def known_models() -> tuple[str, ...]:
@@ -129,6 +130,12 @@ def load_model(
     ValueError: unknown name, unsupported or inconsistent files (the message says what to do).
     FileNotFoundError: a path or required package is missing.
   """
+  model = _load(name_or_path, dtype, cache_dir, tokenizer_from)
+  source = name_or_path if name_or_path in known_models() else str(Path(name_or_path).absolute())
+  return dataclasses.replace(model, source=source)
+
+
+def _load(name_or_path: str, dtype, cache_dir, tokenizer_from) -> LoadedModel:
   if name_or_path in tiny.NAMES:
     config, params = tiny.build(name_or_path)
     return LoadedModel(name_or_path, config, _cast(params, dtype), tiny.byte_tokenizer())

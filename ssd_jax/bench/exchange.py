@@ -1,0 +1,77 @@
+"""What one SSD round's exchange with a speculator process costs, per pipe.
+
+A speculator process (pinned to its own core, as in a real run) answers probes: the target sends
+an outcome's arrays (four i32[B]) and gets back a speculation's (i32[B, lookahead + 1] tokens,
+two bool[B] flags, and f32[B, lookahead, V] proposal distributions when sampling), made on the
+speculator's device. The round trip is timed from the target's side, arrays on its device at
+both ends (host reads and writes included), `reps` times after a warm-up.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from ssd_jax.decode.remote import SpeculatorOptions, SpeculatorProcess
+
+
+def probe_ms(
+  link: SpeculatorProcess, batch: int, lookahead: int, vocab: int, sampled: bool, reps: int
+) -> dict[str, float]:
+  device = link.device
+  outcome = {
+    k: jax.device_put(np.zeros(batch, np.int32), device) for k in ("accepted", "bonus", "committed")
+  }
+  outcome["done"] = jax.device_put(np.zeros(batch, bool), device)
+  reply = [
+    ["tokens", "<i4", [batch, lookahead + 1]],
+    ["point_mass", "|b1", [batch]],
+    ["hit", "|b1", [batch]],
+  ]
+  if sampled:
+    reply.append(["probs", "<f4", [batch, lookahead, vocab]])
+  times = []
+  for i in range(reps + 5):
+    t = time.perf_counter()
+    link.conn.send({"op": "probe", "arrays": link.pipe.pack(outcome), "reply": reply})
+    answer = link.conn.receive(timeout=60)
+    arrays = jax.block_until_ready(jax.device_put(link.pipe.unpack(answer["arrays"]), device))
+    if i >= 5:
+      times.append(time.perf_counter() - t)
+  del arrays
+  ms = np.asarray(times) * 1e3
+  return {
+    "median_ms": float(np.median(ms)),
+    "p90_ms": float(np.quantile(ms, 0.9)),
+    "min_ms": float(ms.min()),
+  }
+
+
+def exchange(args) -> dict[str, Any]:
+  from ssd_jax import harness  # noqa: PLC0415
+
+  rows = []
+  for pipe in args.pipes:
+    options = SpeculatorOptions(
+      draft="tiny-llama-draft", cores=tuple(args.speculator_cores), pipe=pipe
+    )
+    link = SpeculatorProcess(options, jax.devices()[0])
+    try:
+      for batch in args.batch_sizes:
+        for sampled in (False, True):
+          row = {
+            "pipe": pipe,
+            "batch_size": batch,
+            "lookahead": args.lookahead,
+            "vocab": args.vocab,
+            "sampled": sampled,
+          }
+          row |= probe_ms(link, batch, args.lookahead, args.vocab, sampled, args.reps)
+          rows.append(row)
+          print(row, flush=True)
+    finally:
+      link.close()
+  return {"environment": harness.environment(), "rows": rows}

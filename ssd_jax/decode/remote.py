@@ -1,0 +1,243 @@
+"""A speculator in a process of its own, and the target's side of talking to it.
+
+`SpeculatorProcess` starts one (a child of this process, pinned to its own cores before JAX
+starts there) or connects to one another host runs (`python -m ssd_jax.speculator --listen`),
+loads the draft there from the same name or path, and stops it. It never leaves a process
+behind: the engine closes it (also on exceptions and at interpreter exit), and the child exits
+by itself once this process is gone. A speculator that dies gives a ChannelError naming its exit
+status and the end of its log within a second, never a hang.
+
+`RemoteSpeculator` has the calls of `LocalSpeculator` (start / first / expand / next / close)
+for one run; the arrays of each call cross on the pipe (see channel.py).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import dataclasses
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import weakref
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from ssd_jax.decode.channel import ChannelError, Connection, SharedMemoryPipe, TransferPipe
+from ssd_jax.decode.metrics import NullTimer
+from ssd_jax.decode.plan import DraftPlan
+from ssd_jax.decode.sampling import Warp
+from ssd_jax.decode.state import Outcome, Speculation
+
+PROTOCOL = 1
+LOAD_TIMEOUT = 900.0  # seconds for the speculator to start and load its draft
+STEP_TIMEOUT = 600.0  # seconds for one answer (the first ones compile)
+
+SPECULATION_FIELDS = tuple(f.name for f in dataclasses.fields(Speculation))
+OUTCOME_FIELDS = tuple(f.name for f in dataclasses.fields(Outcome))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SpeculatorOptions:
+  """How to run the draft side in a process of its own.
+
+  Attributes:
+    draft: the draft's registry name or path, loaded by the speculator itself.
+    dtype: its params' dtype ("float32" or "bfloat16").
+    draft_vocab: restrict its head (as `Engine(draft_vocab=)`), or None.
+    attention_impl: the tree-attention implementation there.
+    cores: CPU cores the child is pinned to (None: not pinned).
+    address: "host:port" of a speculator another host runs; None starts a child here.
+    pipe: "shm" (shared memory, one host) or "transfer" (`jax.experimental.transfer`).
+  """
+
+  draft: str
+  dtype: str = "float32"
+  draft_vocab: int | tuple[int, ...] | None = None
+  attention_impl: str = "xla"
+  cores: tuple[int, ...] | None = None
+  address: str | None = None
+  pipe: str = "shm"
+
+
+class SpeculatorProcess:
+  """One speculator and the connection to it (see the module docstring)."""
+
+  def __init__(self, options: SpeculatorOptions, device: jax.Device):
+    self.options, self.device = options, device
+    self.process: subprocess.Popen | None = None
+    self.log: Path | None = None
+    t0 = time.perf_counter()
+    sock = self._connect() if options.address else self._spawn()
+    self.conn = Connection(sock, alive=self.gone)
+    self.pipe = TransferPipe(device) if options.pipe == "transfer" else SharedMemoryPipe()
+    t1 = time.perf_counter()
+    ready = self._hello()
+    self.startup = {"spawn_seconds": t1 - t0, "load_seconds": time.perf_counter() - t1}
+    self.pid, self.head_size = ready["pid"], ready["head_size"]
+    self.config_json = ready["config"]
+    self._finalizer = weakref.finalize(self, _stop, self.process, self.conn, self.pipe, self.log)
+    atexit.register(self._finalizer)
+
+  def _spawn(self) -> socket.socket:
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    cmd = [sys.executable, "-m", "ssd_jax.speculator", "--connect", f"127.0.0.1:{port}"]
+    cmd += ["--parent", str(os.getpid())]
+    if self.options.cores:
+      cmd += ["--cores", ",".join(map(str, self.options.cores))]
+    fd, log = tempfile.mkstemp(prefix="ssd_jax-speculator-", suffix=".log")
+    self.log = Path(log)
+    cmd += ["--log", log]  # removed by the child if this process dies before it can
+    # A session of its own: a Ctrl-C reaches this process, which then stops the speculator.
+    self.process = subprocess.Popen(
+      cmd, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd, start_new_session=True
+    )
+    os.close(fd)
+    listener.settimeout(0.5)
+    deadline = time.monotonic() + LOAD_TIMEOUT
+    try:
+      while True:
+        try:
+          sock, _ = listener.accept()
+          return sock
+        except TimeoutError:
+          if (why := self.gone()) is not None or time.monotonic() > deadline:
+            self.close()
+            raise ChannelError(why or "the speculator did not connect in time") from None
+    finally:
+      listener.close()
+
+  def _connect(self) -> socket.socket:
+    host, _, port = self.options.address.rpartition(":")
+    try:
+      return socket.create_connection((host, int(port)), timeout=30)
+    except (OSError, ValueError) as e:
+      raise ChannelError(
+        f"cannot reach a speculator at {self.options.address} ({e}); start one there with "
+        "python -m ssd_jax.speculator --listen HOST:PORT"
+      ) from e
+
+  def _hello(self) -> dict[str, Any]:
+    o = self.options
+    hello = {
+      "op": "hello",
+      "protocol": PROTOCOL,
+      "draft": o.draft,
+      "dtype": o.dtype,
+      "draft_vocab": list(o.draft_vocab) if isinstance(o.draft_vocab, tuple) else o.draft_vocab,
+      "attention_impl": o.attention_impl,
+      "pipe": o.pipe,
+    }
+    if isinstance(self.pipe, TransferPipe):
+      hello["transfer_address"] = self.pipe.address
+    try:
+      self.conn.send(hello)
+      ready = self.conn.receive(timeout=LOAD_TIMEOUT)
+    except ChannelError:
+      self.close()
+      raise
+    if isinstance(self.pipe, TransferPipe):
+      self.pipe.connect(ready["transfer_address"])
+    return ready
+
+  def gone(self) -> str | None:
+    """None while the speculator runs; else what happened to it (exit status, end of its log)."""
+    if self.process is None or self.process.poll() is None:
+      return None
+    tail = ""
+    if self.log is not None and self.log.exists():
+      lines = self.log.read_text(errors="replace").strip().splitlines()[-12:]
+      tail = "; its last output:\n" + "\n".join(lines) if lines else ""
+    return (
+      f"the speculator (pid {self.process.pid}) exited with status {self.process.returncode}{tail}"
+    )
+
+  def speculator(self, plan: DraftPlan, timer=None) -> RemoteSpeculator:
+    return RemoteSpeculator(self, plan, timer)
+
+  def close(self) -> None:
+    """Stop the speculator (politely, then by force) and release the channel."""
+    finalizer = getattr(self, "_finalizer", None)
+    if finalizer is not None:
+      finalizer()
+      atexit.unregister(finalizer)
+    else:
+      _stop(self.process, getattr(self, "conn", None), getattr(self, "pipe", None), self.log)
+
+
+def _stop(process, conn, pipe, log) -> None:
+  if conn is not None:
+    with contextlib.suppress(ChannelError):
+      conn.send({"op": "bye"})
+    conn.close()
+  if process is not None:
+    try:
+      process.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+      process.kill()
+      process.wait()
+  if pipe is not None:
+    pipe.close()
+  if log is not None:
+    log.unlink(missing_ok=True)
+
+
+class RemoteSpeculator:
+  """The draft side of one run, in a speculator process: LocalSpeculator's calls over the
+  channel. Speculations arrive on the host (shared memory) or on this process's device
+  (transfer); the loop places them on the target mesh either way."""
+
+  reads_outcome = True  # `next` needs the round's outcome now (the loop reads it for us)
+
+  def __init__(self, link: SpeculatorProcess, plan: DraftPlan, timer=None):
+    self.link, self.plan = link, plan
+    self.timer = timer or NullTimer()
+
+  def _call(self, message: dict[str, Any], arrays: dict[str, Any] | None = None):
+    if arrays is not None:
+      message["arrays"] = self.link.pipe.pack(arrays)
+    self.link.conn.send(message)
+
+  def _speculation(self) -> Speculation:
+    answer = self.link.conn.receive(timeout=STEP_TIMEOUT)
+    fields = self.link.pipe.unpack(answer["arrays"])
+    return Speculation(**{name: fields.get(name) for name in SPECULATION_FIELDS})
+
+  def start(self, tokens, lengths, warp: Warp, key, capacity: int) -> None:
+    arrays = {
+      "tokens": tokens,
+      "lengths": lengths,
+      "temperature": warp.temperature,
+      "top_k": warp.top_k,
+      "top_p": warp.top_p,
+      "key": np.asarray(jax.random.key_data(key)),
+    }
+    self._call({"op": "start", "plan": self.plan.to_json(), "capacity": capacity}, arrays)
+
+  def ready(self) -> None:
+    """Wait for the speculator's prefill (its first start compiles there)."""
+    self.link.conn.receive(timeout=STEP_TIMEOUT)
+
+  def first(self) -> Speculation:
+    self._call({"op": "first"})
+    return self._speculation()
+
+  def expand(self) -> None:
+    """Nothing to do: the speculator expands each speculation right after sending it."""
+
+  def next(self, outcome: Outcome) -> Speculation:
+    self._call({"op": "next"}, {name: getattr(outcome, name) for name in OUTCOME_FIELDS})
+    speculation = self._speculation()
+    self.timer.when_ready("draft", "lookup_done", speculation)
+    return speculation
+
+  def close(self) -> None:
+    with contextlib.suppress(ChannelError):
+      self._call({"op": "stop"})

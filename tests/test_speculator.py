@@ -1,0 +1,291 @@
+"""The speculator in a process of its own: exactness through the process path (greedy and
+statistical), identical samples to the in-process path, its lifetime (normal end, a speculator
+that dies, a parent that dies, Ctrl-C), a speculator another "host" runs, and the CLI's default
+layout. Every process a test starts is stopped by the test, also when it fails."""
+
+import contextlib
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import exact
+import jax
+import numpy as np
+import pytest
+
+from ssd_jax.config import SpecConfig
+from ssd_jax.decode import Engine, Sampling
+from ssd_jax.decode.channel import ChannelError
+from ssd_jax.models.registry import LoadedModel, load_model
+from ssd_jax.models.weights import save_hf
+
+pytestmark = pytest.mark.skipif(
+  (os.cpu_count() or 1) < 2, reason="a speculator process needs a core of its own"
+)
+
+PROMPTS = [[5, 17, 99, 3, 42, 8, 8, 120], [7, 1], [200, 201, 202, 203, 204]]
+CORE = (1,)
+
+
+def speculator_pids() -> set[int]:
+  """Live speculator processes of this test session (children of this process)."""
+  out = subprocess.run(["pgrep", "-f", "ssd_jax.speculator"], capture_output=True, text=True)
+  return {int(p) for p in out.stdout.split()} - {os.getpid()}
+
+
+def gone(pid: int, within: float) -> bool:
+  deadline = time.monotonic() + within
+  while time.monotonic() < deadline:
+    try:
+      os.kill(pid, 0)
+    except ProcessLookupError:
+      return True
+    with contextlib.suppress(ChildProcessError):
+      os.waitpid(pid, os.WNOHANG)
+    time.sleep(0.1)
+  return False
+
+
+@pytest.fixture(scope="module")
+def models():
+  return {name: load_model(name) for name in ("tiny-llama", "tiny-llama-draft")}
+
+
+@pytest.fixture(scope="module")
+def process_engine(models):
+  engine = Engine(
+    models["tiny-llama"],
+    models["tiny-llama-draft"],
+    draft_placement="process",
+    speculator_cores=CORE,
+  )
+  yield engine
+  engine.close()
+
+
+@pytest.fixture(scope="module")
+def ar(models):
+  return Engine(models["tiny-llama"]).generate(PROMPTS, max_new_tokens=20, ignore_eos=True).tokens
+
+
+@pytest.mark.parametrize("backup", ["neural", "fast"])
+@pytest.mark.parametrize("fan_out", [(2, 2, 1, 1), (3, 3, 2, 0)])
+def test_greedy_ssd_through_a_process_equals_ar(process_engine, ar, backup, fan_out):
+  spec = SpecConfig(mode="ssd", lookahead=3, fan_out=fan_out, backup=backup)
+  out = process_engine.generate(PROMPTS, spec=spec, max_new_tokens=20, ignore_eos=True)
+  assert out.tokens == ar
+  assert out.metrics.rounds > 0 and process_engine.speculator_startup["load_seconds"] > 0
+
+
+def test_eos_and_budgets_through_a_process(models, ar):
+  target = models["tiny-llama"]
+  eos = ar[0][5]
+  stopping = dataclasses.replace(
+    target, config=dataclasses.replace(target.config, eos_token_ids=(eos,))
+  )
+  spec = SpecConfig(mode="ssd", lookahead=3, fan_out=(2, 2, 1, 1))
+  draft = models["tiny-llama-draft"]
+  with Engine(stopping, draft, draft_placement="process", speculator_cores=CORE) as engine:
+    out = engine.generate(PROMPTS, spec=spec, max_new_tokens=[30, 4, 11])
+  for row, (tokens, budget) in enumerate(zip(out.tokens, [30, 4, 11], strict=True)):
+    expected = ar[row][:budget] if len(ar[row]) >= budget else ar[row]
+    if eos in expected:
+      expected = expected[: expected.index(eos) + 1]
+    assert tokens[: len(expected)] == expected[: len(tokens)], row
+  assert out.tokens[0][-1] == eos and len(out.tokens[1]) == 4
+
+
+@pytest.mark.parametrize("pipe", ["shm", "transfer"])
+def test_samples_are_the_in_process_samples(models, pipe):
+  """Same seed, same programs: the process path draws exactly the tokens of the local one, per
+  row settings included (any protocol slip in q, keys or flags would change them)."""
+  target, draft = models["tiny-llama"], models["tiny-llama-draft"]
+  spec = SpecConfig(mode="ssd", lookahead=3, fan_out=(2, 2, 1, 1), saguaro_c=0.5)
+  sampling = [Sampling(temperature=0.9), Sampling(temperature=0.5, top_k=7), Sampling()]
+  run = lambda e: e.generate(PROMPTS, spec=spec, sampling=sampling, max_new_tokens=16, seed=5)
+  local = run(Engine(target, draft))
+  with Engine(
+    target, draft, draft_placement="process", speculator_cores=CORE, speculator_pipe=pipe
+  ) as engine:
+    remote = run(engine)
+  assert remote.tokens == local.tokens
+  np.testing.assert_array_equal(remote.metrics.accept_hist, local.metrics.accept_hist)
+
+
+@pytest.fixture(scope="module")
+def exact_pair(tmp_path_factory):
+  """The statistical tests' tiny pair, saved so that a speculator process can load the draft."""
+  target, draft = exact.tiny_pair()
+  path = tmp_path_factory.mktemp("exact-draft")
+  save_hf(path, draft.config, draft.params)
+  return target, load_model(str(path))
+
+
+@pytest.mark.statistical
+@pytest.mark.parametrize(
+  ("fan_out", "backup"),
+  [((exact.V - 1, exact.V), "neural"), ((1, 1), "fast"), ((2, 2, 2), "neural")],
+)
+def test_ssd_through_a_process_is_exact(exact_pair, fan_out, backup):
+  target, draft = exact_pair
+  spec = SpecConfig(mode="ssd", lookahead=len(fan_out) - 1, fan_out=fan_out, backup=backup)
+  sampling = Sampling(temperature=1.0)
+  with Engine(target, draft, draft_placement="process", speculator_cores=CORE) as engine:
+    out = engine.generate(
+      [exact.PROMPT] * 50_000, spec=spec, sampling=sampling, max_new_tokens=3, capacity=24
+    )
+  law = exact.exact_law(target, exact.PROMPT, 3, sampling)
+  z = exact.fit_z(exact.counts(out.tokens, 3), law)
+  assert z < exact.Z_MAX, z
+  assert out.metrics.later_hit_rate > 0
+
+
+def test_a_speculator_that_dies_mid_run_is_an_error_not_a_hang(models):
+  target, draft = models["tiny-llama"], models["tiny-llama-draft"]
+  engine = Engine(target, draft, draft_placement="process", speculator_cores=CORE)
+  spec = SpecConfig(mode="ssd", lookahead=2, fan_out=(1, 1, 1))
+  engine.generate(PROMPTS[:1], spec=spec, max_new_tokens=8)  # started and warm
+  pid = engine.speculator_process().pid
+  killed = []
+
+  def kill_after_a_few_tokens(row, tokens):
+    if not killed:
+      os.kill(pid, signal.SIGKILL)
+      killed.append(time.monotonic())
+
+  try:
+    with pytest.raises(ChannelError, match=f"speculator \\(pid {pid}\\) exited with status -9"):
+      engine.generate(PROMPTS[:1], spec=spec, max_new_tokens=400, on_tokens=kill_after_a_few_tokens)
+    assert time.monotonic() - killed[0] < 5
+  finally:
+    engine.close()
+  assert gone(pid, within=1)
+  # The engine starts a fresh speculator for the next run.
+  try:
+    assert len(engine.generate(PROMPTS[:1], spec=spec, max_new_tokens=6).tokens[0]) == 6
+  finally:
+    engine.close()
+
+
+_PARENT = """
+import os, sys, time, jax
+jax.config.update("jax_num_cpu_devices", 2)
+from ssd_jax.config import SpecConfig
+from ssd_jax.decode import Engine
+from ssd_jax.models.registry import load_model
+engine = Engine(load_model("tiny-llama"), load_model("tiny-llama-draft"), draft_placement="process",
+                speculator_cores=(1,))
+spec = SpecConfig(mode="ssd", lookahead=2, fan_out=(1, 1, 1))
+engine.generate([[1, 2, 3]], spec=spec, max_new_tokens=4)
+print(engine.speculator_process().pid, flush=True)
+if sys.argv[1] == "hang":
+  time.sleep(600)
+else:
+  engine.generate([[1, 2, 3]], spec=spec, max_new_tokens=100_000, ignore_eos=True, capacity=8192)
+"""
+
+
+@pytest.mark.parametrize(("how", "what"), [("kill", "hang"), ("interrupt", "decode")])
+def test_the_speculator_never_outlives_its_parent(how, what):
+  """SIGKILL to an idle parent (nothing can clean up) and Ctrl-C to a decoding one."""
+  parent = subprocess.Popen(
+    [sys.executable, "-c", _PARENT, what], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+  )
+  try:
+    pid = int(parent.stdout.readline())
+    os.kill(parent.pid, signal.SIGKILL if how == "kill" else signal.SIGINT)
+    assert parent.wait(timeout=20) != 0
+    assert gone(pid, within=3), f"speculator {pid} outlived its parent"
+  finally:
+    parent.kill()
+    parent.wait()
+    for leftover in speculator_pids():
+      with contextlib.suppress(ProcessLookupError):
+        os.kill(leftover, signal.SIGKILL)
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_a_speculator_another_host_runs(models, ar):
+  """Two local processes on 127.0.0.1: one listens (python -m ssd_jax.speculator --listen), the
+  target connects to it; arrays move on jax.experimental.transfer."""
+  port = _free_port()
+  server = subprocess.Popen(
+    [sys.executable, "-m", "ssd_jax.speculator", "--listen", f"127.0.0.1:{port}", "--once"],
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
+  try:
+    assert "listening" in server.stdout.readline()
+    target, draft = models["tiny-llama"], models["tiny-llama-draft"]
+    spec = SpecConfig(mode="ssd", lookahead=3, fan_out=(2, 2, 1, 1))
+    with Engine(target, draft, speculator_address=f"127.0.0.1:{port}") as engine:
+      assert engine.speculator_options.pipe == "transfer"
+      out = engine.generate(PROMPTS, spec=spec, max_new_tokens=20, ignore_eos=True)
+    assert out.tokens == ar
+    assert server.wait(timeout=20) == 0  # --once: it exits after its target said bye
+  finally:
+    server.kill()
+    server.wait()
+
+
+def test_the_cli_default_layout_pins_and_reports(tmp_path):
+  """`python -m ssd_jax.run` on a CPU host: ar and sd on core 0, ssd's speculator on core 1,
+  sd on all cores beside them; greedy outputs identical; no process left behind."""
+  out = tmp_path / "run.json"
+  before = speculator_pids()
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "ssd_jax.run",
+      "--target",
+      "tiny-llama",
+      "--draft",
+      "tiny-llama-draft",
+      "--max-new-tokens",
+      "12",
+      "--num-prompts",
+      "2",
+      "--target-cores",
+      "1",
+      "--no-progress",
+      "--json",
+      str(out),
+    ],
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert proc.returncode == 0, proc.stderr
+  assert "core 0 + core 1" in proc.stdout and "all " in proc.stdout
+  result = json.loads(out.read_text())
+  assert result["layout"]["ssd"] == {"ran_on": "core 0 + core 1", "cores": 2}
+  assert result["layout"]["sd"]["cores"] == 1
+  assert result["greedy_outputs_identical"] is True
+  assert result["sd_all_cores"]["generated_tokens"] == result["modes"]["sd"]["generated_tokens"]
+  assert set(result["speculator_startup"]) == {"spawn_seconds", "load_seconds"}
+  assert speculator_pids() <= before
+
+
+def test_a_draft_built_in_memory_cannot_go_to_a_process(models):
+  draft = models["tiny-llama-draft"]
+  built = LoadedModel(draft.name, draft.config, draft.params, None)
+  with pytest.raises(ValueError, match="cannot load it too"):
+    Engine(models["tiny-llama"], built, draft_placement="process")
+
+
+def test_placement_names_are_checked(models):
+  with pytest.raises(ValueError, match="draft_placement must be"):
+    Engine(models["tiny-llama"], models["tiny-llama-draft"], draft_placement="gpu")
+  assert jax.devices()[0].platform == "cpu"
