@@ -11,6 +11,7 @@ import os
 import sys
 import threading
 import time
+import warnings
 
 DEFAULT_DRAFT_VOCAB = 8192
 
@@ -174,3 +175,21 @@ def exit_with_parent(parent: int, remove: str | None = None) -> None:
     os._exit(3)
 
   threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def apply_layout(layout: Layout) -> Layout:
+  """Pin this process to the layout's target cores, before JAX starts. In a process whose JAX
+  already runs (a command line's main() called from Python) that is too late: warn and fall
+  back to the draft on a device of this process, on every core."""
+  if not layout.target_cores:
+    return layout
+  try:
+    pin_cores(layout.target_cores)
+  except RuntimeError:
+    warnings.warn(
+      "JAX already runs in this process, so the CPU layout cannot be pinned: ssd's draft runs on "
+      "a device of this process",
+      stacklevel=2,
+    )
+    return Layout("device", None)
+  return layout

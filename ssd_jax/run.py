@@ -15,10 +15,9 @@ from pathlib import Path
 
 from ssd_jax.cli import (
   DEFAULT_DRAFT_VOCAB,
-  Layout,
+  apply_layout,
   exit_with_parent,
   finite_float,
-  pin_cores,
   resolve_draft_vocab,
   resolve_layout,
   setup_devices,
@@ -240,13 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     layout = resolve_layout(args.draft_placement, args.target_cores, args.speculator)
   except ValueError as e:
     parser.error(str(e))
-  if layout.target_cores:
-    try:
-      pin_cores(layout.target_cores)  # before JAX starts: its thread pool takes these cores
-    except RuntimeError:  # main() called in a process whose JAX already runs on every core
-      message = "JAX already runs here, so the layout cannot be pinned: ssd drafts on a device"
-      warnings.warn(message, stacklevel=2)
-      layout = Layout("device", None)
+  layout = apply_layout(layout)  # pins this process before JAX starts
   setup_devices(args.target_devices, args.draft_devices)
   from ssd_jax.decode import Sampling  # noqa: PLC0415 (after the device set-up)
 

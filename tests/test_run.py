@@ -226,6 +226,8 @@ def test_bench_quick_sweep_writes_json_plots_and_report(tmp_path):
       [
         "sweep",
         "--quick",
+        "--draft-placement",
+        "device",
         "--target",
         "tiny-llama",
         "--draft",

@@ -25,7 +25,14 @@ import sys
 import time
 from pathlib import Path
 
-from ssd_jax.cli import core_list, finite_float, pin_cores, setup_devices
+from ssd_jax.cli import (
+  apply_layout,
+  core_list,
+  finite_float,
+  pin_cores,
+  resolve_layout,
+  setup_devices,
+)
 
 _EXAMPLES = """examples:
   python -m ssd_jax.bench sweep --out runs/bench                   # the default sweep
@@ -66,6 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--saguaro-c", type=finite_float, default=1.0)
   s.add_argument("--backup", choices=("neural", "fast", "auto"), default="neural")
   s.add_argument("--target-devices", type=int, default=1)
+  s.add_argument(
+    "--draft-placement",
+    choices=("auto", "device", "process"),
+    default="auto",
+    help="where ssd's draft runs, as in python -m ssd_jax.run (auto: a pinned speculator "
+    "process on CPU)",
+  )
+  s.add_argument("--layout-cores", metavar="N|all", help="as run's --target-cores")
   s.add_argument("--seed", type=int, default=0)
   s.add_argument("--ignore-eos", action="store_true")
   s.add_argument("--hf", action="store_true", help="also run HF transformers (needs make hf)")
@@ -123,6 +138,12 @@ def main(argv: list[str] | None = None) -> int:
   check(args, parser)
   if getattr(args, "target_cores", None):
     pin_cores(args.target_cores)  # before JAX starts: sizes its thread pool
+  if args.command == "sweep":
+    try:
+      args.layout = resolve_layout(args.draft_placement, args.layout_cores, None)
+    except ValueError as e:
+      parser.error(str(e))
+    args.layout = apply_layout(args.layout)
   setup_devices(getattr(args, "target_devices", 1))
   args.out.mkdir(parents=True, exist_ok=True)
   from ssd_jax.bench import exchange, forward, sweep  # noqa: PLC0415 (after the device set-up)

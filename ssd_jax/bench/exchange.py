@@ -72,6 +72,28 @@ def exchange(args) -> dict[str, Any]:
           row |= probe_ms(link, batch, args.lookahead, args.vocab, sampled, args.reps)
           rows.append(row)
           print(row, flush=True)
+      rows.append({"pipe": pipe, "independence": independence(link)})
+      print(rows[-1], flush=True)
     finally:
       link.close()
   return {"environment": harness.environment(), "rows": rows}
+
+
+def independence(link: SpeculatorProcess, size: int = 576, reps: int = 7) -> dict[str, float]:
+  """2 x (the work alone here) / (the same work here and in the speculator at once): 2 when the
+  speculator's core is compute of its own, 1 when the two share one pool."""
+  from ssd_jax.decode.speculator import run_work  # noqa: PLC0415
+
+  alone, pair = [], []
+  run_work(size)
+  link.conn.send({"op": "work", "size": size})  # both sides compiled and warm
+  link.conn.receive(timeout=120)
+  for _ in range(reps):
+    alone.append(run_work(size))
+    t = time.perf_counter()
+    link.conn.send({"op": "work", "size": size})
+    run_work(size)
+    link.conn.receive(timeout=120)
+    pair.append(time.perf_counter() - t)
+  alone_s, pair_s = float(np.median(alone)), float(np.median(pair))
+  return {"alone_ms": alone_s * 1e3, "pair_ms": pair_s * 1e3, "independence": 2 * alone_s / pair_s}

@@ -115,10 +115,24 @@ def _engine(args, **kwargs) -> Engine:
 
 
 def sweep(args) -> dict[str, Any]:
-  engine = _engine(args, target_devices=args.target_devices)
+  layout = args.layout
+  engine = _engine(
+    args,
+    target_devices=args.target_devices,
+    draft_placement=layout.placement,
+    speculator_cores=layout.speculator_cores,
+  )
+  with engine:  # stops its speculator process
+    return _sweep(args, engine, layout)
+
+
+def _sweep(args, engine, layout) -> dict[str, Any]:
   target, draft = engine.target, engine.draft
   out: dict[str, Any] = {
     "environment": harness.environment(),
+    "layout": {
+      m: {"ran_on": layout.where(m), "cores": layout.cores(m)} for m in ("ar", "sd", "ssd")
+    },
     "args": _jsonable(args),
     "runs": [],
     "latency": [],

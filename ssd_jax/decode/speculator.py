@@ -23,10 +23,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
+import time
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ssd_jax import sharding
@@ -190,6 +193,9 @@ def serve(conn, pipe, params: Params, mesh, config) -> None:
         str(shapes), {k: jax.device_put(np.zeros(s, d)) for k, (d, s) in shapes.items()}
       )
       conn.send({"op": "probe", "arrays": pipe.pack(cached)})
+    elif op == "work":  # how independent this core is: the target times the same work
+      seconds = run_work(message["size"])
+      conn.send({"op": "work", "seconds": seconds})
     elif op == "bye":
       return
     else:
@@ -237,3 +243,27 @@ def serve_connection(sock) -> None:
     if pipe is not None:
       pipe.close()
     conn.close()
+
+
+@functools.partial(jax.jit, static_argnames="size")
+def _work(x, *, size: int):
+  w = jnp.full((size, 3 * size), 1e-3, jnp.float32)
+  for _ in range(10):
+    x = jnp.tanh(x @ w)[:, :size]
+  return x
+
+
+@functools.cache
+def _work_input(size: int) -> jax.Array:
+  x = jnp.ones((size, size), jnp.float32)
+  jax.block_until_ready(_work(x, size=size))  # compiled and run once before any timing
+  return x
+
+
+def run_work(size: int) -> float:
+  """Seconds of a fixed compute load (ten [size, size] @ [size, 3 size] products): run alone
+  and at once in two processes, it says how independent their cores are."""
+  x = _work_input(size)
+  t = time.perf_counter()
+  jax.block_until_ready(_work(x, size=size))
+  return time.perf_counter() - t
