@@ -37,6 +37,7 @@ class ModeResult:
   tokens: list[list[int]]
   metrics: list[Metrics]  # one per batch
   compiles: int = 0  # XLA compilations during the timed batches (after the warm-up)
+  warmup_seconds: float = 0.0  # the warm-up batches (compilation), not in tokens/s
 
   @property
   def generated_tokens(self) -> int:
@@ -85,6 +86,7 @@ class ModeResult:
     out["spec"] = dataclasses.asdict(self.spec)
     out["per_batch_tokens_per_second"] = [m.tokens_per_second for m in self.metrics]
     out["compiles_after_warmup"] = self.compiles
+    out["warmup_seconds"] = self.warmup_seconds
     out["generated_token_ids"] = self.tokens
     return out
 
@@ -154,6 +156,7 @@ def run_mode(
   # One warm-up batch per prompt bucket, with the timed runs' shapes and static arguments:
   # prefill compiles per bucket, the decode programs once.
   buckets = {bucket_length(max(map(len, b)), capacity): b for b in reversed(batches)}
+  t0 = time.perf_counter()
   for batch in buckets.values() if warmup else ():
     engine.generate(
       (batch * batch_size)[:batch_size],
@@ -165,6 +168,7 @@ def run_mode(
       ignore_eos=ignore_eos,
       trace=trace,
     )
+  warmup_seconds = time.perf_counter() - t0
   tokens, metrics = [], []
   with count_compiles() as compiles:  # warm programs: the timed batches compile nothing
     for i, batch in enumerate(batches):
@@ -183,7 +187,7 @@ def run_mode(
       metrics.append(out.metrics)
       if progress:
         progress(len(batch))
-  return ModeResult(spec.mode, spec, tokens, metrics, compiles=len(compiles))
+  return ModeResult(spec.mode, spec, tokens, metrics, len(compiles), warmup_seconds)
 
 
 def environment() -> dict[str, Any]:

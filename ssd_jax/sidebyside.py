@@ -37,6 +37,12 @@ def compare(args, parser, engine, specs, sampling, layout) -> int:
   if layout.target_cores and "ssd" in specs and not args.no_all_cores:
     all_cores = sd_on_all_cores(args)
   print(format_table(results, args, len(prompts), layout, all_cores))
+  if (startup := engine.speculator_startup) is not None:
+    print(
+      f"\nspeculator process: started in {startup['spawn_seconds']:.1f} s, draft loaded in "
+      f"{startup['load_seconds']:.1f} s; ssd's warm-up (compiling on both sides) "
+      f"{results['ssd'].warmup_seconds:.1f} s; none of it in tokens/s"
+    )
   last = list(results)[-1]
   print(f"\nsample ({prompts[0].id}, {last}):\n{tokenizer.decode(results[last].tokens[0]).strip()}")
   if args.json:

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
       parser.error(f"--cores {args.cores}: {e}")
   if args.parent:
     exit_with_parent(args.parent, remove=args.log)
-  from ssd_jax.decode.speculator import serve_connection  # noqa: PLC0415 (after pinning)
+  from ssd_jax.decode.serving import serve_connection  # noqa: PLC0415 (after pinning)
 
   if args.connect:
     sock = socket.create_connection(_address(args.connect, parser), timeout=30)

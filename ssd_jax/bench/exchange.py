@@ -82,7 +82,7 @@ def exchange(args) -> dict[str, Any]:
 def independence(link: SpeculatorProcess, size: int = 576, reps: int = 7) -> dict[str, float]:
   """2 x (the work alone here) / (the same work here and in the speculator at once): 2 when the
   speculator's core is compute of its own, 1 when the two share one pool."""
-  from ssd_jax.decode.speculator import run_work  # noqa: PLC0415
+  from ssd_jax.decode.serving import run_work  # noqa: PLC0415
 
   alone, pair = [], []
   run_work(size)
@@ -97,3 +97,35 @@ def independence(link: SpeculatorProcess, size: int = 576, reps: int = 7) -> dic
     pair.append(time.perf_counter() - t)
   alone_s, pair_s = float(np.median(alone)), float(np.median(pair))
   return {"alone_ms": alone_s * 1e3, "pair_ms": pair_s * 1e3, "independence": 2 * alone_s / pair_s}
+
+
+def pinned_pair_independence(cores=(0, 1), size: int = 576, reps: int = 7) -> dict[str, float]:
+  """The process layout's independence measured apart from this process: two speculator
+  processes pinned to `cores` run the same work, each alone, then both at once."""
+  links = [
+    SpeculatorProcess(SpeculatorOptions(draft="tiny-llama-draft", cores=(c,)), jax.devices()[0])
+    for c in cores
+  ]
+  try:
+
+    def work(which) -> float:
+      t = time.perf_counter()
+      for link in which:
+        link.conn.send({"op": "work", "size": size})
+      for link in which:
+        link.conn.receive(timeout=120)
+      return time.perf_counter() - t
+
+    work(links)  # compiled and warm on both
+    alone = [work(links[:1]) for _ in range(reps)]
+    pair = [work(links) for _ in range(reps)]
+  finally:
+    for link in links:
+      link.close()
+  alone_s, pair_s = float(np.median(alone)), float(np.median(pair))
+  return {
+    "layout": f"processes on cores {','.join(map(str, cores))}",
+    "alone_ms": alone_s * 1e3,
+    "pair_ms": pair_s * 1e3,
+    "independence": 2 * alone_s / pair_s,
+  }

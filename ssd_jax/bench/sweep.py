@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -216,10 +217,25 @@ def _add_predictions(args, engine, ids, capacity, sampling, context, records, ou
     if key not in cache:
       spec = SpecConfig(mode="ssd", lookahead=lookahead, fan_out=fan_out, saguaro_c=args.saguaro_c)
       cache[key] = time_programs(engine, ids[0], spec, sampling, capacity, batch_size=batch)
+      if engine.draft_placement == "process":
+        cache[key] |= _process_overlap(engine, cache[key], batch, lookahead, sampling)
       where = {"lookahead": lookahead, "fan_out": list(fan_out)}
       out["latency"].append(context | where | cache[key])
     record["backup"] = record.get("backup") or args.backup
     record |= predict(record, cache[key], batch)
+
+
+def _process_overlap(engine, latency, batch, lookahead, sampling) -> dict[str, float]:
+  """With the speculator in a process of its own (independence ~1.9 here, bench overlap) a hit
+  round's verify and expand run at once on separate cores, and the round adds one exchange
+  with the speculator, measured on its channel: `together` is max(verify, expand) + that."""
+  from ssd_jax.bench.exchange import probe_ms  # noqa: PLC0415
+
+  vocab = engine.target.config.vocab_size
+  link = engine.speculator_process()
+  exchange = probe_ms(link, batch, lookahead, vocab, not sampling.greedy, reps=50)["median_ms"]
+  together = max(latency["verify"], latency["expand"]) + exchange
+  return {"together": together, "together_in_process": latency["together"], "exchange": exchange}
 
 
 def _jsonable(args) -> dict:
@@ -276,14 +292,21 @@ def model_speed(args) -> dict[str, Any]:
 
 
 def measure_overlap(args) -> dict[str, Any]:
-  """Can this machine overlap verification and expansion? (see bench.programs.overlap)"""
+  """Can this machine overlap verification and expansion? (see bench.programs.overlap) With
+  devices of one process, and with the speculator processes' layout on CPU (two processes
+  pinned to cores of their own)."""
   engine = _engine(args)
   target = engine.target
   prompt = harness.encode(target.tokenizer, [load_prompts("bundled", 1)[0].text], chat=True)[0]
   rows = []
   for lookahead, f in zip(args.lookaheads, args.fan_outs, strict=False):
     spec = SpecConfig(mode="ssd", lookahead=lookahead, fan_out=tree.uniform(lookahead, f))
-    row = {"lookahead": lookahead, "fan_out": f}
+    row = {"layout": "devices of one process", "lookahead": lookahead, "fan_out": f}
     rows.append(row | overlap(engine, prompt, spec, Sampling(), 1024))
+    print(rows[-1], flush=True)
+  if (os.cpu_count() or 1) > 1:  # the layout python -m ssd_jax.run uses on CPU
+    from ssd_jax.bench.exchange import pinned_pair_independence  # noqa: PLC0415
+
+    rows.append(pinned_pair_independence())
     print(rows[-1], flush=True)
   return {"environment": harness.environment(), "rows": rows, "args": _jsonable(args)}

@@ -31,6 +31,8 @@ from typing import Any
 import jax
 import numpy as np
 
+PROTOCOL = 1  # the hello's version: both ends must speak the same
+
 
 class ChannelError(RuntimeError):
   """The peer is gone, timed out or broke the protocol; the message says which."""

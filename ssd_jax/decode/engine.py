@@ -18,7 +18,6 @@ One SSD round through the files, in order:
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -33,7 +32,7 @@ from ssd_jax.decode import target as target_lib
 from ssd_jax.decode.loops import LOOPS, Run
 from ssd_jax.decode.metrics import Metrics, NullTimer, RoundTimer
 from ssd_jax.decode.plan import Plan
-from ssd_jax.decode.remote import SpeculatorOptions, SpeculatorProcess
+from ssd_jax.decode.remote import SpeculatorProcess, resolve_placement, speculator_options
 from ssd_jax.decode.sampling import Sampling
 from ssd_jax.decode.speculator import LocalSpeculator, draft_params
 from ssd_jax.decode.state import Report
@@ -178,20 +177,6 @@ class Engine:
   def speculator_startup(self) -> dict[str, float] | None:
     """Seconds the speculator process took to start and to load its draft (None: none ran)."""
     return None if self._process is None else self._process.startup
-
-  def placement(self) -> dict[str, object]:
-    """Where each side runs: CPU cores (on CPU) or device ids, for reports."""
-    if self.target_mesh.devices.flat[0].platform == "cpu":
-      target = {"cores": sorted(os.sched_getaffinity(0))}
-    else:
-      target = {"devices": [d.id for d in self.target_mesh.devices.flat]}
-    out = {"target": target, "draft_placement": self.draft_placement}
-    if self.speculator_options is not None:
-      o = self.speculator_options
-      out["speculator"] = {"address": o.address} if o.address else {"cores": list(o.cores or ())}
-    elif self.draft is not None:
-      out["speculator"] = {"devices": [d.id for d in self.draft_mesh.devices.flat]}
-    return out
 
   def _to_target(self, tree):
     return jax.device_put(tree, sharding.replicated(self.target_mesh))
@@ -383,57 +368,3 @@ class Engine:
     return target_lib.start(
       self.target_params, tokens, lengths, cache, budgets, warp, key, plan=plan.target
     )
-
-
-def resolve_placement(placement: str, address: str | None, device: jax.Device) -> str:
-  """ "device" or "process" (see Engine's `draft_placement`)."""
-  if placement not in ("auto", "device", "process"):
-    raise ValueError(f"draft_placement must be auto, device or process, got {placement!r}")
-  if address is not None:
-    return "process"
-  if placement == "auto":  # a core of its own only exists in a process of its own on CPU
-    return "process" if device.platform == "cpu" and (os.cpu_count() or 1) > 1 else "device"
-  return placement
-
-
-def speculator_options(draft, draft_vocab, attention_impl, cores, address, pipe):
-  """What the speculator process is asked to run: the same draft, head and attention impl."""
-  if draft.source is None:
-    raise ValueError(
-      f"draft {draft.name!r} was not loaded by name or path (load_model), so a speculator "
-      "process cannot load it too: save it (models.weights.save_hf) and load it from there"
-    )
-  if address is None and cores is None:
-    cores = _spare_cores()
-  pipe = pipe or ("transfer" if address is not None else "shm")
-  if pipe not in ("shm", "transfer"):
-    raise ValueError(f"speculator_pipe must be shm or transfer, got {pipe!r}")
-  if address is not None and pipe == "shm" and address.rpartition(":")[0] not in _LOOPBACK:
-    raise ValueError(f"shared memory cannot reach {address}: use speculator_pipe='transfer'")
-  vocab = draft_vocab if draft_vocab is None or isinstance(draft_vocab, int) else tuple(draft_vocab)
-  return SpeculatorOptions(
-    draft=draft.source,
-    dtype=jax.numpy.dtype(jax.tree.leaves(draft.params)[0].dtype).name,
-    draft_vocab=vocab,
-    attention_impl=attention_impl,
-    cores=None if cores is None else tuple(int(c) for c in cores),
-    address=address,
-    pipe=pipe,
-  )
-
-
-_LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
-
-
-def _spare_cores() -> tuple[int, ...]:
-  """Cores this process may not use (pinned elsewhere), else its last core (then shared)."""
-  mine = os.sched_getaffinity(0)
-  spare = sorted(set(range(os.cpu_count() or 1)) - mine)
-  if spare:
-    return (spare[0],)
-  warnings.warn(
-    "the speculator process shares a core with the target (this process may use every core): "
-    "pin the target first (python -m ssd_jax.run does, see --target-cores) to give it one",
-    stacklevel=3,
-  )
-  return (max(mine),)

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 import weakref
 from pathlib import Path
 from typing import Any
@@ -29,13 +30,18 @@ from typing import Any
 import jax
 import numpy as np
 
-from ssd_jax.decode.channel import ChannelError, Connection, SharedMemoryPipe, TransferPipe
+from ssd_jax.decode.channel import (
+  PROTOCOL,
+  ChannelError,
+  Connection,
+  SharedMemoryPipe,
+  TransferPipe,
+)
 from ssd_jax.decode.metrics import NullTimer
 from ssd_jax.decode.plan import DraftPlan
 from ssd_jax.decode.sampling import Warp
 from ssd_jax.decode.state import Outcome, Speculation
 
-PROTOCOL = 1
 LOAD_TIMEOUT = 900.0  # seconds for the speculator to start and load its draft
 STEP_TIMEOUT = 600.0  # seconds for one answer (the first ones compile)
 
@@ -241,3 +247,57 @@ class RemoteSpeculator:
   def close(self) -> None:
     with contextlib.suppress(ChannelError):
       self._call({"op": "stop"})
+
+
+def resolve_placement(placement: str, address: str | None, device: jax.Device) -> str:
+  """ "device" or "process" (see Engine's `draft_placement`)."""
+  if placement not in ("auto", "device", "process"):
+    raise ValueError(f"draft_placement must be auto, device or process, got {placement!r}")
+  if address is not None:
+    return "process"
+  if placement == "auto":  # a core of its own only exists in a process of its own on CPU
+    return "process" if device.platform == "cpu" and (os.cpu_count() or 1) > 1 else "device"
+  return placement
+
+
+def speculator_options(draft, draft_vocab, attention_impl, cores, address, pipe):
+  """What the speculator process is asked to run: the same draft, head and attention impl."""
+  if draft.source is None:
+    raise ValueError(
+      f"draft {draft.name!r} was not loaded by name or path (load_model), so a speculator "
+      "process cannot load it too: save it (models.weights.save_hf) and load it from there"
+    )
+  if address is None and cores is None:
+    cores = _spare_cores()
+  pipe = pipe or ("transfer" if address is not None else "shm")
+  if pipe not in ("shm", "transfer"):
+    raise ValueError(f"speculator_pipe must be shm or transfer, got {pipe!r}")
+  if address is not None and pipe == "shm" and address.rpartition(":")[0] not in _LOOPBACK:
+    raise ValueError(f"shared memory cannot reach {address}: use speculator_pipe='transfer'")
+  vocab = draft_vocab if draft_vocab is None or isinstance(draft_vocab, int) else tuple(draft_vocab)
+  return SpeculatorOptions(
+    draft=draft.source,
+    dtype=np.dtype(jax.tree.leaves(draft.params)[0].dtype).name,
+    draft_vocab=vocab,
+    attention_impl=attention_impl,
+    cores=None if cores is None else tuple(int(c) for c in cores),
+    address=address,
+    pipe=pipe,
+  )
+
+
+_LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def _spare_cores() -> tuple[int, ...]:
+  """Cores this process may not use (pinned elsewhere), else its last core (then shared)."""
+  mine = os.sched_getaffinity(0)
+  spare = sorted(set(range(os.cpu_count() or 1)) - mine)
+  if spare:
+    return (spare[0],)
+  warnings.warn(
+    "the speculator process shares a core with the target (this process may use every core): "
+    "pin the target first (python -m ssd_jax.run does, see --target-cores) to give it one",
+    stacklevel=3,
+  )
+  return (max(mine),)

@@ -15,21 +15,15 @@ its own:
 Arrays cross between the meshes with `jax.device_put`, asynchronously: the outcome (a few ints
 per row) in, the speculation (tokens, and q when sampling) out. Nothing here waits for a device.
 
-`serve` runs the same object in a speculator process, answering a target's calls over a channel
-(`channel.py`; the target's side is `remote.RemoteSpeculator`).
+In a speculator process `serving.serve` runs the same object, answering a target's calls over a
+channel (`channel.py`; the target's side is `remote.RemoteSpeculator`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import functools
-import os
-import time
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ssd_jax import sharding
@@ -146,124 +140,3 @@ class LocalSpeculator:
 
   def close(self) -> None:
     self.state = self._cache = self._last = None
-
-
-def serve(conn, pipe, params: Params, mesh, config) -> None:
-  """Answer one target's calls (see remote.RemoteSpeculator) until it says bye.
-
-  After answering `first` or `next` it dispatches the expansion of the speculation just sent:
-  it runs while the target verifies that speculation, and the next `next` finds its cache.
-  """
-  speculator, probes = None, {}
-
-  def answer(speculation: Speculation) -> None:
-    fields = {f.name: getattr(speculation, f.name) for f in dataclasses.fields(Speculation)}
-    conn.send(
-      {"op": "speculation", "arrays": pipe.pack({k: v for k, v in fields.items() if v is not None})}
-    )
-
-  while True:
-    message = conn.receive()
-    op = message["op"]
-    if op == "start":
-      speculator = LocalSpeculator(params, mesh, DraftPlan.from_json(message["plan"], config))
-      a = pipe.unpack(message["arrays"])
-      warp = Warp(temperature=a["temperature"], top_k=a["top_k"], top_p=a["top_p"])
-      key = jax.random.wrap_key_data(a["key"])
-      speculator.start(
-        np.asarray(a["tokens"]), np.asarray(a["lengths"]), warp, key, message["capacity"]
-      )
-      speculator.ready()
-      conn.send({"op": "started"})
-    elif op == "first":
-      answer(speculator.first())
-      speculator.expand()
-    elif op == "next":
-      a = pipe.unpack(message["arrays"])
-      answer(speculator.next(Outcome(**{f.name: a[f.name] for f in dataclasses.fields(Outcome)})))
-      speculator.expand()
-    elif op == "stop":
-      if speculator is not None:
-        speculator.close()
-      speculator = None
-    elif op == "probe":  # the channel's own cost: answer arrays of the asked shapes at once
-      pipe.unpack(message["arrays"])
-      shapes = {name: (dtype, tuple(shape)) for name, dtype, shape in message["reply"]}
-      cached = probes.setdefault(
-        str(shapes), {k: jax.device_put(np.zeros(s, d)) for k, (d, s) in shapes.items()}
-      )
-      conn.send({"op": "probe", "arrays": pipe.pack(cached)})
-    elif op == "work":  # how independent this core is: the target times the same work
-      seconds = run_work(message["size"])
-      conn.send({"op": "work", "seconds": seconds})
-    elif op == "bye":
-      return
-    else:
-      raise ValueError(f"unknown request {op!r}")
-
-
-def serve_connection(sock) -> None:
-  """A speculator's whole life with one target: the hello (load the draft it names, place it on
-  this process's first device, start the pipe), then `serve`. Any failure is sent to the target
-  as an error message before it is raised here."""
-  import jax.numpy as jnp  # noqa: PLC0415
-
-  from ssd_jax.decode.channel import Connection, SharedMemoryPipe, TransferPipe  # noqa: PLC0415
-  from ssd_jax.models.registry import load_model  # noqa: PLC0415
-  from ssd_jax.models.weights import config_to_hf  # noqa: PLC0415
-
-  conn = Connection(sock)
-  pipe = None
-  try:
-    hello = conn.receive()
-    if hello.get("op") != "hello" or hello.get("protocol") != 1:
-      raise ValueError(f"expected a protocol-1 hello, got {hello!r:.80}")
-    draft = load_model(hello["draft"], dtype=jnp.dtype(hello["dtype"]))
-    device = jax.devices()[0]
-    mesh = sharding.mesh_of([device])
-    vocab = hello["draft_vocab"]
-    params = draft_params(draft, mesh, tuple(vocab) if isinstance(vocab, list) else vocab)
-    pipe = TransferPipe(device) if hello["pipe"] == "transfer" else SharedMemoryPipe()
-    ready = {
-      "op": "ready",
-      "pid": os.getpid(),
-      "config": config_to_hf(draft.config),
-      "head_size": int(params["head_ids"].shape[0]) if "head_ids" in params else None,
-    }
-    if isinstance(pipe, TransferPipe):
-      pipe.connect(hello["transfer_address"])
-      ready["transfer_address"] = pipe.address
-    conn.send(ready)
-    serve(conn, pipe, params, mesh, draft.config)
-  except Exception as e:
-    with contextlib.suppress(Exception):
-      conn.send({"op": "error", "message": f"{type(e).__name__}: {e}"})
-    raise
-  finally:
-    if pipe is not None:
-      pipe.close()
-    conn.close()
-
-
-@functools.partial(jax.jit, static_argnames="size")
-def _work(x, *, size: int):
-  w = jnp.full((size, 3 * size), 1e-3, jnp.float32)
-  for _ in range(10):
-    x = jnp.tanh(x @ w)[:, :size]
-  return x
-
-
-@functools.cache
-def _work_input(size: int) -> jax.Array:
-  x = jnp.ones((size, size), jnp.float32)
-  jax.block_until_ready(_work(x, size=size))  # compiled and run once before any timing
-  return x
-
-
-def run_work(size: int) -> float:
-  """Seconds of a fixed compute load (ten [size, size] @ [size, 3 size] products): run alone
-  and at once in two processes, it says how independent their cores are."""
-  x = _work_input(size)
-  t = time.perf_counter()
-  jax.block_until_ready(_work(x, size=size))
-  return time.perf_counter() - t
