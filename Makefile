@@ -19,19 +19,14 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/python -m ssd_jax.run $(ARGS)
 
-# Two passes: the many small tiny-model tests, whose time is XLA compilation, with LLVM's
-# optimizations off (same results, a third less time); then the real-model and 50,000-sample
-# statistical tests, whose time is computation, with them on. Exit status 5 = nothing selected.
-FAST_COMPILE := XLA_FLAGS="$(XLA_FLAGS) --xla_backend_optimization_level=0"
 PYTEST := $(BIN)/python -m pytest -q
 
 test: $(STAMP)
-	$(FAST_COMPILE) $(PYTEST) -m "not slow and not statistical" $(ARGS) || [ $$? -eq 5 ]
-	$(PYTEST) -m "slow or statistical" $(ARGS) || [ $$? -eq 5 ]
+	$(PYTEST) $(ARGS)
 
 # Local work: everything but the real-model and statistical tests (CI runs all).
 quick: $(STAMP)
-	$(FAST_COMPILE) $(PYTEST) -m "not slow and not statistical" $(ARGS)
+	$(PYTEST) -m "not slow and not statistical" $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -148,6 +148,9 @@ def resolve_layout(placement: str, target_cores: str | None, address: str | None
   else:
     n = int(target_cores)
   if address is not None:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+      raise ValueError(f"--speculator must be HOST:PORT, got {address!r}")
     return Layout("process", None if n is None else tuple(range(n)), address=address)
   if placement == "auto":
     placement = "device" if accelerator_present() or total < 2 else "process"

@@ -36,7 +36,7 @@ class ModeResult:
   spec: SpecConfig
   tokens: list[list[int]]
   metrics: list[Metrics]  # one per batch
-  compiles: int = 0  # XLA compilations during the timed batches (after the warm-up)
+  compiles: int = 0  # XLA compilations in the timed batches (after the warm-up), both processes
   warmup_seconds: float = 0.0  # the warm-up batches (compilation), not in tokens/s
 
   @property
@@ -67,6 +67,7 @@ class ModeResult:
       accept_hist=sum(m.accept_hist for m in self.metrics),
       round_times={},
       round_drafted=[],
+      extra={k: v for k, v in first.extra.items() if k != "speculator_compiles"},
       backup_rounds=sum(m.backup_rounds for m in self.metrics),
     )
 
@@ -187,7 +188,9 @@ def run_mode(
       metrics.append(out.metrics)
       if progress:
         progress(len(batch))
-  return ModeResult(spec.mode, spec, tokens, metrics, len(compiles), warmup_seconds)
+  # A speculator process counts its own compilations per run.
+  remote = sum(m.extra.get("speculator_compiles", 0) for m in metrics)
+  return ModeResult(spec.mode, spec, tokens, metrics, len(compiles) + remote, warmup_seconds)
 
 
 def environment() -> dict[str, Any]:

@@ -284,6 +284,7 @@ def make_engine(args, modes, layout):
   import jax.numpy as jnp  # noqa: PLC0415
 
   from ssd_jax.decode import Engine  # noqa: PLC0415
+  from ssd_jax.decode.channel import ChannelError  # noqa: PLC0415
   from ssd_jax.models.registry import load_model  # noqa: PLC0415
 
   dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
@@ -293,7 +294,7 @@ def make_engine(args, modes, layout):
   args.draft_vocab = draft_vocab or 0  # recorded in --json
   with warnings.catch_warnings():
     warnings.simplefilter("always")
-    return Engine(
+    engine = Engine(
       target,
       draft,
       target_devices=args.target_devices,
@@ -305,6 +306,15 @@ def make_engine(args, modes, layout):
       speculator_address=layout.address,
       speculator_pipe=args.speculator_pipe,
     )
+  if engine.speculator_options is not None:
+    # Start it (and load its draft there) now: a speculator that cannot start or be reached is
+    # a bad-input error before anything is decoded, not a failure after ar and sd ran.
+    try:
+      engine.speculator_process()
+    except ChannelError as e:
+      engine.close()
+      raise ValueError(f"the speculator process: {e}") from e
+  return engine
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The modes of `python -m ssd_jax.run` side by side: decode the prompts with each, print the
 table (what each mode ran on, tokens/s and per core, speedup, acceptance, hit rate), write the
-JSON. With a speculator process on CPU the table adds sd on every core of the machine, run in a
-process of its own, so nobody mistakes where this machine's cores are best spent."""
+JSON. With a speculator process on CPU the table adds ar and sd on every core of the machine,
+each run in a process of its own, so nobody mistakes where this machine's cores are best spent."""
 
 from __future__ import annotations
 
@@ -33,9 +33,9 @@ def compare(args, parser, engine, specs, sampling, layout) -> int:
   except (ValueError, FileNotFoundError) as e:
     parser.error(str(e))
   results = run_modes(args, engine, specs, sampling, ids, capacity)
-  all_cores = None
+  all_cores = {}
   if layout.target_cores and "ssd" in specs and not args.no_all_cores:
-    all_cores = sd_on_all_cores(args)
+    all_cores = on_all_cores(args)
   print(format_table(results, args, len(prompts), layout, all_cores))
   if (startup := engine.speculator_startup) is not None:
     print(
@@ -79,49 +79,43 @@ def run_modes(args, engine, specs, sampling, ids, capacity) -> dict[str, harness
   return results
 
 
-def all_cores_argv(args) -> list[str]:
-  """The same prompts and settings, sd only, with its draft beside the target on all cores."""
-  argv = ["--mode", "sd", "--draft-placement", "device", "--target-cores", "all"]
-  argv += ["--no-progress", "--no-all-cores", "--draft-vocab", str(args.draft_vocab)]
-  for name in (
-    "target",
-    "draft",
-    "prompts",
-    "num_prompts",
-    "max_new_tokens",
-    "lookahead",
-    "temperature",
-    "top_k",
-    "top_p",
-    "batch_size",
-    "target_devices",
-    "seed",
-    "attention_impl",
-    "dtype",
-  ):
+def all_cores_argv(args, mode: str) -> list[str]:
+  """The same prompts and settings, `mode` only ("ar", or "sd" with its draft beside the
+  target), in a process that may use every core."""
+  argv = ["--mode", mode, "--draft-placement", "device", "--target-cores", "all"]
+  argv += ["--no-progress", "--no-all-cores"]
+  names = ["target", "prompts", "num_prompts", "max_new_tokens", "temperature", "top_k", "top_p"]
+  names += ["batch_size", "target_devices", "seed", "attention_impl", "dtype"]
+  if mode == "sd":
+    names += ["draft", "lookahead"]
+    argv += ["--draft-vocab", str(args.draft_vocab)]
+  for name in names:
     value = getattr(args, name)
     if value is not None:
       argv += ["--" + name.replace("_", "-"), str(value)]
-  return argv + [
-    f"--{n.replace('_', '-')}" for n in ("no_chat_template", "ignore_eos") if getattr(args, n)
-  ]
+  flags = [n for n in ("no_chat_template", "ignore_eos") if getattr(args, n)]
+  return argv + ["--" + n.replace("_", "-") for n in flags]
 
 
-def sd_on_all_cores(args) -> dict | None:
-  """sd's summary from a process that may use every core (None, with a note, if it failed)."""
-  with tempfile.TemporaryDirectory() as tmp:
-    out = Path(tmp) / "all_cores.json"
-    cmd = [sys.executable, "-m", "ssd_jax.run", *all_cores_argv(args), "--json", str(out)]
-    cmd += ["--exit-with", str(os.getpid())]
-    proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
-    if proc.returncode != 0 or not out.exists():
-      tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
-      print(f"(sd on all cores could not run: {tail})", file=sys.stderr)
-      return None
-    return json.loads(out.read_text())["modes"]["sd"]
+def on_all_cores(args) -> dict[str, dict]:
+  """ar's and sd's summaries from processes that may use every core (a mode that failed is
+  left out, with a note)."""
+  out = {}
+  for mode in ("ar", "sd"):
+    with tempfile.TemporaryDirectory() as tmp:
+      path = Path(tmp) / "all_cores.json"
+      cmd = [sys.executable, "-m", "ssd_jax.run", *all_cores_argv(args, mode), "--json", str(path)]
+      cmd += ["--exit-with", str(os.getpid())]
+      proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+      if proc.returncode != 0 or not path.exists():
+        tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
+        print(f"({mode} on all cores could not run: {tail})", file=sys.stderr)
+        continue
+      out[mode] = json.loads(path.read_text())["modes"][mode]
+  return out
 
 
-def format_table(results, args, num_prompts: int, layout, all_cores: dict | None = None) -> str:
+def format_table(results, args, num_prompts: int, layout, all_cores: dict) -> str:
   speed = harness.speedups(results)
   head = (
     f"{num_prompts} prompts ({args.prompts}), max {args.max_new_tokens} new tokens, "
@@ -148,22 +142,24 @@ def format_table(results, args, num_prompts: int, layout, all_cores: dict | None
         r.generated_tokens,
       )
     )
-  if all_cores is not None:
-    ar = results.get("ar")
-    vs = all_cores["tokens_per_second"] / ar.tokens_per_second if ar else None
-    n = os.cpu_count() or 1
+  n = os.cpu_count() or 1
+  for mode, summary in all_cores.items():
+    ar = all_cores.get("ar")
+    vs = summary["tokens_per_second"] / ar["tokens_per_second"] if ar else None
     rows.append(
       _row(
-        "sd",
+        mode,
         f"all {n} cores",
-        all_cores["tokens_per_second"],
+        summary["tokens_per_second"],
         n,
         vs,
-        all_cores["mean_accepted_tokens_per_round"],
+        summary["mean_accepted_tokens_per_round"],
         None,
-        all_cores["generated_tokens"],
+        summary["generated_tokens"],
       )
     )
+  if all_cores:
+    rows.append(f"(the last {len(all_cores)}: on every core, speedups against ar on every core)")
   if args.temperature == 0 and len(results) > 1:
     same = harness.same_tokens(results)
     rows.append(f"\ngreedy outputs identical across modes: {'yes' if same else 'NO'}")
@@ -193,8 +189,11 @@ def write_json(args, results, engine, layout, all_cores) -> None:
   }
   if engine.speculator_startup is not None:
     payload["speculator_startup"] = engine.speculator_startup
-  if all_cores is not None:
-    payload["sd_all_cores"] = {k: v for k, v in all_cores.items() if k != "generated_token_ids"}
+  if all_cores:
+    payload["all_cores"] = {
+      mode: {k: v for k, v in summary.items() if k != "generated_token_ids"}
+      for mode, summary in all_cores.items()
+    }
   if args.temperature == 0:
     payload["greedy_outputs_identical"] = harness.same_tokens(results)
   args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -82,6 +82,20 @@ def test_greedy_ssd_through_a_process_equals_ar(process_engine, ar, backup, fan_
   assert out.metrics.rounds > 0 and process_engine.speculator_startup["load_seconds"] > 0
 
 
+def test_one_host_read_per_round_through_a_process(process_engine, monkeypatch):
+  """The speculator needs each outcome on the host: the round's report (which carries it) is
+  read at once, and is the round's only read; any other implicit transfer would raise."""
+  spec = SpecConfig(mode="ssd", lookahead=3, fan_out=(2, 2, 1, 1))
+  run = lambda: process_engine.generate(PROMPTS, spec=spec, max_new_tokens=16, ignore_eos=True)
+  run()  # warm
+  reads, device_get = [], jax.device_get
+  monkeypatch.setattr(jax, "device_get", lambda x: reads.append(1) or device_get(x))
+  with jax.transfer_guard_device_to_host("disallow"):
+    out = run()
+  assert out.metrics.loop_rounds >= 4
+  assert len(reads) <= out.metrics.loop_rounds + 4, (len(reads), out.metrics.loop_rounds)
+
+
 def test_eos_and_budgets_through_a_process(models, ar):
   target = models["tiny-llama"]
   eos = ar[0][5]
@@ -273,7 +287,10 @@ def test_the_cli_default_layout_pins_and_reports(tmp_path):
   assert result["layout"]["ssd"] == {"ran_on": "core 0 + core 1", "cores": 2}
   assert result["layout"]["sd"]["cores"] == 1
   assert result["greedy_outputs_identical"] is True
-  assert result["sd_all_cores"]["generated_tokens"] == result["modes"]["sd"]["generated_tokens"]
+  for mode in ("ar", "sd"):  # the same tokens on every core
+    all_cores = result["all_cores"][mode]
+    assert all_cores["generated_tokens"] == result["modes"][mode]["generated_tokens"]
+  assert result["modes"]["ssd"]["compiles_after_warmup"] == 0  # both processes warm
   assert set(result["speculator_startup"]) == {"spawn_seconds", "load_seconds"}
   assert speculator_pids() <= before
 

@@ -105,7 +105,7 @@ class SharedMemoryPipe:
     self._mapped: dict[str, shared_memory.SharedMemory] = {}
 
   def pack(self, arrays: dict[str, Any]) -> dict[str, Any]:
-    host = {k: np.ascontiguousarray(jax.device_get(v)) for k, v in arrays.items()}
+    host = {k: np.ascontiguousarray(_on_host(v)) for k, v in arrays.items()}
     size = sum(a.nbytes for a in host.values())
     if self._out is None or self._out.size < size:
       self._close_out()
@@ -145,8 +145,8 @@ class SharedMemoryPipe:
 class TransferPipe:
   """Arrays pulled by the peer's JAX runtime (`jax.experimental.transfer`), device to device,
   across hosts as well: the sender offers its arrays under a fresh id, the receiver pulls them
-  onto its device. Needs no `jax.distributed`; `address` is where this side's server listens
-  (loopback unless a host is named)."""
+  onto its device. Needs no `jax.distributed`; this side's server listens on `host` (the
+  address of the control connection here, so the peer can reach it), port chosen freely."""
 
   kind = "transfer"
 
@@ -154,6 +154,7 @@ class TransferPipe:
     from jax.experimental import transfer  # noqa: PLC0415 (only this pipe needs it)
 
     self.device = device
+    host = f"[{host}]" if ":" in host else host  # an IPv6 address
     self.server = transfer.start_transfer_server(device.client, f"{host}:0", [f"{host}:0"])
     self.address = self.server.address()
     self._peer = None
@@ -180,3 +181,8 @@ class TransferPipe:
 
   def close(self) -> None:
     self._peer = None
+
+
+def _on_host(x) -> np.ndarray:
+  """A host copy of a device array; host arrays as they are (no device read)."""
+  return x if isinstance(x, np.ndarray) else jax.device_get(x)

@@ -278,7 +278,7 @@ class Engine:
     )
     outputs = _Outputs(batch.batch_size, on_tokens)
     metrics = self._decode(plan, batch, jax.random.key(seed), trace, outputs)
-    extra = self._ssd_extra(spec, plan) if plan.mode == "ssd" else {}
+    extra = metrics.extra | (self._ssd_extra(spec, plan) if plan.mode == "ssd" else {})
     backups = sum(outputs.drafted[1:]) if plan.mode == "ssd" else 0
     metrics = dataclasses.replace(
       metrics, round_drafted=outputs.drafted, backup_rounds=backups, extra=extra
@@ -339,8 +339,7 @@ class Engine:
     run = Run(plan, self.target_params, self._to_target, speculator, timer, on_report)
     state, rounds = LOOPS[plan.mode](run, state)
     t2 = time.perf_counter()
-    if speculator is not None:
-      speculator.close()
+    remote_compiles = speculator.close() if speculator is not None else None
     return Metrics(
       mode=plan.mode,
       lookahead=plan.target.lookahead,
@@ -352,6 +351,7 @@ class Engine:
       loop_rounds=rounds,
       accept_hist=np.asarray(jax.device_get(state.accept_hist)).sum(0),
       round_times=timer.close(),
+      extra={} if remote_compiles is None else {"speculator_compiles": remote_compiles},
     )
 
   def _start_target(self, plan: Plan, batch: inputs.Batch, key):

@@ -82,7 +82,9 @@ class SpeculatorProcess:
     t0 = time.perf_counter()
     sock = self._connect() if options.address else self._spawn()
     self.conn = Connection(sock, alive=self.gone)
-    self.pipe = TransferPipe(device) if options.pipe == "transfer" else SharedMemoryPipe()
+    # The transfer server listens where the peer reaches this host: the connection's address.
+    here = sock.getsockname()[0]
+    self.pipe = TransferPipe(device, here) if options.pipe == "transfer" else SharedMemoryPipe()
     t1 = time.perf_counter()
     ready = self._hello()
     self.startup = {"spawn_seconds": t1 - t0, "load_seconds": time.perf_counter() - t1}
@@ -245,8 +247,11 @@ class RemoteSpeculator:
     return speculation
 
   def close(self) -> None:
+    """End the run; returns the speculator's XLA compilations during it (None if unknown)."""
     with contextlib.suppress(ChannelError):
       self._call({"op": "stop"})
+      return self.link.conn.receive(timeout=STEP_TIMEOUT)["compiles"]
+    return None
 
 
 def resolve_placement(placement: str, address: str | None, device: jax.Device) -> str:

@@ -33,6 +33,8 @@ from ssd_jax.models.registry import load_model
 from ssd_jax.models.transformer import Params
 from ssd_jax.models.weights import config_to_hf
 
+_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
 
 def serve(conn, pipe, params: Params, mesh, config) -> None:
   """Answer one target's calls (see remote.RemoteSpeculator) until it says bye.
@@ -41,6 +43,10 @@ def serve(conn, pipe, params: Params, mesh, config) -> None:
   it runs while the target verifies that speculation, and the next `next` finds its cache.
   """
   speculator, probes = None, {}
+  compiles: list[str] = []
+  jax.monitoring.register_event_duration_secs_listener(
+    lambda event, duration, **kw: compiles.append(event) if event == _COMPILE_EVENT else None
+  )
 
   def answer(speculation: Speculation) -> None:
     fields = {f.name: getattr(speculation, f.name) for f in dataclasses.fields(Speculation)}
@@ -52,6 +58,7 @@ def serve(conn, pipe, params: Params, mesh, config) -> None:
     message = conn.receive()
     op = message["op"]
     if op == "start":
+      compiled_before = len(compiles)
       speculator = LocalSpeculator(params, mesh, DraftPlan.from_json(message["plan"], config))
       a = pipe.unpack(message["arrays"])
       warp = Warp(temperature=a["temperature"], top_k=a["top_k"], top_p=a["top_p"])
@@ -68,10 +75,11 @@ def serve(conn, pipe, params: Params, mesh, config) -> None:
       a = pipe.unpack(message["arrays"])
       answer(speculator.next(Outcome(**{f.name: a[f.name] for f in dataclasses.fields(Outcome)})))
       speculator.expand()
-    elif op == "stop":
+    elif op == "stop":  # answered with the compilations since this run's start
       if speculator is not None:
         speculator.close()
       speculator = None
+      conn.send({"op": "stopped", "compiles": len(compiles) - compiled_before})
     elif op == "probe":  # the channel's own cost: answer arrays of the asked shapes at once
       pipe.unpack(message["arrays"])
       shapes = {name: (dtype, tuple(shape)) for name, dtype, shape in message["reply"]}
@@ -103,7 +111,8 @@ def serve_connection(sock) -> None:
     mesh = sharding.mesh_of([device])
     vocab = hello["draft_vocab"]
     params = draft_params(draft, mesh, tuple(vocab) if isinstance(vocab, list) else vocab)
-    pipe = TransferPipe(device) if hello["pipe"] == "transfer" else SharedMemoryPipe()
+    here = sock.getsockname()[0]  # where the target reaches this host
+    pipe = TransferPipe(device, here) if hello["pipe"] == "transfer" else SharedMemoryPipe()
     ready = {
       "op": "ready",
       "pid": os.getpid(),

@@ -139,4 +139,5 @@ class LocalSpeculator:
     return self._last
 
   def close(self) -> None:
+    """End the run (its compilations are counted by the caller, in this process)."""
     self.state = self._cache = self._last = None
