@@ -19,7 +19,9 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/python -m ssd_jax.run $(ARGS)
 
-PYTEST := $(BIN)/python -m pytest -q
+# One worker per core, a file per worker (its module fixtures compile once): most of the suite's
+# time is XLA compilation, which runs on one thread. `ARGS="-n 0"` runs in this process.
+PYTEST := $(BIN)/python -m pytest -q -n auto --dist loadfile
 
 test: $(STAMP)
 	$(PYTEST) $(ARGS)

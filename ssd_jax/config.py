@@ -165,8 +165,3 @@ class SpecConfig:
         f"fan_out and fan_out_miss must have equal sums (one static expansion shape): "
         f"{sum(self.fan_out)} != {sum(self.fan_out_miss)}"
       )
-
-  @property
-  def branches(self) -> int:
-    """N: branches expanded per sequence per round."""
-    return sum(self.fan_out)

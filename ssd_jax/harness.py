@@ -5,12 +5,11 @@ Nothing here parses flags or reads the environment; `ssd_jax.run` and `ssd_jax.b
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import platform
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -18,7 +17,7 @@ import numpy as np
 
 from ssd_jax.config import SpecConfig
 from ssd_jax.decode import Engine, Metrics, Sampling
-from ssd_jax.decode.metrics import median_ms
+from ssd_jax.decode.metrics import count_compiles, median_ms
 from ssd_jax.models.prefill import bucket_length
 from ssd_jax.models.tokenizer import Tokenizer
 
@@ -90,25 +89,6 @@ class ModeResult:
     out["warmup_seconds"] = self.warmup_seconds
     out["generated_token_ids"] = self.tokens
     return out
-
-
-_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
-
-
-@contextlib.contextmanager
-def count_compiles() -> Iterator[list[str]]:
-  """Collects one entry per XLA backend compilation inside the block (any thread)."""
-  seen: list[str] = []
-
-  def listener(event: str, duration: float, **kwargs) -> None:
-    if event == _COMPILE_EVENT:
-      seen.append(event)
-
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
-    yield seen
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def capacity_for(prompts: Sequence[Sequence[int]], max_new_tokens: int, lookahead: int) -> int:

@@ -13,7 +13,8 @@ Two layers, both small:
               A pipe turns arrays into a JSON header (sent on the Connection with the message)
               and a header back into arrays.
 
-What crosses per SSD round is small: the verification outcome (four ints per row) one way, the
+What crosses per SSD round is small: the verification outcome (`Outcome`: three ints and a flag
+per row) one way, the
 next speculation (tokens, and q when sampling, plus hit and point-mass flags) the other.
 """
 
@@ -98,8 +99,6 @@ class SharedMemoryPipe:
   while it is read.
   """
 
-  kind = "shm"
-
   def __init__(self):
     self._out: shared_memory.SharedMemory | None = None
     self._mapped: dict[str, shared_memory.SharedMemory] = {}
@@ -147,8 +146,6 @@ class TransferPipe:
   across hosts as well: the sender offers its arrays under a fresh id, the receiver pulls them
   onto its device. Needs no `jax.distributed`; this side's server listens on `host` (the
   address of the control connection here, so the peer can reach it), port chosen freely."""
-
-  kind = "transfer"
 
   def __init__(self, device: jax.Device, host: str = "127.0.0.1"):
     from jax.experimental import transfer  # noqa: PLC0415 (only this pipe needs it)

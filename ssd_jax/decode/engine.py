@@ -11,8 +11,10 @@ One SSD round through the files, in order:
    while the speculator's `speculate.expand` forks and decodes the likely outcomes of that same
    speculation; the outcome crosses to the draft (`jax.device_put`, a few ints per row),
    `speculate.lookup` serves speculation r + 1 from the cache or a backup, and it crosses back.
-4. `loops.drive` reads each round's `Report` one round late (the one host sync per round); this
-   module turns the reports into tokens and `Metrics`.
+4. `loops.drive` reads each round's `Report` (the one host sync per round): one round late with
+   a speculator on a device of this process, so the host never waits for the device; at once
+   with a speculator process, which needs the outcome on the host to send it. This module
+   turns the reports into tokens and `Metrics`.
 """
 
 from __future__ import annotations
@@ -86,8 +88,8 @@ class Engine:
       "process" (a speculator process pinned to `speculator_cores`: compute of its own), or
       "auto" (a process on a CPU host with a core to spare, else a device). sd always drafts
       beside the target, in this process.
-    speculator_cores: CPU cores of the speculator process (default: the cores this process
-      may not use; if it may use all, the last of them, shared).
+    speculator_cores: CPU cores of the speculator process (default: the first core this
+      process may not use; if it may use all, the last of them, shared, with a warning).
     speculator_address: "host:port" of a speculator another host runs (`python -m
       ssd_jax.speculator --listen`); implies the process placement.
     speculator_pipe: how arrays cross to the process: "shm" (one host; the default for a child)
@@ -180,9 +182,6 @@ class Engine:
 
   def _to_target(self, tree):
     return jax.device_put(tree, sharding.replicated(self.target_mesh))
-
-  def _to_draft(self, tree):
-    return jax.device_put(tree, sharding.replicated(self.draft_mesh))
 
   @property
   def draft_head_size(self) -> int | None:
@@ -309,6 +308,7 @@ class Engine:
       max_new_tokens=max_new_tokens,
       lookahead=spec.lookahead if spec.mode != "ar" else 0,
       capacity=capacity,
+      meshes=[self.target_mesh, self.draft_mesh][: len(models)],
     )
     plan = self.plan(spec, greedy=batch.greedy, ignore_eos=ignore_eos, batch_size=batch.batch_size)
     return batch, plan

@@ -110,14 +110,18 @@ def prepare(
   max_new_tokens: int | Sequence[int],
   lookahead: int,
   capacity: int | None = None,
+  meshes: Sequence[jax.sharding.Mesh] | None = None,
 ) -> Batch:
-  """Validate a batch of requests for `models` (the target first, then the draft if any)."""
+  """Validate a batch of requests for `models` (the target first, then the draft if any),
+  whose caches live on `meshes` (one per model; default: this process's first device)."""
   ids = _prompts(prompts, models[0].vocab_size)
   B = len(ids)
   warp = _sampling(sampling, temperatures, B)
   budgets = _budgets(max_new_tokens, B)
   longest, most = max(map(len, ids)), int(budgets.max())
-  reach = longest + most + lookahead + 1  # positions the longest row may write
+  # Positions the longest row may write: a round that ends at its budget still writes its
+  # lookahead draft tokens and the pending token after the last emitted one.
+  reach = longest + most + lookahead + 1
   for config in models:
     if reach > config.max_position_embeddings:
       raise ValueError(
@@ -125,14 +129,14 @@ def prepare(
         f"{reach} positions exceed the model's context of {config.max_position_embeddings} "
         "(max_position_embeddings); lower max_new_tokens or shorten the prompt"
       )
-  if capacity is None:
+  if capacity is None:  # the prefill's padded length, one spare slot, rounded to 128 slots
     capacity = -(-(bucket_length(longest) + most + lookahead + 2) // 128) * 128
   if capacity < reach:
     raise ValueError(
       f"capacity {capacity} cannot hold the longest prompt ({longest} tokens) + "
       f"max_new_tokens ({most}) + lookahead + 1; raise it"
     )
-  check_memory(models, B, capacity)
+  check_memory(models, B, capacity, meshes)
   tokens, lengths = pad_prompts([p.tolist() for p in ids], capacity)
   return Batch(tokens=tokens, lengths=lengths, budgets=budgets, warp=warp, capacity=capacity)
 
@@ -143,9 +147,9 @@ def cache_bytes(config: ModelConfig, batch_size: int, capacity: int, itemsize: i
   return per_slot * batch_size * capacity
 
 
-def _memory_limit() -> float:
-  """Bytes one device may allocate: the accelerator's limit, or this host's physical memory."""
-  stats = jax.devices()[0].memory_stats() or {}
+def _memory_limit(device: jax.Device) -> float:
+  """Bytes `device` may allocate: an accelerator's limit, or this host's physical memory."""
+  stats = device.memory_stats() or {}
   if "bytes_limit" in stats:
     return float(stats["bytes_limit"])
   try:
@@ -154,12 +158,32 @@ def _memory_limit() -> float:
     return math.inf
 
 
-def check_memory(models: Sequence[ModelConfig], batch_size: int, capacity: int) -> None:
-  """Refuse KV caches that cannot fit, before anything is allocated."""
-  need = sum(cache_bytes(c, batch_size, capacity) for c in models)
-  limit = _memory_limit()
-  if need > limit:
-    raise ValueError(
-      f"the KV caches of batch {batch_size} x {capacity} slots need {need / 2**30:.1f} GiB but "
-      f"a device has {limit / 2**30:.1f} GiB; lower the batch size or max_new_tokens"
-    )
+def check_memory(
+  models: Sequence[ModelConfig],
+  batch_size: int,
+  capacity: int,
+  meshes: Sequence[jax.sharding.Mesh] | None = None,
+) -> None:
+  """Refuse KV caches that cannot fit, before anything is allocated.
+
+  Each model's cache is split over its mesh (tensor parallelism shards the KV heads) and
+  checked against its devices' limit; CPU devices share the host's memory, so there the caches
+  of every model count together.
+  """
+  meshes = meshes or [None] * len(models)
+  first = lambda mesh: mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
+  per_device, host = [], 0
+  for config, mesh in zip(models, meshes, strict=True):
+    need = cache_bytes(config, batch_size, capacity) / (mesh.devices.size if mesh else 1)
+    if first(mesh).platform == "cpu":
+      host += need * (mesh.devices.size if mesh else 1)
+    else:
+      per_device.append((need, _memory_limit(first(mesh))))
+  if host:
+    per_device.append((host, _memory_limit(jax.devices("cpu")[0])))
+  for need, limit in per_device:
+    if need > limit:
+      raise ValueError(
+        f"the KV caches of batch {batch_size} x {capacity} slots need {need / 2**30:.1f} GiB but "
+        f"a device has {limit / 2**30:.1f} GiB; lower the batch size or max_new_tokens"
+      )

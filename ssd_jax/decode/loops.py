@@ -120,7 +120,9 @@ def run_ssd(run: Run, state: TargetState) -> tuple[TargetState, int]:
   def dispatch():
     nonlocal state, speculation
     state, report = run.verify(state, speculation)
-    speculator.expand()  # of the speculation being verified: both run at once
+    # Of the speculation being verified: both run at once (a speculator process has already
+    # dispatched it, right after sending that speculation).
+    speculator.expand()
     if speculator.reads_outcome:
       report = jax.device_get(report)
     speculation = speculator.next(report.outcome)

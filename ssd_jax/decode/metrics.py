@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 import time
+from collections.abc import Iterator
 from queue import Queue
 from typing import Any
 
@@ -110,7 +112,9 @@ class Metrics:
     time minus the latest of: the round's dispatch and the completion of what it waits for
     (ssd: verify r waits for lookup r-1, which produced its speculation; expand r, dispatched
     as soon as lookup r-1 was, waits for nothing else; lookup r for verify r and expand r. sd:
-    the draft waits for verify r-1, verify for the draft; ar: verify r-1). Completions are
+    the draft waits for verify r-1, verify for the draft; ar: verify r-1). With a speculator
+    process, ssd reports `next_ms` instead: from verify r's completion to speculation r + 1's
+    arrival (the exchange, the lookup and any backup). Completions are
     observed by waiter threads, which wake up late by up to a scheduler tick on a busy host; a
     stage observed to end before what it waited for took at most that long and counts as 0.
     """
@@ -122,20 +126,26 @@ class Metrics:
     prev = lambda x, first: np.concatenate([[first], x[:-1]])  # completion of round r - 1
     start = lambda *deps: np.maximum.reduce([t["dispatch"], *deps])
     out = {}
-    if "expand_done" in t:  # ssd; expansion 0 starts with the loop (time 0)
+    if self.mode == "ssd":
       out["verify_ms"] = t["verify_done"] - start(prev(t["lookup_done"], -np.inf))
+      out["round_ms"] = np.diff(t["lookup_done"], prepend=0.0)[1:]
+      if "expand_done" not in t:
+        # A speculator process: its expansion is not observable here; what the target waits
+        # for after verifying is the exchange plus the speculator's lookup (and backup).
+        out["next_ms"] = t["lookup_done"] - t["verify_done"]
+        return {k: np.maximum(v, 0.0) for k, v in out.items()}
+      # Expansion 0 starts with the loop (time 0).
       out["expand_ms"] = t["expand_done"] - prev(t["lookup_done"], 0.0)
       lookup = t["lookup_done"] - np.maximum(t["verify_done"], t["expand_done"])
       # Lookup r serves round r + 1: on a miss there its time includes the backup.
       missed = np.asarray(self.round_drafted[1 : n + 1], bool)
       out["lookup_ms"] = lookup[: len(missed)][~missed]
       out["backup_ms"] = lookup[: len(missed)][missed]
-      out["round_ms"] = np.diff(t["lookup_done"], prepend=0.0)[1:]
-    elif "draft_done" in t:  # sd
+    elif self.mode == "sd":
       out["draft_ms"] = t["draft_done"] - start(prev(t["verify_done"], -np.inf))
       out["verify_ms"] = t["verify_done"] - t["draft_done"]
       out["round_ms"] = np.diff(t["verify_done"])
-    else:  # ar
+    else:
       out["verify_ms"] = t["verify_done"] - start(prev(t["verify_done"], -np.inf))
       out["round_ms"] = np.diff(t["verify_done"])
     return {k: np.maximum(v, 0.0) for k, v in out.items()}
@@ -239,3 +249,31 @@ class RoundTimer(NullTimer):
     for thread in self._threads:
       thread.join()
     return dict(self.times)
+
+
+_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+_CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
+
+
+@contextlib.contextmanager
+def count_compiles() -> Iterator[list[str]]:
+  """Collects one entry per program compiled inside the block (any thread): an XLA backend
+  compilation, or a load from JAX's persistent compilation cache where one is enabled (the
+  program was lowered again, which a warm run must not do either)."""
+  seen: list[str] = []
+
+  def on_duration(event: str, duration: float, **kwargs) -> None:
+    if event == _COMPILE_EVENT:
+      seen.append(event)
+
+  def on_event(event: str, **kwargs) -> None:
+    if event == _CACHE_HIT_EVENT:
+      seen.append(event)
+
+  jax.monitoring.register_event_duration_secs_listener(on_duration)
+  jax.monitoring.register_event_listener(on_event)
+  try:
+    yield seen
+  finally:
+    jax.monitoring.unregister_event_duration_listener(on_duration)
+    jax.monitoring.unregister_event_listener(on_event)

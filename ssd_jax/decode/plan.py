@@ -70,11 +70,6 @@ class DraftPlan:
         "--fan-out / --fan-out-list / --fan-out-miss-list or raise --draft-vocab"
       )
 
-  @property
-  def branches(self) -> int:
-    """N: branches expanded per sequence per round."""
-    return sum(self.fan_out)
-
   def to_json(self) -> dict:
     """Every field but the config (a speculator process has its own, from the same files)."""
     fields = dataclasses.asdict(self)

@@ -7,7 +7,8 @@ behind: the engine closes it (also on exceptions and at interpreter exit), and t
 by itself once this process is gone. A speculator that dies gives a ChannelError naming its exit
 status and the end of its log within a second, never a hang.
 
-`RemoteSpeculator` has the calls of `LocalSpeculator` (start / first / expand / next / close)
+`RemoteSpeculator` has the calls of `LocalSpeculator` (start / ready / first / expand / next /
+close)
 for one run; the arrays of each call cross on the pipe (see channel.py).
 """
 
@@ -89,7 +90,6 @@ class SpeculatorProcess:
     ready = self._hello()
     self.startup = {"spawn_seconds": t1 - t0, "load_seconds": time.perf_counter() - t1}
     self.pid, self.head_size = ready["pid"], ready["head_size"]
-    self.config_json = ready["config"]
     self._finalizer = weakref.finalize(self, _stop, self.process, self.conn, self.pipe, self.log)
     atexit.register(self._finalizer)
 
@@ -295,7 +295,7 @@ _LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
 def _spare_cores() -> tuple[int, ...]:
-  """Cores this process may not use (pinned elsewhere), else its last core (then shared)."""
+  """The first core this process may not use (pinned elsewhere), else its last (shared)."""
   mine = os.sched_getaffinity(0)
   spare = sorted(set(range(os.cpu_count() or 1)) - mine)
   if spare:

@@ -3,7 +3,8 @@
 `Sampling` is what a user asks for (per request); `Warp` is the same settings as per-row arrays,
 the form every jitted program takes. Because temperature, top-k and top-p are array data, one
 compiled program serves any mix of requests; the only thing the programs are compiled for is
-whether every row is greedy (`Plan.greedy`), which removes distributions altogether.
+whether every row is greedy (`TargetPlan.greedy`, `DraftPlan.greedy`), which removes
+distributions altogether.
 
 Semantics (the exactness tests' numpy oracle implements the same text independently):
   1. temperature T: p = softmax(logits / T); T = 0 is greedy (a point mass on the argmax,

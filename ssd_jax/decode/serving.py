@@ -25,6 +25,7 @@ import numpy as np
 
 from ssd_jax import sharding
 from ssd_jax.decode.channel import PROTOCOL, Connection, SharedMemoryPipe, TransferPipe
+from ssd_jax.decode.metrics import count_compiles
 from ssd_jax.decode.plan import DraftPlan
 from ssd_jax.decode.sampling import Warp
 from ssd_jax.decode.speculator import LocalSpeculator, draft_params
@@ -33,8 +34,6 @@ from ssd_jax.models.registry import load_model
 from ssd_jax.models.transformer import Params
 from ssd_jax.models.weights import config_to_hf
 
-_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
-
 
 def serve(conn, pipe, params: Params, mesh, config) -> None:
   """Answer one target's calls (see remote.RemoteSpeculator) until it says bye.
@@ -42,11 +41,13 @@ def serve(conn, pipe, params: Params, mesh, config) -> None:
   After answering `first` or `next` it dispatches the expansion of the speculation just sent:
   it runs while the target verifies that speculation, and the next `next` finds its cache.
   """
+  with count_compiles() as compiles:
+    _serve(conn, pipe, params, mesh, config, compiles)
+
+
+def _serve(conn, pipe, params: Params, mesh, config, compiles: list[str]) -> None:
   speculator, probes = None, {}
-  compiles: list[str] = []
-  jax.monitoring.register_event_duration_secs_listener(
-    lambda event, duration, **kw: compiles.append(event) if event == _COMPILE_EVENT else None
-  )
+  compiled_before = 0
 
   def answer(speculation: Speculation) -> None:
     fields = {f.name: getattr(speculation, f.name) for f in dataclasses.fields(Speculation)}
@@ -105,7 +106,7 @@ def serve_connection(sock) -> None:
   try:
     hello = conn.receive()
     if hello.get("op") != "hello" or hello.get("protocol") != PROTOCOL:
-      raise ValueError(f"expected a protocol-1 hello, got {hello!r:.80}")
+      raise ValueError(f"expected a protocol-{PROTOCOL} hello, got {hello!r:.80}")
     draft = load_model(hello["draft"], dtype=jnp.dtype(hello["dtype"]))
     device = jax.devices()[0]
     mesh = sharding.mesh_of([device])

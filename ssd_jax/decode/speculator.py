@@ -4,13 +4,16 @@ The host loops (`loops.py`) talk to the draft only through this object's calls, 
 loop drives a draft on a device of this process or, behind the same calls, one in a process of
 its own:
 
-  start(batch)     prefill the prompts into the draft cache
+  start(tokens, lengths, warp, key, capacity)
+                   prefill the prompts into the draft cache (asynchronously)
+  ready()          wait for that prefill (so a run's timing starts after it)
   propose(outcome) sd: commit the last outcome, draft `lookahead` tokens now
   first()          ssd: the first speculation (the speculation cache starts empty, so it is
                    drafted now)
   expand()         ssd: expand the speculation last handed out, while the target verifies it
   next(outcome)    ssd: look the outcome up in the cache that expansion built (a hit, or a
                    backup on a miss)
+  close()          end the run
 
 Arrays cross between the meshes with `jax.device_put`, asynchronously: the outcome (a few ints
 per row) in, the speculation (tokens, and q when sampling) out. Nothing here waits for a device.

@@ -48,10 +48,6 @@ class Speculation:
   point_mass: jax.Array  # bool[B]
   hit: jax.Array  # bool[B]
 
-  @property
-  def lookahead(self) -> int:
-    return self.tokens.shape[1] - 1
-
   @classmethod
   def empty(cls, batch_size: int) -> Speculation:
     """No draft tokens: what autoregressive decoding verifies (only the pending token)."""
@@ -169,7 +165,8 @@ class SpeculationCache:
     depth: i32[B, N], each branch's accept depth (the hit or the miss layout, per row).
     tokens: i32[B, N, lookahead], the branch's draft continuation.
     probs: f32[B, N, lookahead, V] proposal distributions (None in greedy runs).
-    valid: bool[B, N], entries that may be served (False: excluded or duplicate tokens).
+    valid: bool[B, N], entries that may be served (False: a fork slot with no token behind it,
+      where the depth's distribution has fewer tokens than its fan-out).
   """
 
   keys: jax.Array  # i32[B, N]
