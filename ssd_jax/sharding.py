@@ -10,8 +10,10 @@ model's params and KV cache.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import jax
+import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 TP = "tp"
@@ -86,3 +88,16 @@ def _divisor_hint(size: int, n: int) -> int:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
+
+
+def place(tree: Any, mesh: Mesh) -> Any:
+  """`tree` replicated on `mesh`, for a jitted program's argument.
+
+  Host (numpy) arrays bound for a one-device mesh are left as they are: the jitted call copies
+  them to the device its other arguments are on, on its C++ path, where `jax.device_put` would
+  cost ~0.1-0.4 ms of Python per call (a per-round cost in the speculator's exchange).
+  """
+  leaves = jax.tree.leaves(tree)
+  if mesh.devices.size == 1 and all(isinstance(x, np.ndarray) for x in leaves):
+    return tree
+  return jax.device_put(tree, replicated(mesh))

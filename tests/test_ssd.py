@@ -138,6 +138,7 @@ def draft_plan(config, lookahead, backup="neural", fan_out=(1, 1, 1)):
     fan_out_miss=fan_out,
     saguaro_c=1.0,
     backup=backup,
+    expands=True,
     greedy=True,
     attention_impl="xla",
   )
@@ -197,6 +198,32 @@ def test_lookup_hit_miss_partial_batch_and_all_accepted(models):
   _, fresh = draft_lib.propose(draft.params, state, outcome, outcome.bonus, plan=neural)
   np.testing.assert_array_equal(spec.tokens[1], fresh.tokens[1])
   assert not spec.point_mass.any()
+
+
+def test_an_expanded_proposal_leaves_its_last_key_to_the_glue(models):
+  """ssd's proposals skip writing the last draft token's key/value (the expansion's glue
+  forward writes all of them): after the expansion the draft cache is the one sd's full
+  proposal leaves, and so is everything the expansion drafted."""
+  draft = models["tiny-llama-draft"]
+  B, lookahead = 2, 3
+  plans = [
+    dataclasses.replace(draft_plan(draft.config, lookahead, fan_out=(2, 1, 1, 1)), expands=e)
+    for e in (False, True)
+  ]
+  before, after = [], []
+  for plan in plans:
+    state, speculation = draft_lib.propose(
+      draft.params, draft_state(draft, plan, B), None, jnp.asarray([5, 9]), plan=plan
+    )
+    before.append(np.asarray(state.cache.k))
+    after.append(speculate.expand(draft.params, state, speculation, plan=plan))
+  assert not np.array_equal(*before)  # the skipped write, before the glue
+  (full, cache_full), (skipped, cache_skipped) = after
+  end = int(full.cache.lengths.max()) + lookahead + 1  # every slot anything wrote
+  np.testing.assert_array_equal(skipped.cache.k[:, :, :end], full.cache.k[:, :, :end])
+  np.testing.assert_array_equal(skipped.cache.v[:, :, :end], full.cache.v[:, :, :end])
+  np.testing.assert_array_equal(cache_skipped.tokens, cache_full.tokens)
+  np.testing.assert_array_equal(cache_skipped.keys, cache_full.keys)
 
 
 @pytest.fixture

@@ -3,8 +3,9 @@ neural backup), and the per-step drawing both they and SSD's expansion use.
 
 start      prefill the prompts into the draft cache.
 propose    draft `lookahead` tokens from the pending token in one program (a scan over
-           single-token steps), then write the last draft token's key/value too, so that the
-           draft cache covers every token the target may accept.
+           single-token steps), then (sd) write the last draft token's key/value too, so that
+           the draft cache covers every token the target may accept; in ssd the expansion that
+           follows every proposal writes them all (its glue), so that step is left out.
 fast_tokens  the fast backup: random tokens proposed as point masses.
 
 A draft whose head is restricted to a token subset (`transformer.head_subset`) produces logits
@@ -101,7 +102,8 @@ def decode_steps(
 ):
   """Feed `first` then each drawn token; return tokens [B, lookahead], their proposal
   distributions [B, lookahead, V] (None when greedy) and the cache with all of
-  [first, x_1..x_lookahead] written (lengths unchanged).
+  [first, x_1..x_lookahead] written (lengths unchanged; x_lookahead left to the expansion's
+  glue when `plan.expands`).
 
   What this drafts is never a cache hit, so Saguaro scales with the miss fan-out.
   """
@@ -117,7 +119,8 @@ def decode_steps(
 
   steps = jnp.arange(plan.lookahead)
   (last, cache, _), (tokens, probs) = jax.lax.scan(body, (first, cache, key), steps)
-  _, cache = fwd(last[:, None], cache.with_lengths(base + plan.lookahead), return_logits=False)
+  if not plan.expands:
+    _, cache = fwd(last[:, None], cache.with_lengths(base + plan.lookahead), return_logits=False)
   probs = None if probs is None else probs.transpose(1, 0, 2)
   return tokens.T, probs, cache.with_lengths(base)
 

@@ -181,7 +181,7 @@ class Engine:
     return None if self._process is None else self._process.startup
 
   def _to_target(self, tree):
-    return jax.device_put(tree, sharding.replicated(self.target_mesh))
+    return sharding.place(tree, self.target_mesh)
 
   @property
   def draft_head_size(self) -> int | None:

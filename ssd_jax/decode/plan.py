@@ -48,6 +48,9 @@ class DraftPlan:
     fan_out_miss: the same after a miss (F^b); equal to `fan_out` unless given.
     saguaro_c: Saguaro sampling's C (1 = plain draft sampling).
     backup: what a cache miss falls back to, resolved: "neural" or "fast".
+    expands: ssd: every proposal (the first, and the neural backup's) is followed by an
+      expansion whose glue forward writes the keys and values of all its tokens, so drafting
+      need not write its last token's.
     greedy, attention_impl: as in `TargetPlan`.
   """
 
@@ -58,6 +61,7 @@ class DraftPlan:
   fan_out_miss: tuple[int, ...]
   saguaro_c: float
   backup: Literal["neural", "fast"]
+  expands: bool
   greedy: bool
   attention_impl: str
 
@@ -124,6 +128,7 @@ class Plan:
       fan_out_miss=spec.fan_out_miss or spec.fan_out,
       saguaro_c=spec.saguaro_c,
       backup=backup if spec.mode == "ssd" else "neural",
+      expands=spec.mode == "ssd",
       greedy=greedy,
       attention_impl=attention_impl,
     )

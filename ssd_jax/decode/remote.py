@@ -45,6 +45,7 @@ from ssd_jax.decode.state import Outcome, Speculation
 
 LOAD_TIMEOUT = 900.0  # seconds for the speculator to start and load its draft
 STEP_TIMEOUT = 600.0  # seconds for one answer (the first ones compile)
+ANSWER_SPIN = 0.05  # seconds the target polls for a speculation before it sleeps (receive)
 
 SPECULATION_FIELDS = tuple(f.name for f in dataclasses.fields(Speculation))
 OUTCOME_FIELDS = tuple(f.name for f in dataclasses.fields(Outcome))
@@ -214,7 +215,8 @@ class RemoteSpeculator:
     self.link.conn.send(message)
 
   def _speculation(self) -> Speculation:
-    answer = self.link.conn.receive(timeout=STEP_TIMEOUT)
+    # Due in a few ms (a lookup, or a backup on a miss); the target's core waits for it anyway.
+    answer = self.link.conn.receive(timeout=STEP_TIMEOUT, spin=ANSWER_SPIN)
     fields = self.link.pipe.unpack(answer["arrays"])
     return Speculation(**{name: fields.get(name) for name in SPECULATION_FIELDS})
 

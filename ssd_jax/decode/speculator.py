@@ -89,7 +89,7 @@ class LocalSpeculator:
 
   def put(self, tree):
     """Place a pytree (host or another mesh's arrays) on the draft mesh."""
-    return jax.device_put(tree, sharding.replicated(self.mesh))
+    return sharding.place(tree, self.mesh)
 
   def start(
     self, tokens: np.ndarray, lengths: np.ndarray, warp: Warp, key: jax.Array, capacity: int
