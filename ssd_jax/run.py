@@ -138,14 +138,16 @@ def apply_mode_defaults(args, parser) -> None:
   """Refuse flags the chosen mode never reads (a silently ignored flag misleads), then fill in
   their defaults."""
   modes = set(MODES) if args.mode == "all" else {args.mode}
-  unused = []
-  if "ssd" not in modes:
-    unused += [name for name in SSD_ONLY if getattr(args, name) is not None]
-  if modes == {"ar"}:
-    unused += [name for name in SPECULATIVE if getattr(args, name) is not None]
-  if unused:
-    flags = ", ".join(_flag(n) for n in unused)
-    parser.error(f"{flags} only apply to speculative modes that --mode {args.mode} does not run")
+  for names, which, absent in (
+    (SSD_ONLY, "ssd", "ssd" not in modes),
+    (SPECULATIVE, "sd and ssd", modes == {"ar"}),
+  ):
+    unused = [_flag(n) for n in names if getattr(args, n) is not None]
+    if absent and unused:
+      verb = "applies" if len(unused) == 1 else "apply"
+      parser.error(
+        f"{', '.join(unused)} {verb} only to {which}, which --mode {args.mode} does not run"
+      )
   if not args.geometric and (args.acceptance_rate is not None or args.power_law is not None):
     parser.error("--acceptance-rate and --power-law only apply with --geometric")
   for name, default in (SSD_ONLY | SPECULATIVE).items():
@@ -169,10 +171,22 @@ def check_args(args, parser) -> None:
     parser.error("--saguaro-c must be in [0, 1]")
   if args.temperature < 0:
     parser.error("--temperature must be >= 0 (0 = greedy)")
-  if args.top_k < 0 or not 0.0 < args.top_p <= 1.0:
-    parser.error("--top-k must be >= 0 (0 = off) and --top-p in (0, 1] (1 = off)")
+  if args.top_k < 0:
+    parser.error(f"--top-k must be >= 0 (0 = off), got {args.top_k}")
+  if not 0.0 < args.top_p <= 1.0:
+    parser.error(f"--top-p must be in (0, 1] (1 = off), got {args.top_p}")
   if args.chat and args.json:
     parser.error("--chat and --json cannot be combined")
+  if args.chat:  # the chat reads its prompts from stdin, one reply at a time
+    given = [
+      f
+      for f in ("prompts", "num_prompts", "batch_size")
+      if getattr(args, f) != parser.get_default(f)
+    ]
+    if given:
+      parser.error(
+        f"{', '.join(map(_flag, given))} cannot be combined with --chat (it reads stdin)"
+      )
   if args.metrics and not args.chat:
     parser.error("--metrics only applies to --chat")
   if args.json is not None:
