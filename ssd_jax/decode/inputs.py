@@ -170,15 +170,14 @@ def check_memory(
   checked against its devices' limit; CPU devices share the host's memory, so there the caches
   of every model count together.
   """
-  meshes = meshes or [None] * len(models)
-  first = lambda mesh: mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
   per_device, host = [], 0
-  for config, mesh in zip(models, meshes, strict=True):
-    need = cache_bytes(config, batch_size, capacity) / (mesh.devices.size if mesh else 1)
-    if first(mesh).platform == "cpu":
-      host += need * (mesh.devices.size if mesh else 1)
+  for config, mesh in zip(models, meshes or [None] * len(models), strict=True):
+    device = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
+    need = cache_bytes(config, batch_size, capacity)
+    if device.platform == "cpu":
+      host += need
     else:
-      per_device.append((need, _memory_limit(first(mesh))))
+      per_device.append((need / mesh.devices.size if mesh else need, _memory_limit(device)))
   if host:
     per_device.append((host, _memory_limit(jax.devices("cpu")[0])))
   for need, limit in per_device:

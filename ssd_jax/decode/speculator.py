@@ -99,9 +99,10 @@ class LocalSpeculator:
     cache = placement.init_cache(
       self.plan.config, self.mesh, B, capacity, self.params["embed"].dtype
     )
+    last = np.asarray(tokens)[np.arange(B), np.asarray(lengths) - 1]  # from the host copies
     tokens, lengths, warp, key = self.put((tokens, lengths, warp, key))
     self.state = draft_lib.start(self.params, tokens, lengths, cache, warp, key, plan=self.plan)
-    self.last = self.put(np.asarray(tokens)[np.arange(B), np.asarray(lengths) - 1])
+    self.last = self.put(last)
 
   def ready(self) -> None:
     """Wait for the prefill (the loop's timing starts after it)."""
