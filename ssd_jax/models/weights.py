@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from ssd_jax.config import ModelConfig, RopeScaling
+from ssd_jax.models import borrowed
 
 Params = dict[str, Any]
 
@@ -226,8 +228,14 @@ def params_to_hf_tensors(config: ModelConfig, params: Params) -> dict[str, np.nd
   return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 
-def load_hf(directory: str | os.PathLike) -> tuple[ModelConfig, Params]:
-  """Load an HF safetensors model directory (config.json + *.safetensors)."""
+def load_hf(
+  directory: str | os.PathLike, base_embedding: Callable[[str], np.ndarray] | None = None
+) -> tuple[ModelConfig, Params]:
+  """Load an HF safetensors model directory (config.json + *.safetensors).
+
+  A draft that borrows its token embedding (`ssd_jax.models.borrowed`) names its base model in
+  config.json; `base_embedding(name)` returns that model's [V, D_base] embedding table.
+  """
   directory = Path(directory)
   config_path = directory / "config.json"
   if not config_path.exists():
@@ -242,7 +250,24 @@ def load_hf(directory: str | os.PathLike) -> tuple[ModelConfig, Params]:
     raise ValueError(f"{config_path}: malformed field ({type(e).__name__}: {e})") from e
   except ValueError as e:
     raise ValueError(f"{config_path}: {e}") from e
-  return config, params_from_hf_tensors(config, _read_tensors(directory))
+  tensors = _read_tensors(directory)
+  if borrowed.BASE_KEY in hf:
+    tensors = _borrow_embedding(hf[borrowed.BASE_KEY], tensors, base_embedding, config_path)
+  return config, params_from_hf_tensors(config, tensors)
+
+
+def _borrow_embedding(base: str, tensors, base_embedding, config_path: Path):
+  if base_embedding is None:
+    raise ValueError(
+      f"{config_path} borrows its token embedding from {base!r}: load it with "
+      "ssd_jax.models.registry.load_model, which finds the base model's embedding"
+    )
+  missing = [name for name in borrowed.TENSORS if name not in tensors]
+  if missing:
+    raise ValueError(f"{config_path.parent} lacks {', '.join(missing)} (borrowed embedding)")
+  parts = [tensors.pop(name) for name in borrowed.TENSORS]
+  embed = borrowed.materialize(np.asarray(base_embedding(base)), *parts)
+  return tensors | {"model.embed_tokens.weight": embed}
 
 
 def save_hf(
@@ -250,15 +275,25 @@ def save_hf(
   config: ModelConfig,
   params: Params,
   extra_files: dict[str, str] | None = None,
+  borrowed_embedding: tuple[str, dict[str, np.ndarray]] | None = None,
 ) -> Path:
-  """Write config.json + model.safetensors (+ extra text files such as tokenizer.json)."""
+  """Write config.json + model.safetensors (+ extra text files such as tokenizer.json).
+
+  `borrowed_embedding` = (base model, {name: tensor} for `borrowed.TENSORS`) writes those
+  tensors in place of the embedding table, and names the base in config.json.
+  """
   directory = Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
   dtype = np.asarray(jax.tree.leaves(params)[0]).dtype.name
-  (directory / "config.json").write_text(json.dumps(config_to_hf(config, dtype), indent=2) + "\n")
-  save_file(
-    params_to_hf_tensors(config, params), directory / "model.safetensors", metadata={"format": "pt"}
-  )
+  hf = config_to_hf(config, dtype)
+  tensors = params_to_hf_tensors(config, params)
+  if borrowed_embedding is not None:
+    base, parts = borrowed_embedding
+    hf[borrowed.BASE_KEY] = base
+    del tensors["model.embed_tokens.weight"]
+    tensors |= {name: np.ascontiguousarray(parts[name]) for name in borrowed.TENSORS}
+  (directory / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+  save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
   for name, text in (extra_files or {}).items():
     (directory / name).write_text(text)
   return directory
