@@ -15,8 +15,12 @@ Both get the teacher's chat template, as at inference.
 Stages (each writes into --work, default runs/distill; nothing there is committed):
   data    teacher continuations + top-k log-probs          python tools/distill_draft.py data
   train   the student, AdamW written out here (no optax)    python tools/distill_draft.py train
-  eval    greedy agreement and sync-SD acceptance           python tools/distill_draft.py eval
+  wide    the narrow draft grown and trained further, its embedding borrowed from the target
+          (tools/wide_draft.py; resumable)                  python tools/distill_draft.py wide
+  eval    greedy agreement, sync-SD acceptance, fork coverage and step costs
   export  safetensors + config into the package, and an HF directory with the tokenizer
+  fixture the regression slice of tests/test_draft.py
+The recipes of both shipped drafts are in docs/DRAFT.md.
 """
 
 from __future__ import annotations
@@ -396,6 +400,102 @@ def cmd_train(args) -> None:
   print(f"saved {out}")
 
 
+def cmd_wide(args) -> None:
+  """Grow the narrow draft into the wide one (tools/wide_draft.py) and train it; resumable:
+  every --save-every steps the whole state (params, optimizer, step) is written, and --resume
+  continues from it."""
+  import wide_draft as wide  # noqa: PLC0415 (beside this file)
+
+  from ssd_jax.models.registry import base_embedding  # noqa: PLC0415
+
+  work, out = Path(args.work), Path(args.work) / args.name
+  base = jnp.asarray(base_embedding(wide.BASE), jnp.float32)
+  narrow = load_model(args.grow_from)
+  config = wide.wide_config(narrow.config, args.width, args.heads, args.kv_heads, args.mlp)
+  row_ids = np.asarray(narrow.token_ranking[: args.rows], np.int32)
+  consts = (base, jnp.asarray(row_ids), jnp.asarray(wide.slots(row_ids, config.vocab_size)))
+  records = load_records(work)
+  np.random.default_rng(0).shuffle(records)
+  n_val = max(8, len(records) // 40)
+  val, train = records[:n_val], records[n_val:]
+  params = wide.grow(narrow.params, narrow.config, config, np.asarray(base), row_ids, args.seed)
+  params = jax.tree.map(jnp.asarray, params)
+  opt = (jax.tree.map(jnp.zeros_like, params), jax.tree.map(jnp.zeros_like, params))
+  state_path, first = out / "state.npz", 0
+  if args.resume and state_path.exists():
+    (params, opt), first = _load_state(state_path, (params, opt))
+    print(f"resumed {out} at step {first}", flush=True)
+  val_batches = list(_take(batches(val, args.batch_tokens, 1, args.max_len), len(val)))[:8]
+  if first == 0:  # growing preserves the narrow draft's function on the head's rows' tokens
+    tokens = jnp.asarray(row_ids[np.random.default_rng(0).integers(0, len(row_ids), (2, 64))])
+    grown = wide.head_logits(params, config, *consts, tokens)
+    x = hidden_states(narrow.params, tokens, config=narrow.config)
+    old = x @ jnp.asarray(narrow.params["embed"])[row_ids].T
+    print(f"growth: largest logit change {float(jnp.abs(grown - old).max()):.2e}", flush=True)
+  schedule = (
+    adamw,
+    functools.partial(learning_rate, total=args.steps, peak=args.lr, warmup=args.warmup),
+  )
+  n_params = sum(x.size for x in jax.tree.leaves(params))
+  print(
+    f"wide draft {n_params / 1e6:.2f}M shipped params ({config.num_params / 1e6:.1f}M in "
+    f"memory); {len(train)} train / {len(val)} val sequences, "
+    f"{sum(len(r['ids']) for r in train)} train tokens",
+    flush=True,
+  )
+  stream = batches(train, args.batch_tokens, args.seed + first, args.max_len)
+  t0 = time.time()
+  for step in range(first, args.steps):
+    params, opt, loss, agree = wide.train_step(
+      params, opt, jnp.int32(step), consts, next(stream), config=config, schedule=schedule
+    )
+    last = step == args.steps - 1
+    if step % args.log_every == 0 or last:
+      vl = np.mean(
+        [np.asarray(wide.eval_step(params, consts, b, config=config)) for b in val_batches], 0
+      )
+      print(
+        f"step {step:5d}  loss {float(loss):.3f}  agree {float(agree):.3f}  "
+        f"val loss {vl[0]:.3f}  val agree {vl[1]:.3f}  {time.time() - t0:.0f}s",
+        flush=True,
+      )
+    if (step + 1) % args.save_every == 0 or last:
+      _save_state(state_path, params, opt, step + 1)
+      _save_wide(out, config, jax.device_get(params), row_ids, np.asarray(base))
+  print(f"saved {out}")
+
+
+def _save_wide(out: Path, config, params, row_ids, base) -> None:
+  """A loadable borrowed-embedding HF directory (what `export` ships, in float32)."""
+  import wide_draft as wide  # noqa: PLC0415
+
+  from ssd_jax.models import borrowed  # noqa: PLC0415
+
+  parts = {
+    borrowed.PROJECTION: np.asarray(params["proj"]),
+    borrowed.ROWS: np.asarray(params["rows"]),
+    borrowed.ROW_IDS: row_ids,
+  }
+  save_hf(
+    out, config, wide.materialized(params, base, row_ids), borrowed_embedding=(wide.BASE, parts)
+  )
+
+
+def _save_state(path: Path, params, opt, step: int) -> None:
+  leaves = jax.tree.leaves((params, opt))
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_suffix(".tmp.npz")
+  np.savez(tmp, step=step, **{f"leaf_{i}": np.asarray(x) for i, x in enumerate(leaves)})
+  tmp.rename(path)  # atomic: an interrupted save leaves the previous state
+
+
+def _load_state(path: Path, like):
+  """The state `_save_state` wrote, in the tree structure of `like`, and its step."""
+  with np.load(path) as f:
+    leaves = [jnp.asarray(f[f"leaf_{i}"]) for i in range(len(f.files) - 1)]
+    return jax.tree.unflatten(jax.tree.structure(like), leaves), int(f["step"])
+
+
 # ----------------------------------------------------------------------------- evaluation
 
 
@@ -421,17 +521,81 @@ def agreement(model, records: list[dict], vocab_ids=None) -> float:
   return hits / total
 
 
+@functools.partial(jax.jit, static_argnames=("config", "k"))
+def _top_columns(params, tokens, *, config, k):
+  return jax.lax.top_k(lm_head(params, hidden_states(params, tokens, config=config), config), k)[1]
+
+
+def greedy_rounds(model, records, lookahead: int, forks=(1, 2, 4), vocab_ids=None) -> dict:
+  """Greedy SD rounds replayed on the teacher's continuations (teacher-forced, so one forward
+  per prompt): tokens per round at `lookahead`, and the share of round outcomes (accepted
+  depth, bonus token) that SSD's top-F forks cover, F in `forks`. Complete rounds only: the
+  round the continuation ends in is left out (the engine would run it past the end).
+
+  Exact for greedy decoding: while proposals are accepted they are the teacher's tokens, so the
+  draft's logits at every depth are its logits on the teacher's prefix. The forks are those of
+  `speculate.fork`: at a rejection depth the top-F tokens other than the rejected proposal, at
+  full acceptance the top-F.
+  """
+  from ssd_jax.models.transformer import head_subset  # noqa: PLC0415
+
+  params, column_ids = model.params, None
+  if vocab_ids is not None:
+    params = params | head_subset(params, vocab_ids, model.config)
+    column_ids = np.asarray(params["head_ids"])
+  rounds = tokens = 0
+  covered = dict.fromkeys(forks, 0)
+  for rec in records:
+    prompt, cont = rec["prompt"], np.asarray(rec["ids"])
+    seq = np.concatenate([prompt, cont]).astype(np.int32)
+    padded = np.zeros((1, -(-len(seq) // 64) * 64), np.int32)
+    padded[0, : len(seq)] = seq
+    top = np.asarray(_top_columns(params, padded, config=model.config, k=max(forks) + 1))[0]
+    top = top[len(prompt) - 1 : len(seq) - 1]  # top[t]: the draft's best guesses for cont[t]
+    if column_ids is not None:
+      top = column_ids[top]
+    s = 0
+    while s < len(cont):
+      accepted = 0
+      while (
+        accepted < lookahead
+        and s + accepted < len(cont)
+        and top[s + accepted, 0] == cont[s + accepted]
+      ):
+        accepted += 1
+      t = s + accepted
+      if t >= len(cont):  # the continuation ends inside this round: its outcome is unknown
+        break
+      guesses = top[t] if accepted == lookahead else top[t, 1:]  # rejected proposal excluded
+      for f in forks:
+        covered[f] += int(cont[t] in guesses[:f])
+      tokens += accepted + 1
+      rounds += 1
+      s = t + 1
+  report = {f"tokens_per_round_k{lookahead}": tokens / rounds}
+  return report | {f"fork_coverage_f{f}": covered[f] / rounds for f in forks}
+
+
 def sd_acceptance(
-  teacher, draft, records: list[dict], lookahead: int, max_new: int, vocab_ids=None
+  teacher,
+  draft,
+  records: list[dict],
+  lookahead: int,
+  max_new: int,
+  vocab_ids=None,
+  temperature: float = 0.0,
 ) -> float:
-  """Mean tokens per sync-SD round (bonus included), greedy, on the records' prompts."""
+  """Mean tokens per sync-SD round (bonus included) on the records' prompts."""
   from ssd_jax.config import SpecConfig  # noqa: PLC0415
-  from ssd_jax.decode import Engine  # noqa: PLC0415
+  from ssd_jax.decode import Engine, Sampling  # noqa: PLC0415
 
   engine = Engine(teacher, draft, draft_vocab=vocab_ids)
   prompts = [rec["prompt"].tolist() for rec in records]
   out = engine.generate(
-    prompts, spec=SpecConfig(mode="sd", lookahead=lookahead), max_new_tokens=max_new
+    prompts,
+    spec=SpecConfig(mode="sd", lookahead=lookahead),
+    sampling=Sampling(temperature=temperature),
+    max_new_tokens=max_new,
   )
   return out.metrics.mean_accepted
 
@@ -486,6 +650,9 @@ def cmd_eval(args) -> None:
     report[f"{name}_agreement"] = agreement(draft, records)
     if ids is not None:
       report[f"{name}_agreement_draft_vocab"] = agreement(draft, records, ids)
+    if args.forks:
+      replay = greedy_rounds(draft, records, args.lookahead, tuple(args.forks), ids)
+      report |= {f"{name}_replay_{k}": v for k, v in replay.items()}
     if args.sd_prompts:
       sd = functools.partial(
         sd_acceptance, teacher, draft, records[: args.sd_prompts], args.lookahead, args.max_new
@@ -493,6 +660,14 @@ def cmd_eval(args) -> None:
       report[f"{name}_sd_tokens_per_round_k{args.lookahead}"] = sd()
       if ids is not None:
         report[f"{name}_sd_tokens_per_round_k{args.lookahead}_draft_vocab"] = sd(ids)
+      if args.temperature:
+        key = f"{name}_sd_tokens_per_round_k{args.lookahead}_t{args.temperature}"
+        report[key + ("_draft_vocab" if ids is not None else "")] = sd(ids, args.temperature)
+      # The replay on the same prompts, as a check of the replay against the engine.
+      subset = greedy_rounds(draft, records[: args.sd_prompts], args.lookahead, (1,), ids)
+      report[f"{name}_replay_on_sd_prompts_tokens_per_round_k{args.lookahead}"] = subset[
+        f"tokens_per_round_k{args.lookahead}"
+      ]
     print(json.dumps(report), flush=True)
   if args.costs:
     report |= step_costs(teacher, draft, args.branches, args.lookahead)
@@ -525,19 +700,35 @@ def cmd_costs(args) -> None:
 
 
 def cmd_export(args) -> None:
-  """Write the student (float16, HF safetensors + config) into the package and, optionally, a
-  standalone HF directory with the tokenizer."""
+  """Write the student (float16, HF safetensors + config) into the package as `--name` and,
+  optionally, a standalone HF directory with the tokenizer (and the embedding table
+  materialized, for a student that borrows it)."""
+  from safetensors.numpy import load_file  # noqa: PLC0415
+
+  from ssd_jax.models import borrowed  # noqa: PLC0415
+
   student = load_model(args.student)
   half = jax.tree.map(lambda x: np.asarray(x, np.float16), student.params)
-  ranking = token_ranking(load_records(Path(args.work)), student.config.vocab_size)
-  outs = [ASSETS / "smollm2-135m-draft"]
-  save_hf(outs[0], student.config, half)
+  hf = json.loads((Path(args.student) / "config.json").read_text())
+  borrow = None
+  if borrowed.BASE_KEY in hf:  # ship the projection and rows, not the table
+    tensors = load_file(Path(args.student) / "model.safetensors")
+    parts = {k: tensors[k].astype(np.float16) for k in (borrowed.PROJECTION, borrowed.ROWS)}
+    borrow = (hf[borrowed.BASE_KEY], parts | {borrowed.ROW_IDS: tensors[borrowed.ROW_IDS]})
+  if args.ranking_from:  # e.g. the draft the student grew from: its rows are that ranking's
+    ranking = load_model(args.ranking_from).token_ranking
+  else:
+    ranking = token_ranking(load_records(Path(args.work)), student.config.vocab_size)
+  outs = [ASSETS / args.name]
+  save_hf(outs[0], student.config, half, borrowed_embedding=borrow)
   if args.hf_out:
     from ssd_jax.models.registry import smollm2_dir  # noqa: PLC0415
 
     tok = smollm2_dir()
     extra = {n: (tok / n).read_text() for n in ("tokenizer.json", "tokenizer_config.json")}
-    outs.append(save_hf(args.hf_out, student.config, half, extra_files=extra))
+    shipped = load_model(args.name)  # as shipped (f16 parts), the table materialized
+    full = jax.tree.map(lambda x: np.asarray(x, np.float16), shipped.params)
+    outs.append(save_hf(args.hf_out, student.config, full, extra_files=extra))
   for out in outs:
     np.save(out / "token_ranking.npy", ranking)
     print(f"wrote {out}")
@@ -561,8 +752,10 @@ def token_ranking(records: list[dict], vocab_size: int) -> np.ndarray:
 
 def cmd_fixture(args) -> None:
   """The regression slice for tests/test_draft.py: a few held-out prompts, the teacher's greedy
-  continuations, and the shipped draft's agreement on them."""
-  teacher, draft = load_model("smollm2-135m"), load_model("smollm2-135m-draft")
+  continuations, and each shipped draft's agreement on them."""
+  from ssd_jax.models.registry import SHIPPED_DRAFTS  # noqa: PLC0415
+
+  teacher = load_model("smollm2-135m")
   texts = [p.text for p in load_prompts("humaneval", 4)]
   texts += [p.text for p in load_prompts("sharegpt", 4, offset=EVAL_SHAREGPT_OFFSET)]
   ids = [teacher.tokenizer.encode(teacher.tokenizer.apply_chat_template(t)) for t in texts]
@@ -571,9 +764,14 @@ def cmd_fixture(args) -> None:
     arrays |= {f"prompt_{i}": rec["prompt"], f"continuation_{i}": rec["ids"]}
     prompts.append(rec["prompt"])
     conts.append(rec["ids"])
-  hits, total = harness.greedy_agreement(draft, prompts, conts)
-  np.savez(args.out, n=len(prompts), agreeing=hits, tokens=total, **arrays)
-  print(f"wrote {args.out}: {hits}/{total} = {hits / total:.3f} agreement")
+  agreeing = []
+  for name in SHIPPED_DRAFTS:
+    hits, total = harness.greedy_agreement(load_model(name), prompts, conts)
+    agreeing.append(hits)
+    print(f"{name}: {hits}/{total} = {hits / total:.3f} agreement")
+  drafts = np.asarray(SHIPPED_DRAFTS)
+  np.savez(args.out, n=len(prompts), drafts=drafts, agreeing=agreeing, tokens=total, **arrays)
+  print(f"wrote {args.out}")
 
 
 def _take(iterator, n):
@@ -607,6 +805,23 @@ def main(argv=None) -> None:
   p.add_argument("--init", help="continue from this student directory (width/layers ignored)")
   p.add_argument("--warmup", type=int, default=100)
   p.add_argument("--name", help="output directory under --work (default: student_wW_lL[_cont])")
+  p = sub.add_parser("wide", help="grow the narrow draft into the wide one and train it")
+  p.add_argument("--grow-from", default="smollm2-135m-draft")
+  p.add_argument("--name", default="wide")
+  p.add_argument("--width", type=int, default=384)
+  p.add_argument("--heads", type=int, default=6)
+  p.add_argument("--kv-heads", type=int, default=2)
+  p.add_argument("--mlp", type=int, default=960)
+  p.add_argument("--rows", type=int, default=8192, help="head rows and embedding corrections")
+  p.add_argument("--steps", type=int, default=1200)
+  p.add_argument("--lr", type=float, default=2e-3)
+  p.add_argument("--warmup", type=int, default=50)
+  p.add_argument("--batch-tokens", type=int, default=6144)
+  p.add_argument("--max-len", type=int, default=480)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--log-every", type=int, default=25)
+  p.add_argument("--save-every", type=int, default=50)
+  p.add_argument("--resume", action="store_true", help="continue from NAME/state.npz")
   p = sub.add_parser("eval", help="agreement, SD acceptance and step costs")
   p.add_argument("--draft", required=True, help="student directory or smollm2-135m-draft")
   p.add_argument("--humaneval", type=int, default=164)
@@ -614,7 +829,11 @@ def main(argv=None) -> None:
   p.add_argument("--max-new", type=int, default=128)
   p.add_argument("--sd-prompts", type=int, default=24, help="prompts for SD acceptance (0: skip)")
   p.add_argument("--lookahead", type=int, default=7)
+  p.add_argument("--temperature", type=float, default=0.7, help="also SD at T (0: skip)")
   p.add_argument("--costs", action="store_true", help="also time draft vs target steps")
+  p.add_argument(
+    "--forks", type=int, nargs="*", default=[1, 2, 4], help="fork coverage at these F (replay)"
+  )
   p.add_argument("--branches", type=int, default=24)
   p.add_argument("--draft-vocab", type=int, default=0, help="also with the head restricted")
   p.add_argument("--out", help="write the report as JSON")
@@ -625,6 +844,8 @@ def main(argv=None) -> None:
   p.add_argument("--out", help="write the rows as JSON")
   p = sub.add_parser("export", help="ship the student")
   p.add_argument("--student", required=True)
+  p.add_argument("--name", default="smollm2-135m-draft", help="its directory under assets/")
+  p.add_argument("--ranking-from", help="reuse this draft's token ranking (default: the data's)")
   p.add_argument("--hf-out", help="also write a standalone HF directory (with tokenizer)")
   p = sub.add_parser("fixture", help="regression slice for tests/test_draft.py")
   p.add_argument("--out", default="tests/fixtures/draft_slice.npz")
@@ -636,6 +857,7 @@ def main(argv=None) -> None:
     "export": cmd_export,
     "fixture": cmd_fixture,
     "costs": cmd_costs,
+    "wide": cmd_wide,
   }
   commands[args.cmd](args)
 
