@@ -5,6 +5,10 @@ Names:
                       GGUF). The first load dequantizes it once into the user cache directory
                       (`~/.cache/ssd_jax`, or $SSD_JAX_CACHE) as an HF safetensors directory.
   smollm2-135m-draft  the draft distilled for it, shipped inside this package.
+  smollm2-135m-draft-wide
+                      a wider, more accurate draft for it, also shipped; it borrows the target's
+                      token embedding (`ssd_jax.models.borrowed`), so loading it reads the
+                      target's table too.
   tiny-llama, tiny-qwen2, tiny-qwen3, tiny-llama-draft
                       small random models with a byte-level tokenizer (tests and demos).
 Paths: an HF directory (config.json + *.safetensors), a *.gguf file, or an orbax checkpoint
@@ -18,6 +22,7 @@ the draft's head to the first N (see `transformer.head_subset`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import json
 import os
@@ -36,7 +41,8 @@ from ssd_jax.models.weights import Params, config_to_hf, load_hf
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
-REAL_MODELS = ("smollm2-135m", "smollm2-135m-draft")
+SHIPPED_DRAFTS = ("smollm2-135m-draft", "smollm2-135m-draft-wide")
+REAL_MODELS = ("smollm2-135m", *SHIPPED_DRAFTS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,9 +151,9 @@ def _load(name_or_path: str, dtype, cache_dir, tokenizer_from) -> LoadedModel:
     return LoadedModel(
       name_or_path, config, _cast(params, dtype), Tokenizer.from_directory(directory)
     )
-  if name_or_path == "smollm2-135m-draft":
-    directory = ASSETS / "smollm2-135m-draft"
-    config, params = load_hf(directory)
+  if name_or_path in SHIPPED_DRAFTS:
+    directory = ASSETS / name_or_path
+    config, params = load_hf(directory, functools.partial(base_embedding, cache_dir=cache_dir))
     # The draft shares the target's tokenizer by construction (same vocabulary).
     tok = Tokenizer.from_directory(smollm2_dir(cache_dir))
     return LoadedModel(
@@ -178,7 +184,7 @@ def _load_path(path: Path, dtype, tokenizer_from) -> LoadedModel:
   if checkpoint.is_checkpoint(path):
     config, params = checkpoint.restore(path)
   elif (path / "config.json").exists():
-    config, params = load_hf(path)
+    config, params = load_hf(path, base_embedding)
   else:
     raise ValueError(
       f"{path} is neither an HF model directory (config.json + *.safetensors), "
@@ -187,6 +193,19 @@ def _load_path(path: Path, dtype, tokenizer_from) -> LoadedModel:
   tok = Tokenizer.from_directory(tok_dir) if (tok_dir / "tokenizer.json").exists() else None
   ranking = _token_ranking(path, config) if path.is_dir() else None
   return LoadedModel(path.name, config, _cast(params, dtype), tok, ranking)
+
+
+def base_embedding(name_or_path: str, cache_dir: Path | None = None) -> np.ndarray:
+  """The [V, D] token embedding of a model (what a borrowing draft is built on): read alone
+  from an HF directory's safetensors, otherwise from the whole loaded model."""
+  from safetensors import safe_open  # noqa: PLC0415
+
+  directory = smollm2_dir(cache_dir) if name_or_path == "smollm2-135m" else Path(name_or_path)
+  for path in sorted(directory.glob("*.safetensors")) if directory.is_dir() else ():
+    with safe_open(path, "numpy") as f:
+      if "model.embed_tokens.weight" in f.keys():  # noqa: SIM118 (a safe_open handle)
+        return f.get_tensor("model.embed_tokens.weight")
+  return np.asarray(_load(name_or_path, jnp.float32, cache_dir, None).params["embed"])
 
 
 def _token_ranking(directory: Path, config: ModelConfig) -> np.ndarray | None:
