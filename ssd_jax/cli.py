@@ -14,6 +14,9 @@ import time
 import warnings
 
 DEFAULT_DRAFT_VOCAB = 8192
+# The shipped draft each speculative mode of the default target runs unless --draft says
+# otherwise: the benchmark sweep's pick (docs/DRAFT.md, docs/BENCHMARKS.md).
+DEFAULT_DRAFTS = {"sd": "smollm2-135m-draft", "ssd": "smollm2-135m-draft-wide"}
 
 
 def setup_devices(target_devices: int, draft_devices: int = 1) -> None:

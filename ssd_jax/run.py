@@ -8,6 +8,7 @@ tokens per round and cache hit rate, then one sample completion. `--chat` talks 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import warnings
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from ssd_jax.cli import (
   DEFAULT_DRAFT_VOCAB,
+  DEFAULT_DRAFTS,
   apply_layout,
   exit_with_parent,
   finite_float,
@@ -23,6 +25,8 @@ from ssd_jax.cli import (
   setup_devices,
 )
 from ssd_jax.config import BACKUPS, MODES
+
+DEFAULT_TARGET = "smollm2-135m"
 
 _EXAMPLES = """examples:
   python -m ssd_jax.run                                   # the embedded default, all modes
@@ -45,8 +49,8 @@ own. On CPU that many virtual devices are created (at least twice the target mes
 XLA's CPU collectives from deadlocking)."""
 
 # Defaults of the flags that only some modes read; None in the parser tells "not given".
-# Lookahead 3 and fan-out 2: the fastest sd and ssd settings of the benchmark sweep for the
-# embedded pair on a 2-core CPU (docs/BENCHMARKS.md); a faster draft device favours more.
+# Lookahead 3: the fastest sd setting of the benchmark sweeps for the embedded pair on a 2-core
+# CPU, and ssd's with the wide draft, there at fan-out 4 (DEFAULT_FAN_OUT; docs/BENCHMARKS.md).
 SSD_ONLY = {
   "fan_out": None,
   "fan_out_list": None,
@@ -58,6 +62,7 @@ SSD_ONLY = {
   "backup": "neural",
 }
 SPECULATIVE = {"lookahead": 3, "draft_vocab": None, "draft_devices": 1}
+DEFAULT_FAN_OUT = 4
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,8 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
     formatter_class=argparse.RawDescriptionHelpFormatter,
   )
   p.add_argument("--mode", choices=[*MODES, "all"], default="all")
-  p.add_argument("--target", default="smollm2-135m", help="model name or path")
-  p.add_argument("--draft", default="smollm2-135m-draft", help="model name or path")
+  p.add_argument("--target", default=DEFAULT_TARGET, help="model name or path")
+  p.add_argument(
+    "--draft",
+    help="model name or path, for sd and ssd; default (target smollm2-135m): each mode's best "
+    "shipped draft, "
+    + ", ".join(f"{mode} {name}" for mode, name in DEFAULT_DRAFTS.items())
+    + " (docs/DRAFT.md)",
+  )
   p.add_argument(
     "--draft-vocab",
     type=int,
@@ -82,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--max-new-tokens", type=int, default=128)
   p.add_argument("--lookahead", type=int, help="draft tokens per round (K); default 3")
   fan = p.add_mutually_exclusive_group()
-  fan.add_argument("--fan-out", type=int, help="uniform fan-out F (default 2)")
+  fan.add_argument("--fan-out", type=int, help=f"uniform fan-out F (default {DEFAULT_FAN_OUT})")
   fan.add_argument("--fan-out-list", type=int, nargs="+", help="F_j for depths 0..lookahead")
   fan.add_argument(
     "--geometric",
@@ -157,6 +168,7 @@ def apply_mode_defaults(args, parser) -> None:
 
 def check_args(args, parser) -> None:
   apply_mode_defaults(args, parser)
+  args.drafts = mode_drafts(args, parser)
   if args.max_new_tokens < 1:
     parser.error("--max-new-tokens must be >= 1")
   if args.lookahead < 1:
@@ -193,6 +205,17 @@ def check_args(args, parser) -> None:
     check_writable(args.json, parser)
 
 
+def mode_drafts(args, parser) -> dict[str, str]:
+  """The draft each speculative mode runs: --draft for both, else the default target's
+  per-mode default (the benchmark sweep's pick, docs/DRAFT.md)."""
+  modes = [m for m in (MODES if args.mode == "all" else [args.mode]) if m != "ar"]
+  if args.draft is not None:
+    return dict.fromkeys(modes, args.draft)
+  if modes and args.target != DEFAULT_TARGET:
+    parser.error(f"--target {args.target} needs --draft (a draft with its vocabulary)")
+  return {m: DEFAULT_DRAFTS[m] for m in modes}
+
+
 def check_writable(path: Path, parser) -> None:
   """Fail now, not after the whole run, when the JSON cannot be written: make its folder and
   open the file for appending (removing it again if it did not exist)."""
@@ -219,7 +242,7 @@ def fan_out_lists(args, parser) -> tuple[tuple[int, ...], tuple[int, ...]]:
     except ValueError as e:
       parser.error(str(e))
   else:
-    f = 2 if args.fan_out is None else args.fan_out
+    f = DEFAULT_FAN_OUT if args.fan_out is None else args.fan_out
     if f < 1:
       parser.error("--fan-out must be >= 1")
     hit = tree.uniform(lookahead, f)
@@ -256,31 +279,30 @@ def main(argv: list[str] | None = None) -> int:
   layout = apply_layout(layout)  # pins this process before JAX starts
   setup_devices(args.target_devices, args.draft_devices)
   from ssd_jax.decode import Sampling  # noqa: PLC0415 (after the device set-up)
+  from ssd_jax.decode.channel import ChannelError  # noqa: PLC0415
 
   modes = list(MODES) if args.mode == "all" else [args.mode]
   fan_out, fan_out_miss = fan_out_lists(args, parser)
-  try:
-    specs = {m: make_spec(m, args, fan_out, fan_out_miss) for m in modes}
-    sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    engine = make_engine(args, modes, layout)
-  except (ValueError, FileNotFoundError) as e:
-    parser.error(str(e))
-  from ssd_jax.decode.channel import ChannelError  # noqa: PLC0415
-
-  with engine:  # stops a speculator process however the run ends
+  with contextlib.ExitStack() as stack:  # stops a speculator process however the run ends
     try:
-      return run_engine(args, parser, engine, specs, sampling, layout)
+      specs = {m: make_spec(m, args, fan_out, fan_out_miss) for m in modes}
+      sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+      engines = make_engines(args, modes, layout, stack)
+    except (ValueError, FileNotFoundError) as e:
+      parser.error(str(e))
+    try:
+      return run_engines(args, parser, engines, specs, sampling, layout)
     except ChannelError as e:
       print(f"python -m ssd_jax.run: error: {e}", file=sys.stderr)
       return 1
 
 
-def run_engine(args, parser, engine, specs, sampling, layout) -> int:
+def run_engines(args, parser, engines, specs, sampling, layout) -> int:
   modes = list(specs)
   if args.chat:
     from ssd_jax.chat import chat_loop  # noqa: PLC0415
 
-    spec = specs[modes[-1]]
+    spec, engine = specs[modes[-1]], engines[modes[-1]]
     try:
       engine.plan(spec, greedy=sampling.greedy)  # a bad configuration fails before the chat
     except ValueError as e:
@@ -291,21 +313,37 @@ def run_engine(args, parser, engine, specs, sampling, layout) -> int:
     return 0
   from ssd_jax.sidebyside import compare  # noqa: PLC0415
 
-  return compare(args, parser, engine, specs, sampling, layout)
+  return compare(args, parser, engines, specs, sampling, layout)
 
 
-def make_engine(args, modes, layout):
+def make_engines(args, modes, layout, stack: contextlib.ExitStack) -> dict:
+  """One Engine per draft (ar shares the first; modes with the same draft share one), each
+  closed by `stack`."""
   import jax.numpy as jnp  # noqa: PLC0415
 
-  from ssd_jax.decode import Engine  # noqa: PLC0415
-  from ssd_jax.decode.channel import ChannelError  # noqa: PLC0415
   from ssd_jax.models.registry import load_model  # noqa: PLC0415
 
   dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
   target = load_model(args.target, dtype=dtype)
-  draft = load_model(args.draft, dtype=dtype) if modes != ["ar"] else None
-  draft_vocab = resolve_draft_vocab(args.draft_vocab, draft)
-  args.draft_vocab = draft_vocab or 0  # recorded in --json
+  by_draft: dict[str | None, list[str]] = {}
+  for mode in modes:
+    name = args.drafts.get(mode, next(iter(args.drafts.values()), None))
+    by_draft.setdefault(name, []).append(mode)
+  engines, vocab = {}, {}
+  for name, group in by_draft.items():
+    draft = None if name is None else load_model(name, dtype=dtype)
+    draft_vocab = resolve_draft_vocab(args.draft_vocab, draft)
+    engine = stack.enter_context(make_engine(args, target, draft, draft_vocab, group, layout))
+    vocab |= {m: draft_vocab or 0 for m in group if m != "ar"}
+    engines |= dict.fromkeys(group, engine)
+  args.draft_vocab = next(iter(vocab.values()), 0)  # recorded in --json
+  return engines
+
+
+def make_engine(args, target, draft, draft_vocab, modes, layout):
+  from ssd_jax.decode import Engine  # noqa: PLC0415
+  from ssd_jax.decode.channel import ChannelError  # noqa: PLC0415
+
   with warnings.catch_warnings():
     warnings.simplefilter("always")
     engine = Engine(

@@ -18,8 +18,10 @@ from ssd_jax import harness
 from ssd_jax.data import load_prompts
 
 
-def compare(args, parser, engine, specs, sampling, layout) -> int:
+def compare(args, parser, engines, specs, sampling, layout) -> int:
+  """`engines`: the Engine of each mode (modes with the same draft share one)."""
   limit = args.num_prompts or (None if args.prompts == "bundled" else 8)
+  engine = engines.get("ssd", next(iter(engines.values())))
   tokenizer = engine.target.tokenizer
   try:
     prompts = load_prompts(args.prompts, limit)
@@ -28,11 +30,13 @@ def compare(args, parser, engine, specs, sampling, layout) -> int:
     chat = not args.no_chat_template and bool(tokenizer.chat_template)
     ids = harness.encode(tokenizer, [p.text for p in prompts], chat)
     capacity = harness.capacity_for(ids, args.max_new_tokens, args.lookahead)
-    for spec in specs.values():  # every mode's configuration is checked before any decodes
-      harness.check(engine, ids, spec, sampling, args.max_new_tokens, args.batch_size, capacity)
+    for mode, spec in specs.items():  # every mode's configuration is checked before decoding
+      harness.check(
+        engines[mode], ids, spec, sampling, args.max_new_tokens, args.batch_size, capacity
+      )
   except (ValueError, FileNotFoundError) as e:
     parser.error(str(e))
-  results = run_modes(args, engine, specs, sampling, ids, capacity)
+  results = run_modes(args, engines, specs, sampling, ids, capacity)
   all_cores = {}
   if layout.target_cores and "ssd" in specs and not args.no_all_cores:
     all_cores = on_all_cores(args)
@@ -51,7 +55,7 @@ def compare(args, parser, engine, specs, sampling, layout) -> int:
   return 0
 
 
-def run_modes(args, engine, specs, sampling, ids, capacity) -> dict[str, harness.ModeResult]:
+def run_modes(args, engines, specs, sampling, ids, capacity) -> dict[str, harness.ModeResult]:
   bar = tqdm(
     total=len(ids) * len(specs),
     desc="decoding",
@@ -64,7 +68,7 @@ def run_modes(args, engine, specs, sampling, ids, capacity) -> dict[str, harness
     for mode, spec in specs.items():
       bar.set_postfix_str(mode)
       results[mode] = harness.run_mode(
-        engine,
+        engines[mode],
         ids,
         spec,
         sampling=sampling,
@@ -87,8 +91,8 @@ def all_cores_argv(args, mode: str) -> list[str]:
   names = ["target", "prompts", "num_prompts", "max_new_tokens", "temperature", "top_k", "top_p"]
   names += ["batch_size", "target_devices", "seed", "attention_impl", "dtype"]
   if mode == "sd":
-    names += ["draft", "lookahead"]
-    argv += ["--draft-vocab", str(args.draft_vocab)]
+    names += ["lookahead"]
+    argv += ["--draft", args.drafts["sd"], "--draft-vocab", str(args.draft_vocab)]
   for name in names:
     value = getattr(args, name)
     if value is not None:
@@ -125,7 +129,7 @@ def format_table(results, args, num_prompts: int, layout, all_cores: dict) -> st
   rows = [
     head,
     "",
-    f"{'mode':<5} {'ran on':<18} {'tok/s':>8} {'per core':>9} {'vs ar':>7} "
+    f"{'mode':<5} {'ran on':<18} {'draft':<24} {'tok/s':>8} {'per core':>9} {'vs ar':>7} "
     f"{'accepted/round':>15} {'hit rate':>9} {'tokens':>7}",
   ]
   for mode, r in results.items():
@@ -134,6 +138,7 @@ def format_table(results, args, num_prompts: int, layout, all_cores: dict) -> st
       _row(
         mode,
         layout.where(mode),
+        draft_name(args, mode),
         r.tokens_per_second,
         layout.cores(mode),
         speed.get(mode),
@@ -150,6 +155,7 @@ def format_table(results, args, num_prompts: int, layout, all_cores: dict) -> st
       _row(
         mode,
         f"all {n} cores",
+        draft_name(args, mode),
         summary["tokens_per_second"],
         n,
         vs,
@@ -166,12 +172,18 @@ def format_table(results, args, num_prompts: int, layout, all_cores: dict) -> st
   return "\n".join(rows)
 
 
-def _row(mode, where, tps, cores, vs, accepted, hit, tokens) -> str:
+def draft_name(args, mode: str) -> str:
+  """The draft `mode` ran (a path by its last part), or "-"."""
+  name = args.drafts.get(mode)
+  return "-" if name is None else name if "/" not in name else Path(name).name
+
+
+def _row(mode, where, draft, tps, cores, vs, accepted, hit, tokens) -> str:
   vs = f"{vs:>6.2f}x" if vs is not None else f"{'-':>7}"
   hit = f"{hit:>9.2f}" if hit is not None else f"{'-':>9}"
   return (
-    f"{mode:<5} {where:<18} {tps:>8.1f} {tps / cores:>9.1f} {vs} {accepted:>15.2f} {hit} "
-    f"{tokens:>7}"
+    f"{mode:<5} {where:<18} {draft:<24} {tps:>8.1f} {tps / cores:>9.1f} {vs} "
+    f"{accepted:>15.2f} {hit} {tokens:>7}"
   )
 
 
@@ -182,7 +194,12 @@ def write_json(args, results, engine, layout, all_cores) -> None:
     "environment": harness.environment()
     | {"attention_impl": engine.attention_impl, "shared_device": engine.shared},
     "layout": {
-      mode: {"ran_on": layout.where(mode), "cores": layout.cores(mode)} for mode in results
+      mode: {
+        "ran_on": layout.where(mode),
+        "cores": layout.cores(mode),
+        "draft": args.drafts.get(mode),
+      }
+      for mode in results
     },
     "modes": {mode: r.summary() for mode, r in results.items()},
     "speedup_vs_ar": harness.speedups(results),

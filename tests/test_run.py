@@ -85,6 +85,33 @@ def test_table_is_printed(capsys):
   assert "tok/s" in out and "accepted/round" in out and "sample (" in out
 
 
+def test_each_mode_runs_its_default_draft(monkeypatch, tmp_path, capsys):
+  """Without --draft, sd and ssd each run their own default draft (one engine per draft, the
+  target shared); the table and the JSON name them, and greedy outputs stay those of ar."""
+  monkeypatch.setattr(run, "DEFAULT_TARGET", "tiny-llama")
+  monkeypatch.setattr(run, "DEFAULT_DRAFTS", {"sd": "tiny-llama-draft", "ssd": "tiny-llama"})
+  path = tmp_path / "out.json"
+  argv = [a for a in TINY if a not in ("--draft", "tiny-llama-draft")]
+  argv += ["--max-new-tokens", "8", "--num-prompts", "2", "--json", str(path)]
+  assert run.main(argv) == 0
+  out = json.loads(path.read_text())
+  drafts = {mode: v["draft"] for mode, v in out["layout"].items()}
+  assert drafts == {"ar": None, "sd": "tiny-llama-draft", "ssd": "tiny-llama"}
+  assert out["greedy_outputs_identical"] is True
+  # The target as its own draft accepts every proposal: the ssd engine really ran it.
+  assert out["modes"]["ssd"]["mean_accepted_tokens_per_round"] > 3.5
+  assert out["modes"]["sd"]["mean_accepted_tokens_per_round"] < 3.5
+  table = capsys.readouterr().out
+  assert "tiny-llama-draft" in table and "draft" in table.splitlines()[2]
+
+
+def test_another_target_needs_a_draft(capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    run.main(["--target", "tiny-llama", "--mode", "sd", "--no-progress"])
+  assert exit_info.value.code == 2
+  assert "--target tiny-llama needs --draft" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
   ("argv", "message"),
   [
