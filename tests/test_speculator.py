@@ -298,7 +298,11 @@ def test_the_cli_default_layout_pins_and_reports(tmp_path):
   assert proc.returncode == 0, proc.stderr
   assert "core 0 + core 1" in proc.stdout and "all " in proc.stdout
   result = json.loads(out.read_text())
-  assert result["layout"]["ssd"] == {"ran_on": "core 0 + core 1", "cores": 2}
+  assert result["layout"]["ssd"] == {
+    "ran_on": "core 0 + core 1",
+    "cores": 2,
+    "draft": "tiny-llama-draft",
+  }
   assert result["layout"]["sd"]["cores"] == 1
   assert result["greedy_outputs_identical"] is True
   for mode in ("ar", "sd"):  # the same tokens on every core
