@@ -212,6 +212,14 @@ def load_records(work: Path) -> list[dict]:
   return records
 
 
+def split_records(work: Path) -> tuple[list[dict], list[dict]]:
+  """(train, validation): the work directory's sequences in a fixed shuffle, 1/40 held out."""
+  records = load_records(work)
+  np.random.default_rng(0).shuffle(records)
+  n_val = max(8, len(records) // 40)
+  return records[n_val:], records[:n_val]
+
+
 # ----------------------------------------------------------------------------- student
 
 
@@ -353,11 +361,7 @@ def eval_step(params, batch, *, config):
 def cmd_train(args) -> None:
   work = Path(args.work)
   teacher = load_model("smollm2-135m")
-  records = load_records(work)
-  rng = np.random.default_rng(0)
-  rng.shuffle(records)
-  n_val = max(8, len(records) // 40)
-  val, train = records[:n_val], records[n_val:]
+  train, val = split_records(work)
   if args.init:  # continue from a saved student (a fresh optimizer and schedule)
     student = load_model(args.init, tokenizer_from=str(work))
     config, params = student.config, jax.tree.map(jnp.asarray, student.params)
@@ -414,10 +418,7 @@ def cmd_wide(args) -> None:
   config = wide.wide_config(narrow.config, args.width, args.heads, args.kv_heads, args.mlp)
   row_ids = np.asarray(narrow.token_ranking[: args.rows], np.int32)
   consts = (base, jnp.asarray(row_ids), jnp.asarray(wide.slots(row_ids, config.vocab_size)))
-  records = load_records(work)
-  np.random.default_rng(0).shuffle(records)
-  n_val = max(8, len(records) // 40)
-  val, train = records[:n_val], records[n_val:]
+  train, val = split_records(work)
   params = wide.grow(narrow.params, narrow.config, config, np.asarray(base), row_ids, args.seed)
   params = jax.tree.map(jnp.asarray, params)
   opt = (jax.tree.map(jnp.zeros_like, params), jax.tree.map(jnp.zeros_like, params))
