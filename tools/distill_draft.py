@@ -203,21 +203,27 @@ def _save_shard(path: Path, records: list[dict]) -> None:
   np.savez(path, n=len(records), **arrays)
 
 
-def load_records(work: Path) -> list[dict]:
+def load_records(work: Path, shards: slice = slice(None)) -> list[dict]:
+  """The sequences of the work directory's shards (`shards` of them, in order)."""
   records = []
-  for path in sorted(work.glob("shard_*.npz")):
+  for path in sorted(work.glob("shard_*.npz"))[shards]:
     with np.load(path) as f:
       for i in range(int(f["n"])):
         records.append({k: f[f"{k}_{i}"] for k in ("prompt", "ids", "top_ids", "top_logp")})
   return records
 
 
-def split_records(work: Path) -> tuple[list[dict], list[dict]]:
-  """(train, validation): the work directory's sequences in a fixed shuffle, 1/40 held out."""
-  records = load_records(work)
+def split_records(work: Path, val_shards: int | None = None) -> tuple[list[dict], list[dict]]:
+  """(train, validation): the work directory's sequences in a fixed shuffle, 1/40 held out.
+
+  With `val_shards`, validation comes from the first that many shards only, split exactly as
+  when they were all there was, and every later shard trains: a continued training on added
+  data keeps the earlier stage's validation set, none of which it has trained on."""
+  records = load_records(work, slice(val_shards))
   np.random.default_rng(0).shuffle(records)
   n_val = max(8, len(records) // 40)
-  return records[n_val:], records[:n_val]
+  later = load_records(work, slice(val_shards, None)) if val_shards is not None else []
+  return records[n_val:] + later, records[:n_val]
 
 
 # ----------------------------------------------------------------------------- student
@@ -418,7 +424,7 @@ def cmd_wide(args) -> None:
   config = wide.wide_config(narrow.config, args.width, args.heads, args.kv_heads, args.mlp)
   row_ids = np.asarray(narrow.token_ranking[: args.rows], np.int32)
   consts = (base, jnp.asarray(row_ids), jnp.asarray(wide.slots(row_ids, config.vocab_size)))
-  train, val = split_records(work)
+  train, val = split_records(work, args.val_shards)
   params = wide.grow(narrow.params, narrow.config, config, np.asarray(base), row_ids, args.seed)
   params = jax.tree.map(jnp.asarray, params)
   opt = (jax.tree.map(jnp.zeros_like, params), jax.tree.map(jnp.zeros_like, params))
@@ -426,8 +432,12 @@ def cmd_wide(args) -> None:
   if args.resume and state_path.exists():
     (params, opt), first = _load_state(state_path, (params, opt))
     print(f"resumed {out} at step {first}", flush=True)
+  elif args.continue_from:  # a finished stage's weights and moments, under a new schedule
+    (params, opt), done = _load_state(work / args.continue_from / "state.npz", (params, opt))
+    print(f"continuing {args.continue_from} (after its {done} steps) as {out}", flush=True)
   val_batches = list(_take(batches(val, args.batch_tokens, 1, args.max_len), len(val)))[:8]
-  if first == 0:  # growing preserves the narrow draft's function on the head's rows' tokens
+  if first == 0 and not args.continue_from:
+    # growing preserves the narrow draft's function on the head's rows' tokens
     tokens = jnp.asarray(row_ids[np.random.default_rng(0).integers(0, len(row_ids), (2, 64))])
     grown = wide.head_logits(params, config, *consts, tokens)
     x = hidden_states(narrow.params, tokens, config=narrow.config)
@@ -823,6 +833,12 @@ def main(argv=None) -> None:
   p.add_argument("--log-every", type=int, default=25)
   p.add_argument("--save-every", type=int, default=50)
   p.add_argument("--resume", action="store_true", help="continue from NAME/state.npz")
+  p.add_argument(
+    "--continue-from", help="start from this finished stage's state (under --work), new schedule"
+  )
+  p.add_argument(
+    "--val-shards", type=int, help="validate on the first N shards' split only; later ones train"
+  )
   p = sub.add_parser("eval", help="agreement, SD acceptance and step costs")
   p.add_argument("--draft", required=True, help="student directory or smollm2-135m-draft")
   p.add_argument("--humaneval", type=int, default=164)
