@@ -92,7 +92,7 @@ def all_cores_argv(args, mode: str) -> list[str]:
   names += ["batch_size", "target_devices", "seed", "attention_impl", "dtype"]
   if mode == "sd":
     names += ["lookahead"]
-    argv += ["--draft", args.drafts["sd"], "--draft-vocab", str(args.draft_vocab)]
+    argv += ["--draft", args.drafts["sd"], "--draft-vocab", str(args.draft_vocabs["sd"])]
   for name in names:
     value = getattr(args, name)
     if value is not None:
@@ -198,6 +198,7 @@ def write_json(args, results, engine, layout, all_cores) -> None:
         "ran_on": layout.where(mode),
         "cores": layout.cores(mode),
         "draft": args.drafts.get(mode),
+        "draft_vocab": args.draft_vocabs.get(mode),
       }
       for mode in results
     },

@@ -97,6 +97,12 @@ def test_each_mode_runs_its_default_draft(monkeypatch, tmp_path, capsys):
   out = json.loads(path.read_text())
   drafts = {mode: v["draft"] for mode, v in out["layout"].items()}
   assert drafts == {"ar": None, "sd": "tiny-llama-draft", "ssd": "tiny-llama"}
+  # Each draft's head as that engine runs it (the tiny drafts have no ranking: the full head).
+  assert {mode: v["draft_vocab"] for mode, v in out["layout"].items()} == {
+    "ar": None,
+    "sd": 0,
+    "ssd": 0,
+  }
   assert out["greedy_outputs_identical"] is True
   # The target as its own draft accepts every proposal: the ssd engine really ran it.
   assert out["modes"]["ssd"]["mean_accepted_tokens_per_round"] > 3.5

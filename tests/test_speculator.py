@@ -302,6 +302,7 @@ def test_the_cli_default_layout_pins_and_reports(tmp_path):
     "ran_on": "core 0 + core 1",
     "cores": 2,
     "draft": "tiny-llama-draft",
+    "draft_vocab": 0,
   }
   assert result["layout"]["sd"]["cores"] == 1
   assert result["greedy_outputs_identical"] is True
