@@ -282,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
   from ssd_jax.decode.channel import ChannelError  # noqa: PLC0415
 
   modes = list(MODES) if args.mode == "all" else [args.mode]
+  if args.chat:  # the chat talks through one mode, the last (ssd under --mode all): build it only
+    modes = modes[-1:]
   fan_out, fan_out_miss = fan_out_lists(args, parser)
   with contextlib.ExitStack() as stack:  # stops a speculator process however the run ends
     try:
@@ -302,7 +304,7 @@ def run_engines(args, parser, engines, specs, sampling, layout) -> int:
   if args.chat:
     from ssd_jax.chat import chat_loop  # noqa: PLC0415
 
-    spec, engine = specs[modes[-1]], engines[modes[-1]]
+    spec, engine = specs[modes[0]], engines[modes[0]]
     try:
       engine.plan(spec, greedy=sampling.greedy)  # a bad configuration fails before the chat
     except ValueError as e:

@@ -256,6 +256,22 @@ def test_chat_from_a_pipe():
   assert proc.stdout.count("tok/s") == 2
 
 
+def test_chat_under_mode_all_builds_only_the_mode_it_talks_through(monkeypatch):
+  """--chat --mode all talks through ssd: only ssd's engine is built (not ar's and sd's too)."""
+  from ssd_jax import chat  # noqa: PLC0415
+
+  built, talked = [], []
+  make_engines = run.make_engines
+  monkeypatch.setattr(
+    run,
+    "make_engines",
+    lambda args, modes, *rest: built.append(modes) or make_engines(args, modes, *rest),
+  )
+  monkeypatch.setattr(chat, "chat_loop", lambda engine, spec, *a, **k: talked.append(spec.mode))
+  assert run.main([*TINY, "--chat", "--mode", "all", "--lookahead", "2"]) == 0
+  assert built == [["ssd"]] and talked == ["ssd"]
+
+
 def test_bench_quick_sweep_writes_json_plots_and_report(tmp_path):
   from ssd_jax.bench import cli  # noqa: PLC0415
 
