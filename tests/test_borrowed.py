@@ -88,17 +88,18 @@ def test_a_borrowing_draft_paired_with_the_wrong_base_is_refused(tmp_path):
     load_model(str(tmp_path))
 
 
-def _wide_draft_module():
+def _wide_draft_module(monkeypatch):
+  monkeypatch.syspath_prepend(str(TOOLS))  # as when the tool runs: its neighbours import
   spec = importlib.util.spec_from_file_location("wide_draft", TOOLS / "wide_draft.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
 
 
-def test_growing_the_draft_keeps_its_logits_on_the_heads_tokens():
+def test_growing_the_draft_keeps_its_logits_on_the_heads_tokens(monkeypatch):
   """Width x2, heads x2, a wider MLP: the grown draft scores the head's rows as the narrow one
   did (before any training), so training starts from what the narrow draft learned."""
-  wide = _wide_draft_module()
+  wide = _wide_draft_module(monkeypatch)
   narrow, params = tied_draft()
   config = wide.wide_config(narrow, width=64, heads=4, kv_heads=2, mlp=96)
   base = np.asarray(base_embedding("tiny-llama"), np.float32)

@@ -39,6 +39,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from distill_core import clipped_update, pooled_cross_entropy
 
 from ssd_jax import harness
 from ssd_jax.config import ModelConfig
@@ -313,39 +314,12 @@ def _pad(examples):
 
 
 def distill_loss(params, config, tokens, pos, ids, logp, mask):
-  """Cross-entropy to the teacher's top-k distribution with the remaining mass pooled into one
-  "other" bucket (forward KL up to the teacher's entropy); also greedy agreement."""
+  """`pooled_cross_entropy` over the whole vocabulary; also greedy agreement."""
   x = hidden_states(params, tokens, config=config)
   x = jnp.take_along_axis(x, pos[..., None], axis=1)  # [B, G, D]: only the scored positions
   student = jax.nn.log_softmax(lm_head(params, x, config))  # [B, G, V]
-  p = jnp.exp(logp)
   top = jnp.take_along_axis(student, ids, axis=-1)
-  rest_p = jnp.clip(1.0 - p.sum(-1), 0.0, 1.0)
-  rest_q = jnp.log1p(-jnp.clip(jnp.exp(top).sum(-1), 0.0, 1.0 - 1e-6))
-  ce = -(p * top).sum(-1) - rest_p * rest_q
-  agree = (jnp.argmax(student, -1) == ids[..., 0]).astype(jnp.float32)
-  n = mask.sum()
-  return (ce * mask).sum() / n, (agree * mask).sum() / n
-
-
-def adamw(params, grads, state, step, lr, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.01):
-  """One AdamW step; weight decay on matrices only (not norms)."""
-  m, v = state
-  m = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, m, grads)
-  v = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, v, grads)
-  t = step + 1
-
-  def update(p, m, v):
-    decay = weight_decay * p if p.ndim >= 2 else 0.0
-    return p - lr * ((m / (1 - b1**t)) / (jnp.sqrt(v / (1 - b2**t)) + eps) + decay)
-
-  return jax.tree.map(update, params, m, v), (m, v)
-
-
-def learning_rate(step, total, peak, warmup=100):
-  warm = peak * (step + 1) / warmup
-  progress = jnp.clip((step - warmup) / max(1, total - warmup), 0.0, 1.0)
-  return jnp.where(step < warmup, warm, peak * (0.1 + 0.9 * 0.5 * (1 + jnp.cos(jnp.pi * progress))))
+  return pooled_cross_entropy(student, top, jnp.exp(logp), 1.0, ids[..., 0], mask)
 
 
 @functools.partial(
@@ -353,9 +327,7 @@ def learning_rate(step, total, peak, warmup=100):
 )
 def train_step(params, opt, step, batch, *, config, total, peak, warmup):
   (loss, agree), grads = jax.value_and_grad(distill_loss, has_aux=True)(params, config, *batch)
-  norm = jnp.sqrt(sum(jnp.sum(g * g) for g in jax.tree.leaves(grads)))
-  grads = jax.tree.map(lambda g: g * jnp.minimum(1.0, 1.0 / (norm + 1e-6)), grads)
-  params, opt = adamw(params, grads, opt, step, learning_rate(step, total, peak, warmup))
+  params, opt = clipped_update(params, opt, grads, step, total=total, peak=peak, warmup=warmup)
   return params, opt, loss, agree
 
 
@@ -443,10 +415,6 @@ def cmd_wide(args) -> None:
     x = hidden_states(narrow.params, tokens, config=narrow.config)
     old = x @ jnp.asarray(narrow.params["embed"])[row_ids].T
     print(f"growth: largest logit change {float(jnp.abs(grown - old).max()):.2e}", flush=True)
-  schedule = (
-    adamw,
-    functools.partial(learning_rate, total=args.steps, peak=args.lr, warmup=args.warmup),
-  )
   n_params = sum(x.size for x in jax.tree.leaves(params))
   print(
     f"wide draft {n_params / 1e6:.2f}M shipped params ({config.num_params / 1e6:.1f}M in "
@@ -458,7 +426,15 @@ def cmd_wide(args) -> None:
   t0 = time.time()
   for step in range(first, args.steps):
     params, opt, loss, agree = wide.train_step(
-      params, opt, jnp.int32(step), consts, next(stream), config=config, schedule=schedule
+      params,
+      opt,
+      jnp.int32(step),
+      consts,
+      next(stream),
+      config=config,
+      total=args.steps,
+      peak=args.lr,
+      warmup=args.warmup,
     )
     last = step == args.steps - 1
     if step % args.log_every == 0 or last:

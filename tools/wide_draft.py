@@ -29,6 +29,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from distill_core import clipped_update, pooled_cross_entropy
 
 from ssd_jax.config import ModelConfig
 from ssd_jax.models import borrowed, hidden_states
@@ -132,31 +133,24 @@ def head_logits(params, config, base, row_ids, slot, tokens):
 
 
 def loss(params, config, base, row_ids, slot, tokens, pos, ids, logp, mask):
-  """Cross-entropy to the teacher's top-k over the head's rows (the other mass pooled, as in
-  `distill_draft.distill_loss`), and greedy agreement with the teacher."""
+  """`pooled_cross_entropy` over the head's rows (teacher mass on other tokens pooled with the
+  rest), and greedy agreement with the teacher."""
   logits = head_logits(params, config, base, row_ids, slot, tokens)
   logits = jnp.take_along_axis(logits, pos[..., None], axis=1)  # [B, G, N]
   student = jax.nn.log_softmax(logits, -1)
   column = slot[ids]  # [B, G, k]: the teacher's top-k as head columns (N: not in the head)
   in_head = column < row_ids.shape[0]
-  p = jnp.exp(logp) * in_head
   top = jnp.take_along_axis(student, jnp.minimum(column, row_ids.shape[0] - 1), axis=-1)
-  rest_p = jnp.clip(1.0 - p.sum(-1), 0.0, 1.0)
-  rest_q = jnp.log1p(-jnp.clip((jnp.exp(top) * in_head).sum(-1), 0.0, 1.0 - 1e-6))
-  ce = -(p * top).sum(-1) - rest_p * rest_q
-  agree = (jnp.argmax(student, -1) == column[..., 0]).astype(jnp.float32)
-  n = mask.sum()
-  return (ce * mask).sum() / n, (agree * mask).sum() / n
+  return pooled_cross_entropy(student, top, jnp.exp(logp) * in_head, in_head, column[..., 0], mask)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "schedule"), donate_argnums=(0, 1))
-def train_step(params, opt, step, consts, batch, *, config, schedule):
-  """One AdamW step (the update and schedule of `distill_draft`, passed in `schedule`)."""
-  adamw, learning_rate = schedule
+@functools.partial(
+  jax.jit, static_argnames=("config", "total", "peak", "warmup"), donate_argnums=(0, 1)
+)
+def train_step(params, opt, step, consts, batch, *, config, total, peak, warmup):
+  """One clipped AdamW step on the schedule (`distill_core`, as for the narrow draft)."""
   (value, agree), grads = jax.value_and_grad(loss, has_aux=True)(params, config, *consts, *batch)
-  norm = jnp.sqrt(sum(jnp.sum(g * g) for g in jax.tree.leaves(grads)))
-  grads = jax.tree.map(lambda g: g * jnp.minimum(1.0, 1.0 / (norm + 1e-6)), grads)
-  params, opt = adamw(params, grads, opt, step, learning_rate(step))
+  params, opt = clipped_update(params, opt, grads, step, total=total, peak=peak, warmup=warmup)
   return params, opt, value, agree
 
 
