@@ -175,7 +175,7 @@ def format_table(results, args, num_prompts: int, layout, all_cores: dict) -> st
 def draft_name(args, mode: str) -> str:
   """The draft `mode` ran (a path by its last part), or "-"."""
   name = args.drafts.get(mode)
-  return "-" if name is None else name if "/" not in name else Path(name).name
+  return "-" if name is None else Path(name).name
 
 
 def _row(mode, where, draft, tps, cores, vs, accepted, hit, tokens) -> str:
