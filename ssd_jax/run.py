@@ -339,7 +339,6 @@ def make_engines(args, modes, layout, stack: contextlib.ExitStack) -> dict:
     vocab |= {m: draft_vocab or 0 for m in group if m != "ar"}
     engines |= dict.fromkeys(group, engine)
   args.draft_vocabs = vocab  # per mode, in --json's layout; sd's also runs sd on all cores
-  args.draft_vocab = vocab.get("sd", next(iter(vocab.values()), 0))
   return engines
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ssd_jax import harness
+from ssd_jax.cli import DEFAULT_DRAFTS
 from ssd_jax.data import load_prompts
 
 
@@ -92,7 +93,8 @@ def all_cores_argv(args, mode: str) -> list[str]:
   names += ["batch_size", "target_devices", "seed", "attention_impl", "dtype"]
   if mode == "sd":
     names += ["lookahead"]
-    argv += ["--draft", args.drafts["sd"], "--draft-vocab", str(args.draft_vocabs["sd"])]
+    draft, vocab = sd_draft(args)
+    argv += ["--draft", draft] + ([] if vocab is None else ["--draft-vocab", str(vocab)])
   for name in names:
     value = getattr(args, name)
     if value is not None:
@@ -124,7 +126,7 @@ def format_table(results, args, num_prompts: int, layout, all_cores: dict) -> st
   head = (
     f"{num_prompts} prompts ({args.prompts}), max {args.max_new_tokens} new tokens, "
     f"temperature {args.temperature}, batch {args.batch_size}, lookahead {args.lookahead}"
-    + (f", draft vocab {args.draft_vocab}" if args.draft_vocab else "")
+    + _vocab_head(args.draft_vocabs)
   )
   rows = [
     head,
@@ -155,7 +157,7 @@ def format_table(results, args, num_prompts: int, layout, all_cores: dict) -> st
       _row(
         mode,
         f"all {n} cores",
-        draft_name(args, mode),
+        _short(sd_draft(args)[0]) if mode == "sd" else "-",
         summary["tokens_per_second"],
         n,
         vs,
@@ -174,8 +176,27 @@ def format_table(results, args, num_prompts: int, layout, all_cores: dict) -> st
 
 def draft_name(args, mode: str) -> str:
   """The draft `mode` ran (a path by its last part), or "-"."""
-  name = args.drafts.get(mode)
+  return _short(args.drafts.get(mode))
+
+
+def _short(name: str | None) -> str:
   return "-" if name is None else Path(name).name
+
+
+def sd_draft(args) -> tuple[str, int | None]:
+  """sd's draft and head (None: the draft's default), also under --mode ssd, which runs no sd
+  of its own: sd's default draft (or --draft) with the head asked for, as --mode all would."""
+  draft = args.drafts.get("sd", args.draft or DEFAULT_DRAFTS["sd"])
+  return draft, args.draft_vocabs.get("sd", args.draft_vocab)
+
+
+def _vocab_head(vocabs: dict[str, int]) -> str:
+  """The header's draft heads: one N, or N per mode where they differ; nothing if whole."""
+  if not any(vocabs.values()):
+    return ""
+  if len(set(vocabs.values())) == 1:
+    return f", draft vocab {next(iter(vocabs.values()))}"
+  return ", draft vocab " + ", ".join(f"{m} {v or 'all'}" for m, v in vocabs.items())
 
 
 def _row(mode, where, draft, tps, cores, vs, accepted, hit, tokens) -> str:

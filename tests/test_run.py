@@ -14,6 +14,7 @@ from ssd_jax.chat import chat_loop
 from ssd_jax.config import SpecConfig
 from ssd_jax.decode import Engine, Sampling
 from ssd_jax.models.registry import load_model
+from ssd_jax.sidebyside import all_cores_argv
 
 # In this process JAX already runs, so the CLI's default layout (a pinned speculator process,
 # tested through real processes in test_speculator.py) cannot apply: place the draft here.
@@ -109,6 +110,28 @@ def test_each_mode_runs_its_default_draft(monkeypatch, tmp_path, capsys):
   assert out["modes"]["sd"]["mean_accepted_tokens_per_round"] < 3.5
   table = capsys.readouterr().out
   assert "tiny-llama-draft" in table and "draft" in table.splitlines()[2]
+
+
+@pytest.mark.parametrize(
+  ("flags", "expected"),
+  [
+    ([], ["--draft", "smollm2-135m-draft"]),  # sd's own default draft, its default head
+    (["--draft-vocab", "4096"], ["--draft", "smollm2-135m-draft", "--draft-vocab", "4096"]),
+    (["--draft", "tiny-llama-draft"], ["--draft", "tiny-llama-draft"]),
+  ],
+)
+def test_sd_on_all_cores_under_mode_ssd_runs_what_mode_all_would(flags, expected):
+  """`--mode ssd` has no sd of its own, yet the table's sd-on-all-cores line runs sd: with
+  sd's default draft (or --draft) and the head asked for (else the child's default)."""
+  parser = run.build_parser()
+  args = parser.parse_args(["--mode", "ssd", *flags])
+  run.check_args(args, parser)
+  args.draft_vocabs = {"ssd": 8192}  # as make_engines records ssd's
+  argv = all_cores_argv(args, "sd")
+  i = argv.index("--draft")
+  assert argv[:2] == ["--mode", "sd"]
+  assert argv[i : i + len(expected)] == expected
+  assert argv.count("--draft-vocab") == ("--draft-vocab" in expected)
 
 
 def test_another_target_needs_a_draft(capsys):
