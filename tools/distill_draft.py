@@ -490,6 +490,8 @@ def cmd_wide(args) -> None:
     if (step + 1) % args.save_every == 0 or last:
       _save_state(state_path, params, opt, step + 1)
       _save_wide(out, config, jax.device_get(params), row_ids, np.asarray(base))
+      # the ranking its head's rows came from, which `eval --draft-vocab` and `export` read
+      np.save(out / "token_ranking.npy", np.asarray(narrow.token_ranking, np.int32))
   print(f"saved {out}")
 
 
