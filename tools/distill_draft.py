@@ -444,10 +444,9 @@ def cmd_wide(args) -> None:
     (params, opt), done = _load_state(work / args.continue_from / "state.npz", (params, opt))
     print(f"continuing {args.continue_from} (after its {done} steps) as {out}", flush=True)
   elif args.start_from:  # a saved draft's weights (its state gone): fresh moments, new schedule
-    directory = ASSETS / args.start_from if (ASSETS / args.start_from).is_dir() else args.start_from
-    params = jax.tree.map(jnp.asarray, wide.shipped(directory, row_ids))
+    params = jax.tree.map(jnp.asarray, wide.shipped(args.start_from, row_ids))
     opt = (jax.tree.map(jnp.zeros_like, params), jax.tree.map(jnp.zeros_like, params))
-    print(f"starting from {directory}'s weights as {out}", flush=True)
+    print(f"starting from {args.start_from}'s weights as {out}", flush=True)
   val_batches = list(_take(batches(val, args.batch_tokens, 1, args.max_len), len(val)))[:8]
   if first == 0 and not (args.continue_from or args.start_from):
     # growing preserves the narrow draft's function on the head's rows' tokens
