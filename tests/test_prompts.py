@@ -149,7 +149,7 @@ def test_distillation_later_turns_avoid_the_held_out_slice_and_first_turns(monke
   assert all(40 <= len(t) <= SHAREGPT_MAX_CHARS for t in turns)
   first = load_prompts("sharegpt")
   assert not set(turns) & {p.text for p in first}
-  # A long conversation is split into records "<id>_0", "<id>_1", ...; none of its may train.
+  # Long conversations are split into records "<id>_0", "<id>_1", ...: none of them may train.
   held_out = {p.id.rsplit("_", 1)[0] for p in first[tool.EVAL_SHAREGPT_OFFSET :]}
   later_of_held_out = set()
   for conv in iter_sharegpt_conversations(sharegpt_file()):
