@@ -128,15 +128,15 @@ def later_turns(limit: int, offset: int = 0, min_chars: int = 40) -> list[str]:
   first = load_prompts("sharegpt")
   # ShareGPT splits long conversations into records "<id>_0", "<id>_1", ...: one conversation.
   held_out = {_conversation_of(p.id) for p in first[EVAL_SHAREGPT_OFFSET:]}
-  conversations = list(iter_sharegpt_conversations(sharegpt_file()))
   seen = {p.text for p in first}
-  for conv in conversations:
+  kept = []
+  for conv in iter_sharegpt_conversations(sharegpt_file()):
     if _conversation_of(conv.id) in held_out:
       seen |= {text for _, text in conv.turns}
+    else:
+      kept.append(conv)
   found = []
-  for conv in conversations:
-    if _conversation_of(conv.id) in held_out:
-      continue
+  for conv in kept:
     humans = [text for speaker, text in conv.turns if speaker == "human"]
     for text in humans[1:]:
       if min_chars <= len(text) <= SHAREGPT_MAX_CHARS and text not in seen:
