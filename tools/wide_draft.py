@@ -107,16 +107,17 @@ def shipped(name_or_path: str, row_ids) -> dict:
   """The factored params {proj, rows, layers, final_norm} of a saved wide draft (a shipped name
   or a directory; numpy float32): where a later stage starts when the earlier one's training
   state is gone. Its rows must be `row_ids`'s (the loss scores the head's rows in that order)."""
-  from safetensors.numpy import load_file  # noqa: PLC0415
+  from safetensors import safe_open  # noqa: PLC0415
 
   from ssd_jax.models.registry import ASSETS, SHIPPED_DRAFTS, load_model  # noqa: PLC0415
 
   directory = ASSETS / name_or_path if name_or_path in SHIPPED_DRAFTS else name_or_path
-  tensors = load_file(f"{directory}/model.safetensors")
-  if not np.array_equal(tensors[borrowed.ROW_IDS], row_ids):
+  with safe_open(f"{directory}/model.safetensors", "numpy") as f:  # only P, R and the row ids:
+    proj, rows, ids = (f.get_tensor(k) for k in borrowed.TENSORS)  # load_model reads the rest
+  if not np.array_equal(ids, row_ids):
     raise ValueError(f"{directory}: its embedding rows are not the first {len(row_ids)} ranked")
   params = jax.tree.map(lambda x: np.asarray(x, np.float32), load_model(name_or_path).params)
-  proj, rows = (np.asarray(tensors[k], np.float32) for k in (borrowed.PROJECTION, borrowed.ROWS))
+  proj, rows = np.asarray(proj, np.float32), np.asarray(rows, np.float32)
   return {"proj": proj, "rows": rows} | {k: params[k] for k in ("layers", "final_norm")}
 
 
