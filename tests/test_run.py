@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from ssd_jax import run
@@ -380,3 +381,54 @@ def test_prediction_with_this_machines_overlap():
   serial = predict(record, latency | {"together": 40.0}, 1)
   assert serial["predicted_overlap_tokens_per_second"] == pytest.approx(2e3 / (0.5 * 40 + 0.5 * 45))
   assert serial["predicted_tokens_per_second"] == perfect["predicted_tokens_per_second"]
+
+
+def test_bench_ab_alternates_configurations_and_keeps_per_pass_ratios(tmp_path, capsys):
+  from ssd_jax.bench import cli  # noqa: PLC0415
+
+  configs = ["sd:tiny-llama-draft:2", "ar", "ssd:tiny-llama-draft:2:2"]
+  argv = ["ab", "--target", "tiny-llama", "--configs", *configs, "--draft-placement", "device"]
+  argv += ["--passes", "2", "--num-prompts", "1", "--max-new-tokens", "6", "--out", str(tmp_path)]
+  assert cli.main(argv) == 0
+  result = json.loads((tmp_path / "ab.json").read_text())
+  rows = result["rows"]
+  assert [r["mode"] for r in rows] == ["sd", "ar", "ssd"]
+  assert result["greedy_equal"]  # every pass of every configuration gave ar's tokens
+  assert rows[0]["ratio_to_first"] == [1.0, 1.0]
+  for r in rows:
+    assert len(r["tokens_per_second"]) == 2 and min(r["tokens_per_second"]) > 0
+    assert r["compiles_after_warmup"] == 0
+  ratios = np.array(rows[2]["tokens_per_second"]) / np.array(rows[0]["tokens_per_second"])
+  np.testing.assert_allclose(rows[2]["ratio_to_first"], ratios)
+  assert rows[2]["hit_rate_after_first_round"] is not None and rows[1]["accepted_per_round"] == 1
+  assert "| ssd tiny-llama-draft k=2, F=2 |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+  ("text", "error"),
+  [
+    ("beam", "the mode must be one of"),
+    ("ar:tiny-llama-draft", "ar takes no draft"),
+    ("sd:tiny-llama-draft:2:2", "sd takes at most 2 fields"),
+    ("ssd:tiny-llama-draft:x", "must be integers"),
+    ("ssd:tiny-llama-draft:3:0", "must be >= 1"),
+  ],
+)
+def test_bench_ab_refuses_a_bad_configuration(text, error, capsys):
+  from ssd_jax.bench import cli  # noqa: PLC0415
+
+  with pytest.raises(SystemExit):
+    cli.main(["ab", "--configs", "sd", text])
+  assert error in capsys.readouterr().err
+
+
+def test_bench_ab_configuration_defaults_are_runs():
+  from ssd_jax.bench.ab import parse_config  # noqa: PLC0415
+  from ssd_jax.cli import DEFAULT_DRAFTS  # noqa: PLC0415
+  from ssd_jax.run import DEFAULT_FAN_OUT  # noqa: PLC0415
+
+  ssd = parse_config("ssd")
+  assert (ssd.draft, ssd.lookahead, ssd.fan_out) == (DEFAULT_DRAFTS["ssd"], 3, DEFAULT_FAN_OUT)
+  sd = parse_config("sd::5")
+  assert (sd.draft, sd.lookahead) == (DEFAULT_DRAFTS["sd"], 5)
+  assert ssd.spec().fan_out == (DEFAULT_FAN_OUT,) * 4

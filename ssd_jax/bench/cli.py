@@ -10,6 +10,8 @@
           the same time (SSD's premise): each alone, then both dispatched together.
   exchange  one SSD round's exchange with a speculator process, per pipe (shared memory and
           jax.experimental.transfer), greedy and sampled payloads.
+  ab      configurations (mode, draft, lookahead, fan-out) alternated pass by pass on the same
+          prompts, each pass's ratios to the first kept: defaults chosen on a noisy host.
   forward the forward's cost against new tokens T (1..16), with and without logits, at cache
           fills 256 / 1024 / 4096, for the target and the draft, tree steps over 8 / 24
           branches, beside the matrix products alone.
@@ -40,6 +42,7 @@ _EXAMPLES = """examples:
   python -m ssd_jax.bench sweep --batch-sizes 1 2 4 8 --backup auto --lookaheads 5
   python -m ssd_jax.bench sweep --hf                               # + HF transformers
   python -m ssd_jax.bench models --hf
+  python -m ssd_jax.bench ab --configs sd:smollm2-135m-draft:3 ssd:smollm2-135m-draft-wide:5:4
   python -m ssd_jax.bench forward --fills 256 --new-tokens 1 4 8"""
 
 
@@ -73,14 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--saguaro-c", type=finite_float, default=1.0)
   s.add_argument("--backup", choices=("neural", "fast", "auto"), default="neural")
   s.add_argument("--target-devices", type=int, default=1)
-  s.add_argument(
-    "--draft-placement",
-    choices=("auto", "device", "process"),
-    default="auto",
-    help="where ssd's draft runs, as in python -m ssd_jax.run (auto: a pinned speculator "
-    "process on CPU)",
-  )
-  s.add_argument("--layout-cores", metavar="N|all", help="as run's --target-cores")
+  _layout_flags(s)
   s.add_argument("--seed", type=int, default=0)
   s.add_argument("--ignore-eos", action="store_true")
   s.add_argument("--hf", action="store_true", help="also run HF transformers (needs make hf)")
@@ -108,6 +104,25 @@ def build_parser() -> argparse.ArgumentParser:
   x.add_argument("--reps", type=int, default=200)
   x.add_argument("--target-cores", type=core_list, default=[0], help="this process's cores")
   x.add_argument("--speculator-cores", type=core_list, default=[1])
+  a = sub.add_parser("ab", help="configurations alternated pass by pass (see bench.ab)")
+  a.add_argument("--target", default="smollm2-135m")
+  a.add_argument("--draft-vocab", type=int, default=None, help=_DRAFT_VOCAB)
+  a.add_argument(
+    "--configs",
+    type=_config,
+    nargs="+",
+    default=["sd", "ssd"],
+    metavar="MODE[:DRAFT[:K[:F]]]",
+    help="the first is the one the others are divided by (default: sd and ssd as run has them)",
+  )
+  a.add_argument("--passes", type=int, default=4)
+  a.add_argument("--prompts", default="bundled", help="a prompt set, as run's --prompts")
+  a.add_argument("--num-prompts", type=int, default=None)
+  a.add_argument("--max-new-tokens", type=int, default=128)
+  a.add_argument("--temperature", type=finite_float, default=0.0)
+  a.add_argument("--seed", type=int, default=0)
+  a.add_argument("--out", type=Path, default=Path("runs/bench"))
+  _layout_flags(a)
   m = sub.add_parser("models", help="prefill / decode speed of the target")
   m.add_argument("--target", default="smollm2-135m")
   m.add_argument("--out", type=Path, default=Path("runs/bench"))
@@ -115,6 +130,23 @@ def build_parser() -> argparse.ArgumentParser:
   m.add_argument("--decode-tokens", type=int, default=32)
   m.add_argument("--hf", action="store_true")
   return p
+
+
+def _layout_flags(p: argparse.ArgumentParser) -> None:
+  p.add_argument(
+    "--draft-placement",
+    choices=("auto", "device", "process"),
+    default="auto",
+    help="where ssd's draft runs, as in python -m ssd_jax.run (auto: a pinned speculator "
+    "process on CPU)",
+  )
+  p.add_argument("--layout-cores", metavar="N|all", help="as run's --target-cores")
+
+
+def _config(text: str):
+  from ssd_jax.bench.ab import parse_config  # noqa: PLC0415 (imports JAX; its backend starts later)
+
+  return parse_config(text)
 
 
 def check(args, parser) -> None:
@@ -130,6 +162,12 @@ def check(args, parser) -> None:
     if args.quick:
       args.prompt_sets, args.num_prompts, args.max_new_tokens = ["bundled"], 2, 16
       args.lookaheads, args.fan_outs = [2], [1, 2]
+  if args.command == "ab":
+    if args.passes < 1 or args.max_new_tokens < 1 or (args.num_prompts or 1) < 1:
+      parser.error("--passes, --num-prompts and --max-new-tokens must be >= 1")
+    if args.temperature < 0:
+      parser.error("--temperature must be >= 0 (0 = greedy)")
+    args.configs = [_config(c) if isinstance(c, str) else c for c in args.configs]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
   check(args, parser)
   if getattr(args, "target_cores", None):
     pin_cores(args.target_cores)  # before JAX starts: sizes its thread pool
-  if args.command == "sweep":
+  if args.command in ("sweep", "ab"):
     try:
       args.layout = resolve_layout(args.draft_placement, args.layout_cores, None)
     except ValueError as e:
@@ -146,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     args.layout = apply_layout(args.layout)
   setup_devices(getattr(args, "target_devices", 1))
   args.out.mkdir(parents=True, exist_ok=True)
-  from ssd_jax.bench import exchange, forward, sweep  # noqa: PLC0415 (after the device set-up)
+  from ssd_jax.bench import ab, exchange, forward, sweep  # noqa: PLC0415 (after device set-up)
 
   try:
     run = {
@@ -155,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
       "overlap": sweep.measure_overlap,
       "forward": forward.forward_costs,
       "exchange": exchange.exchange,
+      "ab": ab.ab,
     }[args.command]
     result = run(args)
     path = args.out / f"{args.command}.json"
@@ -169,4 +208,6 @@ def main(argv: list[str] | None = None) -> int:
 
     report = report_lib.write(result, args.out)
     print(f"wrote {report} and its plots")
+  if args.command == "ab":
+    print(result["table"])
   return 0
