@@ -182,7 +182,7 @@ def _rows(configs, passes, layout) -> list[dict[str, Any]]:
         "median_ratio_to_first": float(np.median(ratios[:, j])),
         "accepted_per_round": last["accepted_per_round"],
         "hit_rate_after_first_round": last["hit_rate_after_first_round"],
-        "compiles_after_warmup": sum(run[j]["compiles_after_warmup"] for run in passes[1:]),
+        "compiles_after_warmup": sum(run[j]["compiles_after_warmup"] for run in passes),
       }
     )
   return rows
