@@ -117,6 +117,63 @@ def check(
   )
 
 
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """What every batch of a run shares, whichever mode decodes it."""
+
+  sampling: Sampling
+  max_new_tokens: int
+  batch_size: int
+  seed: int
+  ignore_eos: bool
+  capacity: int
+  trace: bool = False
+
+
+def batches_of(prompts: Sequence[Sequence[int]], batch_size: int) -> list[list[Sequence[int]]]:
+  return [list(prompts[i : i + batch_size]) for i in range(0, len(prompts), batch_size)]
+
+
+def warm_up(engine: Engine, batches, spec: SpecConfig, s: Settings) -> float:
+  """Compile `spec`'s programs with the timed runs' shapes and static arguments: one short batch
+  per prompt bucket (prefill compiles per bucket, the decode programs once). Returns seconds."""
+  buckets = {bucket_length(max(map(len, b)), s.capacity): b for b in reversed(batches)}
+  t0 = time.perf_counter()
+  for batch in buckets.values():
+    engine.generate(
+      (batch * s.batch_size)[: s.batch_size],
+      spec=spec,
+      sampling=s.sampling,
+      capacity=s.capacity,
+      seed=s.seed,
+      max_new_tokens=min(s.max_new_tokens, 2 * (spec.lookahead + 1) + 2),
+      ignore_eos=s.ignore_eos,
+      trace=s.trace,
+    )
+  return time.perf_counter() - t0
+
+
+def decode_batch(
+  engine: Engine, batch, index: int, spec: SpecConfig, s: Settings
+) -> tuple[list[list[int]], Metrics, int]:
+  """Batch `index` of a run: its tokens, metrics and the programs it compiled (this process's
+  and a speculator process's), which after `warm_up` must be none."""
+  pad = s.batch_size - len(batch)  # the last batch is padded to keep shapes (and programs)
+  with count_compiles() as compiles:
+    out = engine.generate(
+      batch + batch[:1] * pad,
+      spec=spec,
+      sampling=s.sampling,
+      max_new_tokens=[s.max_new_tokens] * len(batch) + [0] * pad,
+      capacity=s.capacity,
+      seed=s.seed + index,
+      ignore_eos=s.ignore_eos,
+      trace=s.trace,
+    )
+  remote = out.metrics.extra.get("speculator_compiles", 0)
+  return out.tokens[: len(batch)], out.metrics, len(compiles) + remote
+
+
 def run_mode(
   engine: Engine,
   prompts: Sequence[Sequence[int]],
@@ -133,44 +190,52 @@ def run_mode(
   progress: Callable[[int], None] | None = None,
 ) -> ModeResult:
   """Generate for every prompt in batches of `batch_size`; warm-up batches compile first."""
-  batches = [list(prompts[i : i + batch_size]) for i in range(0, len(prompts), batch_size)]
-  # One warm-up batch per prompt bucket, with the timed runs' shapes and static arguments:
-  # prefill compiles per bucket, the decode programs once.
-  buckets = {bucket_length(max(map(len, b)), capacity): b for b in reversed(batches)}
-  t0 = time.perf_counter()
-  for batch in buckets.values() if warmup else ():
-    engine.generate(
-      (batch * batch_size)[:batch_size],
-      spec=spec,
-      sampling=sampling,
-      capacity=capacity,
-      seed=seed,
-      max_new_tokens=min(max_new_tokens, 2 * (spec.lookahead + 1) + 2),
-      ignore_eos=ignore_eos,
-      trace=trace,
-    )
-  warmup_seconds = time.perf_counter() - t0
-  tokens, metrics = [], []
-  with count_compiles() as compiles:  # warm programs: the timed batches compile nothing
-    for i, batch in enumerate(batches):
-      pad = batch_size - len(batch)  # the last batch is padded to keep shapes (and programs)
-      out = engine.generate(
-        batch + batch[:1] * pad,
-        spec=spec,
-        sampling=sampling,
-        max_new_tokens=[max_new_tokens] * len(batch) + [0] * pad,
-        capacity=capacity,
-        seed=seed + i,
-        ignore_eos=ignore_eos,
-        trace=trace,
-      )
-      tokens.extend(out.tokens[: len(batch)])
-      metrics.append(out.metrics)
+  s = Settings(sampling, max_new_tokens, batch_size, seed, ignore_eos, capacity, trace)
+  batches = batches_of(prompts, batch_size)
+  result = ModeResult(spec.mode, spec, [], [])
+  result.warmup_seconds = warm_up(engine, batches, spec, s) if warmup else 0.0
+  for i, batch in enumerate(batches):
+    _add(result, *decode_batch(engine, batch, i, spec, s))
+    if progress:
+      progress(len(batch))
+  return result
+
+
+def run_interleaved(
+  runs: dict[str, tuple[Engine, SpecConfig]],
+  prompts: Sequence[Sequence[int]],
+  settings: Settings,
+  progress: Callable[[str, int], None] | None = None,
+) -> dict[str, ModeResult]:
+  """`run_mode` for several modes at once, batch by batch: every mode warms up first, then each
+  batch is decoded by every mode before the next, in an order rotated by one per batch. A host
+  whose speed drifts (a shared machine, a CPU changing clocks) then slows every mode alike,
+  where running the modes one after another would charge the drift to whichever ran last.
+  Each mode's tokens, seeds and programs are those `run_mode` gives."""
+  batches = batches_of(prompts, settings.batch_size)
+  results = {
+    mode: ModeResult(mode, spec, [], [], warmup_seconds=warm_up(engine, batches, spec, settings))
+    for mode, (engine, spec) in runs.items()
+  }
+  for i, batch in enumerate(batches):
+    for mode in rotated(list(runs), i):
+      engine, spec = runs[mode]
+      _add(results[mode], *decode_batch(engine, batch, i, spec, settings))
       if progress:
-        progress(len(batch))
-  # A speculator process counts its own compilations per run.
-  remote = sum(m.extra.get("speculator_compiles", 0) for m in metrics)
-  return ModeResult(spec.mode, spec, tokens, metrics, len(compiles) + remote, warmup_seconds)
+        progress(mode, len(batch))
+  return results
+
+
+def rotated(modes: list[str], i: int) -> list[str]:
+  """The order the modes decode batch `i`: each mode goes first once every len(modes) batches."""
+  k = i % len(modes)
+  return modes[k:] + modes[:k]
+
+
+def _add(result: ModeResult, tokens, metrics: Metrics, compiles: int) -> None:
+  result.tokens.extend(tokens)
+  result.metrics.append(metrics)
+  result.compiles += compiles
 
 
 def environment() -> dict[str, Any]:

@@ -57,6 +57,8 @@ def compare(args, parser, engines, specs, sampling, layout) -> int:
 
 
 def run_modes(args, engines, specs, sampling, ids, capacity) -> dict[str, harness.ModeResult]:
+  """Every mode over the prompts, interleaved batch by batch (`harness.run_interleaved`), so
+  the ratios between modes hold on a host whose speed drifts during the run."""
   bar = tqdm(
     total=len(ids) * len(specs),
     desc="decoding",
@@ -64,24 +66,24 @@ def run_modes(args, engines, specs, sampling, ids, capacity) -> dict[str, harnes
     disable=args.no_progress,
     file=sys.stderr,
   )
-  results = {}
+  settings = harness.Settings(
+    sampling=sampling,
+    max_new_tokens=args.max_new_tokens,
+    batch_size=args.batch_size,
+    seed=args.seed,
+    ignore_eos=args.ignore_eos,
+    capacity=capacity,
+    trace=args.json is not None,
+  )
+
+  def progress(mode: str, n: int) -> None:
+    bar.set_postfix_str(mode)
+    bar.update(n)
+
   with bar:
-    for mode, spec in specs.items():
-      bar.set_postfix_str(mode)
-      results[mode] = harness.run_mode(
-        engines[mode],
-        ids,
-        spec,
-        sampling=sampling,
-        max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        ignore_eos=args.ignore_eos,
-        capacity=capacity,
-        trace=args.json is not None,
-        progress=bar.update,
-      )
-  return results
+    bar.set_postfix_str("warm-up")
+    runs = {mode: (engines[mode], spec) for mode, spec in specs.items()}
+    return harness.run_interleaved(runs, ids, settings, progress)
 
 
 def all_cores_argv(args, mode: str) -> list[str]:

@@ -6,11 +6,12 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import fields
 
 import numpy as np
 import pytest
 
-from ssd_jax import run
+from ssd_jax import harness, run
 from ssd_jax.chat import chat_loop
 from ssd_jax.config import SpecConfig
 from ssd_jax.decode import Engine, Sampling
@@ -241,6 +242,39 @@ def test_a_small_ranked_draft_gets_a_head_it_can_have(tmp_path, capsys):
   err = _exit_2(capsys, [*draft, "--draft-vocab", "2", "--fan-out", "3"])
   assert "fan-out of 3 forks more tokens than the draft's head scores (2" in err
   assert "--draft-vocab" in err
+
+
+def test_modes_are_interleaved_batch_by_batch_and_decode_as_they_would_alone():
+  """`--mode all` warms every mode up, then decodes batch i with every mode, the order rotated
+  by i, so host drift slows every mode alike; each mode's tokens (seeds included) are those of
+  running it alone, and nothing compiles after the warm-up."""
+  engine = Engine(load_model("tiny-llama"), load_model("tiny-llama-draft"))
+  calls = []
+
+  class Spy:  # the engine, logging which mode decodes and whether warm-up or timed
+    def generate(self, prompts, *, spec, max_new_tokens, **kw):
+      calls.append((spec.mode, "timed" if isinstance(max_new_tokens, list) else "warm"))
+      return engine.generate(prompts, spec=spec, max_new_tokens=max_new_tokens, **kw)
+
+  specs = {
+    "ar": SpecConfig(mode="ar", lookahead=0),
+    "sd": SpecConfig(mode="sd", lookahead=2),
+    "ssd": SpecConfig(mode="ssd", lookahead=2, fan_out=(2, 2, 1)),
+  }
+  prompts = [[1, 5, 9, 2], [7, 3], [4, 4, 8, 1, 6], [2, 9, 9], [3, 1]]
+  settings = harness.Settings(Sampling(temperature=1.0), 6, 2, 3, True, 128)
+  results = harness.run_interleaved({m: (Spy(), s) for m, s in specs.items()}, prompts, settings)
+  warm = [m for m, kind in calls if kind == "warm"]
+  assert calls[: len(warm)] == [(m, "warm") for m in warm] and set(warm) == set(specs)
+  timed = [m for m, kind in calls[len(warm) :]]
+  assert timed == ["ar", "sd", "ssd", "sd", "ssd", "ar", "ssd", "ar", "sd"]  # 3 batches of 2
+  for mode, spec in specs.items():
+    alone = harness.run_mode(
+      engine, prompts, spec, **{f.name: getattr(settings, f.name) for f in fields(settings)}
+    )
+    assert results[mode].tokens == alone.tokens, mode
+    assert len(results[mode].metrics) == 3 and results[mode].compiles == 0, mode
+    assert results[mode].warmup_seconds > 0
 
 
 def test_chat_loop_answers_each_line():
