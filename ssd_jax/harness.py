@@ -191,14 +191,8 @@ def run_mode(
 ) -> ModeResult:
   """Generate for every prompt in batches of `batch_size`; warm-up batches compile first."""
   s = Settings(sampling, max_new_tokens, batch_size, seed, ignore_eos, capacity, trace)
-  batches = batches_of(prompts, batch_size)
-  result = ModeResult(spec.mode, spec, [], [])
-  result.warmup_seconds = warm_up(engine, batches, spec, s) if warmup else 0.0
-  for i, batch in enumerate(batches):
-    _add(result, *decode_batch(engine, batch, i, spec, s))
-    if progress:
-      progress(len(batch))
-  return result
+  report = None if progress is None else lambda mode, n: progress(n)
+  return run_interleaved({spec.mode: (engine, spec)}, prompts, s, report, warmup=warmup)[spec.mode]
 
 
 def run_interleaved(
@@ -206,15 +200,20 @@ def run_interleaved(
   prompts: Sequence[Sequence[int]],
   settings: Settings,
   progress: Callable[[str, int], None] | None = None,
+  *,
+  warmup: bool = True,
 ) -> dict[str, ModeResult]:
   """`run_mode` for several modes at once, batch by batch: every mode warms up first, then each
   batch is decoded by every mode before the next, in an order rotated by one per batch. A host
   whose speed drifts (a shared machine, a CPU changing clocks) then slows every mode alike,
   where running the modes one after another would charge the drift to whichever ran last.
-  Each mode's tokens, seeds and programs are those `run_mode` gives."""
+  Each mode's tokens, seeds and programs are those of running it alone (`run_mode`, which is
+  this with one mode). `warmup=False`: the programs are known to be warm already."""
   batches = batches_of(prompts, settings.batch_size)
   results = {
-    mode: ModeResult(mode, spec, [], [], warmup_seconds=warm_up(engine, batches, spec, settings))
+    mode: ModeResult(
+      mode, spec, [], [], warmup_seconds=warm_up(engine, batches, spec, settings) if warmup else 0.0
+    )
     for mode, (engine, spec) in runs.items()
   }
   for i, batch in enumerate(batches):
