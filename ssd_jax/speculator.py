@@ -15,6 +15,7 @@ waits for the next target (until --once, or Ctrl-C).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import socket
 import sys
@@ -60,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     sock = socket.create_connection(_address(args.connect, parser), timeout=30)
     sock.settimeout(None)
     serve_connection(sock)
+    if args.log:  # a goodbye: the parent needs no last output, and may be gone before it unlinks
+      with contextlib.suppress(OSError):
+        os.unlink(args.log)
     return 0
   listener = socket.create_server(_address(args.listen, parser))
   print(f"ssd_jax speculator listening on {args.listen} (pid {os.getpid()})", flush=True)

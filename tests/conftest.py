@@ -10,6 +10,16 @@ if "collective_call_terminate_timeout" not in _flags:
     _flags + " --xla_cpu_collective_call_terminate_timeout_seconds=60"
   ).strip()
 
+import atexit  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+# A temporary directory of this test process's own, inherited by the processes it starts (CLI
+# runs, speculators): what they leave behind is seen here, not mixed with another worker's.
+_TMP = tempfile.mkdtemp(prefix="ssd-jax-tests-")
+os.environ["TMPDIR"] = tempfile.tempdir = _TMP
+atexit.register(shutil.rmtree, _TMP, ignore_errors=True)
+
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
@@ -19,12 +29,26 @@ jax.config.update("jax_platforms", "cpu")
 # carried between runs): programs recompiled after `jax.clear_caches()` in the negative controls,
 # or rebuilt with identical HLO by another test, load instead of compiling again.
 if os.environ.get("SSD_JAX_TEST_CACHE", "1") != "0":
-  import atexit
-  import shutil
-  import tempfile
-
   _cache = tempfile.mkdtemp(prefix="ssd-jax-test-xla-")
-  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
   jax.config.update("jax_compilation_cache_dir", _cache)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+import glob  # noqa: E402
+import time  # noqa: E402
+
+import pytest  # noqa: E402
+
+_SPECULATOR_LOGS = os.path.join(_TMP, "ssd_jax-speculator-*.log")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_speculator_log_left_behind():
+  """A module's speculators, stopped however they stopped, leave no log behind: each one's log
+  goes with it (the parent removes it, or the speculator when its parent is gone first)."""
+  before = set(glob.glob(_SPECULATOR_LOGS))
+  yield
+  deadline = time.monotonic() + 3  # a speculator whose parent died removes its log within 0.5 s
+  while (left := set(glob.glob(_SPECULATOR_LOGS)) - before) and time.monotonic() < deadline:
+    time.sleep(0.1)
+  assert not left, f"speculator logs left behind: {sorted(left)}"

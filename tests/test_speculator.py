@@ -21,6 +21,7 @@ import pytest
 from ssd_jax.config import SpecConfig
 from ssd_jax.decode import Engine, Sampling
 from ssd_jax.decode.channel import ChannelError
+from ssd_jax.decode.remote import _stop
 from ssd_jax.models.registry import LoadedModel, load_model
 from ssd_jax.models.weights import save_hf
 
@@ -197,6 +198,32 @@ def test_a_speculator_that_dies_mid_run_is_an_error_not_a_hang(models):
     assert len(engine.generate(PROMPTS[:1], spec=spec, max_new_tokens=6).tokens[0]) == 6
   finally:
     engine.close()
+
+
+class _Failing:
+  """A connection or pipe whose every step fails."""
+
+  closed = False
+
+  def send(self, message):
+    raise ChannelError("the peer is gone")
+
+  def close(self):
+    self.closed = True
+    raise OSError("cannot close")
+
+
+def test_stopping_finishes_every_step_when_one_fails(tmp_path):
+  """Stopping runs from a finalizer, which would swallow an error: a failing step must not keep
+  the later ones (reap the process, release the pipe, remove the log) from running."""
+  process = subprocess.Popen([sys.executable, "-c", "pass"])
+  conn, pipe, log = _Failing(), _Failing(), tmp_path / "speculator.log"
+  log.touch()
+  with pytest.raises(OSError, match="cannot close"):
+    _stop(process, conn, pipe, log)
+  assert conn.closed and pipe.closed
+  assert process.returncode is not None  # reaped
+  assert not log.exists()
 
 
 _PARENT = """

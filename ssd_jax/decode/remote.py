@@ -84,11 +84,15 @@ class SpeculatorProcess:
     t0 = time.perf_counter()
     sock = self._connect() if options.address else self._spawn()
     self.conn = Connection(sock, alive=self.gone)
-    # The transfer server listens where the peer reaches this host: the connection's address.
-    here = sock.getsockname()[0]
-    self.pipe = TransferPipe(device, here) if options.pipe == "transfer" else SharedMemoryPipe()
-    t1 = time.perf_counter()
-    ready = self._hello()
+    try:
+      # The transfer server listens where the peer reaches this host: the connection's address.
+      here = sock.getsockname()[0]
+      self.pipe = TransferPipe(device, here) if options.pipe == "transfer" else SharedMemoryPipe()
+      t1 = time.perf_counter()
+      ready = self._hello()
+    except BaseException:  # a failed start (a Ctrl-C too) leaves no process, segment or log
+      self.close()
+      raise
     self.startup = {"spawn_seconds": t1 - t0, "load_seconds": time.perf_counter() - t1}
     self.pid, self.head_size = ready["pid"], ready["head_size"]
     self._finalizer = weakref.finalize(self, _stop, self.process, self.conn, self.pipe, self.log)
@@ -146,12 +150,8 @@ class SpeculatorProcess:
     }
     if isinstance(self.pipe, TransferPipe):
       hello["transfer_address"] = self.pipe.address
-    try:
-      self.conn.send(hello)
-      ready = self.conn.receive(timeout=LOAD_TIMEOUT)
-    except ChannelError:
-      self.close()
-      raise
+    self.conn.send(hello)
+    ready = self.conn.receive(timeout=LOAD_TIMEOUT)
     if isinstance(self.pipe, TransferPipe):
       self.pipe.connect(ready["transfer_address"])
     return ready
@@ -182,20 +182,32 @@ class SpeculatorProcess:
 
 
 def _stop(process, conn, pipe, log) -> None:
-  if conn is not None:
-    with contextlib.suppress(ChannelError):
-      conn.send({"op": "bye"})
-    conn.close()
-  if process is not None:
-    try:
-      process.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-      process.kill()
-      process.wait()
-  if pipe is not None:
-    pipe.close()
-  if log is not None:
-    log.unlink(missing_ok=True)
+  # An exit stack runs every step even when one before it raised (`weakref.finalize` would
+  # swallow the error, and a skipped step leaves a process, a segment or the log behind).
+  # Callbacks run last-in first-out: goodbye, reap, pipe, log.
+  with contextlib.ExitStack() as steps:
+    if log is not None:
+      steps.callback(log.unlink, missing_ok=True)
+    if pipe is not None:
+      steps.callback(pipe.close)
+    if process is not None:
+      steps.callback(_reap, process)
+    if conn is not None:
+      steps.callback(_goodbye, conn)
+
+
+def _goodbye(conn: Connection) -> None:
+  with contextlib.suppress(ChannelError):
+    conn.send({"op": "bye"})
+  conn.close()
+
+
+def _reap(process: subprocess.Popen) -> None:
+  try:
+    process.wait(timeout=5)
+  except subprocess.TimeoutExpired:
+    process.kill()
+    process.wait()
 
 
 class RemoteSpeculator:
