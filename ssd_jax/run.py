@@ -373,4 +373,8 @@ def make_engine(args, target, draft, draft_vocab, modes, layout):
 
 if __name__ == "__main__":
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  sys.exit(main())
+  try:
+    sys.exit(main())
+  except KeyboardInterrupt:  # main's ExitStack has stopped any speculator by now
+    print("python -m ssd_jax.run: interrupted", file=sys.stderr)
+    sys.exit(130)

@@ -187,7 +187,9 @@ def test_a_speculator_that_dies_mid_run_is_an_error_not_a_hang(models):
       killed.append(time.monotonic())
 
   try:
-    with pytest.raises(ChannelError, match=f"speculator \\(pid {pid}\\) exited with status -9"):
+    with pytest.raises(
+      ChannelError, match=f"speculator \\(pid {pid}\\) was killed by SIGKILL \\(exit status -9\\)"
+    ):
       engine.generate(PROMPTS[:1], spec=spec, max_new_tokens=400, on_tokens=kill_after_a_few_tokens)
     assert time.monotonic() - killed[0] < 5
   finally:
@@ -341,6 +343,45 @@ def test_the_cli_default_layout_pins_and_reports(tmp_path):
   assert {"verify_ms_median", "next_ms_median"} <= set(result["modes"]["ssd"])
   assert set(result["speculator_startup"]) == {"spawn_seconds", "load_seconds"}
   assert speculator_pids() <= before
+
+
+_LONG_TINY_SSD_RUN = [
+  *("--mode", "ssd", "--target", "tiny-llama", "--draft", "tiny-llama-draft"),
+  *("--max-new-tokens", "100000", "--ignore-eos", "--num-prompts", "1", "--target-cores", "1"),
+]
+
+
+def test_ctrl_c_to_the_cli_stops_it_and_its_speculator_cleanly():
+  """Ctrl-C as a terminal sends it (SIGINT to the whole process group) to a decoding
+  `python -m ssd_jax.run`: exit status 130, one line saying so and no traceback, the
+  speculator gone."""
+  before = speculator_pids()
+  proc = subprocess.Popen(
+    [sys.executable, "-m", "ssd_jax.run", *_LONG_TINY_SSD_RUN],
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+    start_new_session=True,  # its own group, as a terminal's foreground job
+  )
+  spawned: set[int] = set()
+  try:
+    deadline = time.monotonic() + 300
+    while not spawned and proc.poll() is None and time.monotonic() < deadline:
+      spawned = speculator_pids() - before
+      time.sleep(0.2)
+    assert spawned, "no speculator started"
+    time.sleep(3)  # into the warm-up or the decoding
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert "python -m ssd_jax.run: interrupted" in err and "Traceback" not in err, err
+    assert all(gone(pid, within=3) for pid in spawned)
+  finally:
+    proc.kill()
+    proc.communicate()
+    for pid in spawned:  # a speculator that outlived the checks
+      with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
 
 
 def test_a_draft_built_in_memory_cannot_go_to_a_process(models):

@@ -18,6 +18,7 @@ import atexit
 import contextlib
 import dataclasses
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -164,9 +165,12 @@ class SpeculatorProcess:
     if self.log is not None and self.log.exists():
       lines = self.log.read_text(errors="replace").strip().splitlines()[-12:]
       tail = "; its last output:\n" + "\n".join(lines) if lines else ""
-    return (
-      f"the speculator (pid {self.process.pid}) exited with status {self.process.returncode}{tail}"
-    )
+    code = self.process.returncode
+    how = f"exited with status {code}"
+    if code < 0:  # Popen's way of saying a signal ended it
+      with contextlib.suppress(ValueError):
+        how = f"was killed by {signal.Signals(-code).name} (exit status {code})"
+    return f"the speculator (pid {self.process.pid}) {how}{tail}"
 
   def speculator(self, plan: DraftPlan, timer=None) -> RemoteSpeculator:
     return RemoteSpeculator(self, plan, timer)
