@@ -446,6 +446,10 @@ def test_bench_ab_alternates_configurations_and_keeps_per_pass_ratios(tmp_path, 
     ("sd:tiny-llama-draft:2:2", "sd takes at most 2 fields"),
     ("ssd:tiny-llama-draft:x", "must be integers"),
     ("ssd:tiny-llama-draft:3:0", "must be >= 1"),
+    ("ssd:tiny-llama-draft:3:2:x", "C must be a number"),
+    ("ssd:tiny-llama-draft:3:2:1.5", "C must be in [0, 1]"),
+    ("ssd:tiny-llama-draft:3:2:nan", "C must be in [0, 1]"),
+    ("ssd:tiny-llama-draft:3:2:0.5:1", "ssd takes at most 4 fields"),
   ],
 )
 def test_bench_ab_refuses_a_bad_configuration(text, error, capsys):
@@ -466,3 +470,7 @@ def test_bench_ab_configuration_defaults_are_runs():
   sd = parse_config("sd::5")
   assert (sd.draft, sd.lookahead) == (DEFAULT_DRAFTS["sd"], 5)
   assert ssd.spec().fan_out == (DEFAULT_FAN_OUT,) * 4
+  assert ssd.spec().saguaro_c == 1.0 and "C=" not in ssd.label
+  saguaro = parse_config("ssd::3:2:0.25")
+  assert (saguaro.fan_out, saguaro.spec().saguaro_c) == (2, 0.25)
+  assert saguaro.label.endswith("F=2, C=0.25")

@@ -6,9 +6,10 @@ runs each configuration once over the same prompts, adjacent in time, in a rotat
 starts at configuration p), and each pass's ratios to the first configuration are kept: their
 median over the passes is the figure to read, their spread how far to trust it.
 
-A configuration is `MODE[:DRAFT[:K[:F]]]`: `ar`, `sd:smollm2-135m-draft:3`,
-`ssd:smollm2-135m-draft-wide:5:4` (lookahead K, uniform fan-out F). An empty or missing DRAFT is
-the mode's default draft, as in `python -m ssd_jax.run`; K defaults to 3 and F to 4. The layout
+A configuration is `MODE[:DRAFT[:K[:F[:C]]]]`: `ar`, `sd:smollm2-135m-draft:3`,
+`ssd:smollm2-135m-draft-wide:5:4` (lookahead K, uniform fan-out F), `ssd::3:4:0.5` (Saguaro
+sampling's C, which only matters at T > 0). An empty or missing DRAFT is the mode's default
+draft, as in `python -m ssd_jax.run`; K defaults to 3, F to 4 and C to 1. The layout
 is run's: sd's draft beside the target, ssd's in a speculator process on a core of its own.
 """
 
@@ -32,18 +33,21 @@ from ssd_jax.models.registry import load_model
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  """One configuration to alternate: a mode, its draft (None for ar), lookahead and fan-out."""
+  """One configuration to alternate: a mode, its draft (None for ar), lookahead, fan-out and
+  Saguaro sampling's C."""
 
   mode: str
   draft: str | None = None
   lookahead: int = 0
   fan_out: int = 0
+  saguaro_c: float = 1.0
 
   @property
   def label(self) -> str:
     if self.mode == "ar":
       return "ar"
     fan = f", F={self.fan_out}" if self.mode == "ssd" else ""
+    fan += f", C={self.saguaro_c:g}" if self.saguaro_c < 1.0 else ""
     return f"{self.mode} {self.draft} k={self.lookahead}{fan}"
 
   def spec(self) -> SpecConfig:
@@ -52,12 +56,15 @@ class Config:
     if self.mode == "sd":
       return SpecConfig(mode="sd", lookahead=self.lookahead)
     return SpecConfig(
-      mode="ssd", lookahead=self.lookahead, fan_out=tree.uniform(self.lookahead, self.fan_out)
+      mode="ssd",
+      lookahead=self.lookahead,
+      fan_out=tree.uniform(self.lookahead, self.fan_out),
+      saguaro_c=self.saguaro_c,
     )
 
 
 def parse_config(text: str) -> Config:
-  """`MODE[:DRAFT[:K[:F]]]` -> Config (argparse type: a bad one is a usage error)."""
+  """`MODE[:DRAFT[:K[:F[:C]]]]` -> Config (argparse type: a bad one is a usage error)."""
   from ssd_jax.run import DEFAULT_FAN_OUT  # noqa: PLC0415 (run's defaults, one layer)
 
   mode, *rest = text.split(":")
@@ -67,14 +74,14 @@ def parse_config(text: str) -> Config:
     if rest:
       raise argparse.ArgumentTypeError(f"{text!r}: ar takes no draft, lookahead or fan-out")
     return Config("ar")
-  limit = 3 if mode == "ssd" else 2
+  limit = 4 if mode == "ssd" else 2
   if len(rest) > limit:
     raise argparse.ArgumentTypeError(
       f"{text!r}: {mode} takes at most {limit} fields after the mode "
-      f"({'DRAFT:K:F' if mode == 'ssd' else 'DRAFT:K'})"
+      f"({'DRAFT:K:F:C' if mode == 'ssd' else 'DRAFT:K'})"
     )
   draft = (rest[0] if rest else "") or DEFAULT_DRAFTS[mode]
-  numbers = rest[1:] + [""] * (3 - len(rest))
+  numbers = rest[1:] + [""] * (4 - len(rest))
   try:
     lookahead = int(numbers[0] or 3)
     fan_out = int(numbers[1] or DEFAULT_FAN_OUT) if mode == "ssd" else 0
@@ -82,7 +89,13 @@ def parse_config(text: str) -> Config:
     raise argparse.ArgumentTypeError(f"{text!r}: K and F must be integers") from None
   if lookahead < 1 or (mode == "ssd" and fan_out < 1):
     raise argparse.ArgumentTypeError(f"{text!r}: K and F must be >= 1")
-  return Config(mode, draft, lookahead, fan_out)
+  try:
+    saguaro_c = float(numbers[2] or 1.0)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r}: C must be a number in [0, 1]") from None
+  if not 0.0 <= saguaro_c <= 1.0:  # also refuses nan
+    raise argparse.ArgumentTypeError(f"{text!r}: C must be in [0, 1], got {saguaro_c:g}")
+  return Config(mode, draft, lookahead, fan_out, saguaro_c)
 
 
 def ab(args) -> dict[str, Any]:
@@ -175,6 +188,7 @@ def _rows(configs, passes, layout) -> list[dict[str, Any]]:
         "draft": c.draft,
         "lookahead": c.lookahead,
         "fan_out": c.fan_out,
+        "saguaro_c": c.saguaro_c,
         "ran_on": layout.where(c.mode),
         "tokens_per_second": speeds[:, j].tolist(),
         "median_tokens_per_second": float(np.median(speeds[:, j])),

@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     type=_config,
     nargs="+",
     default=["sd", "ssd"],
-    metavar="MODE[:DRAFT[:K[:F]]]",
+    metavar="MODE[:DRAFT[:K[:F[:C]]]]",
     help="the first is the one the others are divided by (default: sd and ssd as run has them)",
   )
   a.add_argument("--passes", type=int, default=4)
