@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from ssd_jax import harness
-from ssd_jax.cli import DEFAULT_DRAFTS, resolve_draft_vocab
+from ssd_jax.cli import DEFAULT_DRAFTS, finite_float, resolve_draft_vocab
 from ssd_jax.config import MODES, SpecConfig
 from ssd_jax.data import load_prompts
 from ssd_jax.decode import Engine, Sampling, tree
@@ -89,13 +89,12 @@ def parse_config(text: str) -> Config:
     raise argparse.ArgumentTypeError(f"{text!r}: K and F must be integers") from None
   if lookahead < 1 or (mode == "ssd" and fan_out < 1):
     raise argparse.ArgumentTypeError(f"{text!r}: K and F must be >= 1")
-  try:
-    saguaro_c = float(numbers[2] or 1.0)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"{text!r}: C must be a number in [0, 1]") from None
-  if not 0.0 <= saguaro_c <= 1.0:  # also refuses nan
-    raise argparse.ArgumentTypeError(f"{text!r}: C must be in [0, 1], got {saguaro_c:g}")
-  return Config(mode, draft, lookahead, fan_out, saguaro_c)
+  try:  # C is checked where every SpecConfig is: its range is SpecConfig's to say
+    config = Config(mode, draft, lookahead, fan_out, finite_float(numbers[2] or "1"))
+    config.spec()
+  except (argparse.ArgumentTypeError, ValueError) as e:
+    raise argparse.ArgumentTypeError(f"{text!r}: C: {e}") from None
+  return config
 
 
 def ab(args) -> dict[str, Any]:
