@@ -379,10 +379,11 @@ def test_bench_overlap_reports_the_machine_share(tmp_path):
   argv = ["overlap", "--target", "tiny-llama", "--draft", "tiny-llama-draft", "--out"]
   assert cli.main([*argv, str(tmp_path), "--lookaheads", "2", "--fan-outs", "2"]) == 0
   row, *processes = json.loads((tmp_path / "overlap.json").read_text())["rows"]
-  if os.cpu_count() > 1:  # two pinned processes: the speculator layout
-    (pinned,) = processes
-    assert pinned["layout"] == "processes on cores 0,1"
-    assert 0.5 < pinned["independence"] < 3 and pinned["pair_ms"] > 0
+  if os.cpu_count() > 1:  # two pinned processes: the speculator layout, both kinds of work
+    assert [p["work"] for p in processes] == ["compute", "memory"]
+    for pinned in processes:
+      assert pinned["layout"] == "processes on cores 0,1"
+      assert 0.5 < pinned["independence"] < 3 and pinned["pair_ms"] > 0
   for key in ("verify_ms", "expand_ms", "together_ms", "pair_ms"):
     assert row[key] > 0, key
   # Two programs at once take at least as long as the longer one alone and at most as long as
@@ -391,6 +392,23 @@ def test_bench_overlap_reports_the_machine_share(tmp_path):
   assert 0.5 < row["efficiency"] < 3
   assert 0.5 < row["independence"] < 3
   assert 0 < row["verify_cores"] <= len(os.sched_getaffinity(0)) + 0.5
+
+
+def test_contended_overlap():
+  from ssd_jax.bench.sweep import contended  # noqa: PLC0415
+
+  assert contended(40.0, 10.0, 1.0) == 40.0  # bandwidth of their own: the longer one
+  assert contended(40.0, 10.0, 1.2) == pytest.approx(42.0)  # 10 ms at 1.2x slower: +2 ms
+  assert contended(40.0, 60.0, 1.2) == 60.0  # verify ends within the longer expansion
+  assert contended(40.0, 45.0, 1.5) == 60.0  # ... unless the contention outlasts it
+
+
+def test_work_kinds_run_and_an_unknown_one_is_refused():
+  from ssd_jax.decode.serving import run_work  # noqa: PLC0415
+
+  assert run_work(64, "compute") > 0 and run_work(64, "memory") > 0
+  with pytest.raises(ValueError, match="work kind must be one of"):
+    run_work(64, "disk")
 
 
 def test_prediction_with_this_machines_overlap():

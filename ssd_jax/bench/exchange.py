@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from ssd_jax.decode.remote import SpeculatorOptions, SpeculatorProcess
+from ssd_jax.decode.serving import WORK_KINDS, run_work
 
 
 def probe_ms(
@@ -72,36 +73,44 @@ def exchange(args) -> dict[str, Any]:
           row |= probe_ms(link, batch, args.lookahead, args.vocab, sampled, args.reps)
           rows.append(row)
           print(row, flush=True)
-      rows.append({"pipe": pipe, "independence": independence(link)})
-      print(rows[-1], flush=True)
+      for kind in WORK_KINDS:
+        rows.append({"pipe": pipe, "work": kind, "independence": independence(link, kind=kind)})
+        print(rows[-1], flush=True)
     finally:
       link.close()
   return {"environment": harness.environment(), "rows": rows}
 
 
-def independence(link: SpeculatorProcess, size: int = 576, reps: int = 7) -> dict[str, float]:
+def independence(
+  link: SpeculatorProcess, size: int = 576, reps: int = 7, kind: str = "compute"
+) -> dict[str, float]:
   """2 x (the work alone here) / (the same work here and in the speculator at once): 2 when the
-  speculator's core is compute of its own, 1 when the two share one pool."""
-  from ssd_jax.decode.serving import run_work  # noqa: PLC0415
-
+  speculator's core is compute of its own, 1 when the two share one pool. With `kind="memory"`
+  (a decode step's weight streaming) it also says how much the two processes' shares of the
+  host's memory bandwidth hold each other back: what a verification loses to an expansion
+  running beside it."""
+  message = {"op": "work", "size": size, "kind": kind}
   alone, pair = [], []
-  run_work(size)
-  link.conn.send({"op": "work", "size": size})  # both sides compiled and warm
+  run_work(size, kind)
+  link.conn.send(message)  # both sides compiled and warm
   link.conn.receive(timeout=120)
   for _ in range(reps):
-    alone.append(run_work(size))
+    alone.append(run_work(size, kind))
     t = time.perf_counter()
-    link.conn.send({"op": "work", "size": size})
-    run_work(size)
+    link.conn.send(message)
+    run_work(size, kind)
     link.conn.receive(timeout=120)
     pair.append(time.perf_counter() - t)
   alone_s, pair_s = float(np.median(alone)), float(np.median(pair))
   return {"alone_ms": alone_s * 1e3, "pair_ms": pair_s * 1e3, "independence": 2 * alone_s / pair_s}
 
 
-def pinned_pair_independence(cores=(0, 1), size: int = 576, reps: int = 7) -> dict[str, float]:
+def pinned_pair_independence(
+  cores=(0, 1), size: int = 576, reps: int = 7, kind: str = "compute"
+) -> dict[str, float]:
   """The process layout's independence measured apart from this process: two speculator
-  processes pinned to `cores` run the same work, each alone, then both at once."""
+  processes pinned to `cores` run the same work (`kind`, see `independence`), each alone, then
+  both at once."""
   links = [
     SpeculatorProcess(SpeculatorOptions(draft="tiny-llama-draft", cores=(c,)), jax.devices()[0])
     for c in cores
@@ -111,7 +120,7 @@ def pinned_pair_independence(cores=(0, 1), size: int = 576, reps: int = 7) -> di
     def work(which) -> float:
       t = time.perf_counter()
       for link in which:
-        link.conn.send({"op": "work", "size": size})
+        link.conn.send({"op": "work", "size": size, "kind": kind})
       for link in which:
         link.conn.receive(timeout=120)
       return time.perf_counter() - t
@@ -125,6 +134,7 @@ def pinned_pair_independence(cores=(0, 1), size: int = 576, reps: int = 7) -> di
   alone_s, pair_s = float(np.median(alone)), float(np.median(pair))
   return {
     "layout": f"processes on cores {','.join(map(str, cores))}",
+    "work": kind,
     "alone_ms": alone_s * 1e3,
     "pair_ms": pair_s * 1e3,
     "independence": 2 * alone_s / pair_s,

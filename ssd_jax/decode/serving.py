@@ -6,7 +6,8 @@ then its calls answered by a `LocalSpeculator` on this process's device.
   next    lookup for the outcome (a hit, or the backup), sent; then its expansion dispatched
   stop    the run is over;  bye: the target is done with this speculator
   probe   the channel's own cost (arrays of asked shapes, answered at once)
-  work    a fixed compute load, timed: how independent this process's core is
+  work    a fixed load (compute-bound, or memory-bound like a decode step), timed: how
+          independent this process's core and its share of memory bandwidth are
 
 Every answer crosses on the pipe; expansions run while the target verifies what was just sent.
 """
@@ -89,7 +90,7 @@ def _serve(conn, pipe, params: Params, mesh, config, compiles: list[str]) -> Non
       )
       conn.send({"op": "probe", "arrays": pipe.pack(cached)})
     elif op == "work":  # how independent this core is: the target times the same work
-      seconds = run_work(message["size"])
+      seconds = run_work(message["size"], message.get("kind", "compute"))
       conn.send({"op": "work", "seconds": seconds})
     elif op == "bye":
       return
@@ -135,25 +136,48 @@ def serve_connection(sock) -> None:
     conn.close()
 
 
+WORK_KINDS = ("compute", "memory")
+MEMORY_WORK_BYTES = 256 << 20  # streamed per memory-bound run: far more than a CPU's last cache
+
+
 @functools.partial(jax.jit, static_argnames="size")
-def _work(x, *, size: int):
+def _compute_work(x, *, size: int):
   w = jnp.full((size, 3 * size), 1e-3, jnp.float32)
   for _ in range(10):
     x = jnp.tanh(x @ w)[:, :size]
   return x
 
 
+@jax.jit
+def _memory_work(x, weights):
+  """Four rows through a stack of [size, size] matrices, as a decode step streams its weights:
+  each matrix is read from memory once and used for little arithmetic."""
+  return jax.lax.scan(lambda x, w: (jnp.tanh(x @ w), None), x, weights)[0]
+
+
 @functools.cache
-def _work_input(size: int) -> jax.Array:
-  x = jnp.ones((size, size), jnp.float32)
-  jax.block_until_ready(_work(x, size=size))  # compiled and run once before any timing
-  return x
+def _work_inputs(size: int, kind: str) -> tuple[jax.Array, ...]:
+  if kind == "compute":
+    inputs = (jnp.ones((size, size), jnp.float32),)
+  elif kind == "memory":
+    layers = max(1, MEMORY_WORK_BYTES // (size * size * 4))
+    inputs = (jnp.ones((4, size), jnp.float32), jnp.full((layers, size, size), 1e-3, jnp.float32))
+  else:
+    raise ValueError(f"work kind must be one of {WORK_KINDS}, got {kind!r}")
+  jax.block_until_ready(_work(inputs, size, kind))  # compiled and run once before any timing
+  return inputs
 
 
-def run_work(size: int) -> float:
-  """Seconds of a fixed compute load (ten [size, size] @ [size, 3 size] products): run alone
-  and at once in two processes, it says how independent their cores are."""
-  x = _work_input(size)
+def _work(inputs, size: int, kind: str) -> jax.Array:
+  return _compute_work(*inputs, size=size) if kind == "compute" else _memory_work(*inputs)
+
+
+def run_work(size: int, kind: str = "compute") -> float:
+  """Seconds of a fixed load, run alone and at once in two processes to say how independent
+  their cores are: "compute", ten [size, size] @ [size, 3 size] products (cache-resident), or
+  "memory", MEMORY_WORK_BYTES of [size, size] matrices streamed through four rows (a decode
+  step's access pattern: on one host the two processes then share the memory bandwidth)."""
+  inputs = _work_inputs(size, kind)
   t = time.perf_counter()
-  jax.block_until_ready(_work(x, size=size))
+  jax.block_until_ready(_work(inputs, size, kind))
   return time.perf_counter() - t
