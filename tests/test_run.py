@@ -394,15 +394,6 @@ def test_bench_overlap_reports_the_machine_share(tmp_path):
   assert 0 < row["verify_cores"] <= len(os.sched_getaffinity(0)) + 0.5
 
 
-def test_contended_overlap():
-  from ssd_jax.bench.sweep import contended  # noqa: PLC0415
-
-  assert contended(40.0, 10.0, 1.0) == 40.0  # bandwidth of their own: the longer one
-  assert contended(40.0, 10.0, 1.2) == pytest.approx(42.0)  # 10 ms at 1.2x slower: +2 ms
-  assert contended(40.0, 60.0, 1.2) == 60.0  # verify ends within the longer expansion
-  assert contended(40.0, 45.0, 1.5) == 60.0  # ... unless the contention outlasts it
-
-
 def test_work_kinds_run_and_an_unknown_one_is_refused():
   from ssd_jax.decode.serving import run_work  # noqa: PLC0415
 

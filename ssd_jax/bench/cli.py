@@ -9,7 +9,8 @@
   overlap whether this machine runs the target's verification and the draft's expansion at
           the same time (SSD's premise): each alone, then both dispatched together.
   exchange  one SSD round's exchange with a speculator process, per pipe (shared memory and
-          jax.experimental.transfer), greedy and sampled payloads.
+          jax.experimental.transfer), greedy and sampled payloads; and how independent the
+          speculator's core is, for compute-bound and for memory-bound (decode-like) work.
   ab      configurations (mode, draft, lookahead, fan-out) alternated pass by pass on the same
           prompts, each pass's ratios to the first kept: defaults chosen on a noisy host.
   forward the forward's cost against new tokens T (1..16), with and without logits, at cache

@@ -82,7 +82,7 @@ def exchange(args) -> dict[str, Any]:
 
 
 def independence(
-  link: SpeculatorProcess, size: int = 576, reps: int = 7, kind: str = "compute"
+  link: SpeculatorProcess, size: int = 576, reps: int = 15, kind: str = "compute"
 ) -> dict[str, float]:
   """2 x (the work alone here) / (the same work here and in the speculator at once): 2 when the
   speculator's core is compute of its own, 1 when the two share one pool. With `kind="memory"`
@@ -106,7 +106,7 @@ def independence(
 
 
 def pinned_pair_independence(
-  cores=(0, 1), size: int = 576, reps: int = 7, kind: str = "compute"
+  cores=(0, 1), size: int = 576, reps: int = 15, kind: str = "compute"
 ) -> dict[str, float]:
   """The process layout's independence measured apart from this process: two speculator
   processes pinned to `cores` run the same work (`kind`, see `independence`), each alone, then
@@ -126,8 +126,10 @@ def pinned_pair_independence(
       return time.perf_counter() - t
 
     work(links)  # compiled and warm on both
-    alone = [work(links[:1]) for _ in range(reps)]
-    pair = [work(links) for _ in range(reps)]
+    alone, pair = [], []
+    for _ in range(reps):  # interleaved, so the host's drift falls on both alike
+      alone.append(work(links[:1]))
+      pair.append(work(links))
   finally:
     for link in links:
       link.close()

@@ -210,7 +210,6 @@ def _sweep_point(args, engine, ids, capacity, sampling, context, out) -> None:
 def _add_predictions(args, engine, ids, capacity, sampling, context, records, out) -> None:
   batch = context["batch_size"]
   cache: dict = {}
-  slowdown = None  # the layout's memory contention, measured once per sweep point
   for record in records:
     lookahead = max(record["lookahead"], 1)
     fan_out = tuple(record["fan_out"]) or tree.uniform(lookahead, 1)
@@ -219,49 +218,24 @@ def _add_predictions(args, engine, ids, capacity, sampling, context, records, ou
       spec = SpecConfig(mode="ssd", lookahead=lookahead, fan_out=fan_out, saguaro_c=args.saguaro_c)
       cache[key] = time_programs(engine, ids[0], spec, sampling, capacity, batch_size=batch)
       if engine.draft_placement == "process":
-        if slowdown is None:
-          slowdown = memory_slowdown(engine.speculator_process())
-        cache[key] |= _process_overlap(engine, cache[key], batch, lookahead, sampling, slowdown)
+        cache[key] |= _process_overlap(engine, cache[key], batch, lookahead, sampling)
       where = {"lookahead": lookahead, "fan_out": list(fan_out)}
       out["latency"].append(context | where | cache[key])
     record["backup"] = record.get("backup") or args.backup
     record |= predict(record, cache[key], batch)
 
 
-def memory_slowdown(link) -> float:
-  """How many times slower memory-bound work runs here while the speculator runs the same
-  (>= 1; `bench.exchange.independence` with a decode step's weight streaming)."""
-  from ssd_jax.bench.exchange import independence  # noqa: PLC0415
-
-  return max(2 / independence(link, kind="memory")["independence"], 1.0)
-
-
-def contended(verify: float, expand: float, slowdown: float) -> float:
-  """How long verify and expand take on two cores at once when each runs `slowdown` times
-  slower while the other runs (their shares of one memory's bandwidth): the verification loses
-  (slowdown - 1) per unit of the expansion beside it, and the pair ends with the longer one."""
-  return max(verify + (slowdown - 1) * min(expand, verify), expand)
-
-
-def _process_overlap(engine, latency, batch, lookahead, sampling, slowdown) -> dict[str, float]:
-  """With the speculator in a process of its own a hit round's verify and expand run at once on
-  separate cores (compute-bound independence ~1.9 here, bench overlap), and the round adds one
-  exchange with the speculator, measured on its channel. Both programs stream their weights
-  from one memory, though: while the expansion runs, the verification runs `slowdown` times
-  slower (memory-bound work on both cores at once against alone, measured between this process
-  and its speculator, `memory_slowdown`). So `together` is `contended(verify, expand,
-  slowdown)` plus the exchange."""
+def _process_overlap(engine, latency, batch, lookahead, sampling) -> dict[str, float]:
+  """With the speculator in a process of its own (independence ~1.9 here, bench overlap) a hit
+  round's verify and expand run at once on separate cores, and the round adds one exchange
+  with the speculator, measured on its channel: `together` is max(verify, expand) + that."""
   from ssd_jax.bench.exchange import probe_ms  # noqa: PLC0415
 
   vocab = engine.target.config.vocab_size
   link = engine.speculator_process()
   exchange = probe_ms(link, batch, lookahead, vocab, not sampling.greedy, reps=50)["median_ms"]
-  return {
-    "together": contended(latency["verify"], latency["expand"], slowdown) + exchange,
-    "together_in_process": latency["together"],
-    "exchange": exchange,
-    "memory_slowdown": slowdown,
-  }
+  together = max(latency["verify"], latency["expand"]) + exchange
+  return {"together": together, "together_in_process": latency["together"], "exchange": exchange}
 
 
 def _jsonable(args) -> dict:
