@@ -87,8 +87,8 @@ def independence(
   """2 x (the work alone here) / (the same work here and in the speculator at once): 2 when the
   speculator's core is compute of its own, 1 when the two share one pool. With `kind="memory"`
   (a decode step's weight streaming) it also says how much the two processes' shares of the
-  host's memory bandwidth hold each other back: what a verification loses to an expansion
-  running beside it."""
+  host's memory bandwidth hold each other back: a bound on what a verification can lose to an
+  expansion beside it (which streams far less than this work)."""
   message = {"op": "work", "size": size, "kind": kind}
   alone, pair = [], []
   run_work(size, kind)
