@@ -101,8 +101,7 @@ def independence(
     run_work(size, kind)
     link.conn.receive(timeout=120)
     pair.append(time.perf_counter() - t)
-  alone_s, pair_s = float(np.median(alone)), float(np.median(pair))
-  return {"alone_ms": alone_s * 1e3, "pair_ms": pair_s * 1e3, "independence": 2 * alone_s / pair_s}
+  return _independence(alone, pair)
 
 
 def pinned_pair_independence(
@@ -111,6 +110,7 @@ def pinned_pair_independence(
   """The process layout's independence measured apart from this process: two speculator
   processes pinned to `cores` run the same work (`kind`, see `independence`), each alone, then
   both at once."""
+  message = {"op": "work", "size": size, "kind": kind}
   links = [
     SpeculatorProcess(SpeculatorOptions(draft="tiny-llama-draft", cores=(c,)), jax.devices()[0])
     for c in cores
@@ -120,7 +120,7 @@ def pinned_pair_independence(
     def work(which) -> float:
       t = time.perf_counter()
       for link in which:
-        link.conn.send({"op": "work", "size": size, "kind": kind})
+        link.conn.send(message)
       for link in which:
         link.conn.receive(timeout=120)
       return time.perf_counter() - t
@@ -133,11 +133,11 @@ def pinned_pair_independence(
   finally:
     for link in links:
       link.close()
+  layout = f"processes on cores {','.join(map(str, cores))}"
+  return {"layout": layout, "work": kind} | _independence(alone, pair)
+
+
+def _independence(alone: list[float], pair: list[float]) -> dict[str, float]:
+  """Medians of the alone and pair timings (seconds) and 2 x alone / pair."""
   alone_s, pair_s = float(np.median(alone)), float(np.median(pair))
-  return {
-    "layout": f"processes on cores {','.join(map(str, cores))}",
-    "work": kind,
-    "alone_ms": alone_s * 1e3,
-    "pair_ms": pair_s * 1e3,
-    "independence": 2 * alone_s / pair_s,
-  }
+  return {"alone_ms": alone_s * 1e3, "pair_ms": pair_s * 1e3, "independence": 2 * alone_s / pair_s}
