@@ -18,6 +18,7 @@ from ssd_jax.models import (
   forward,
   init_params,
   placement,
+  transformer,
   tree_forward,
 )
 from ssd_jax.models.prefill import bucket_length, pad_prompts, prefill
@@ -120,6 +121,39 @@ def test_multi_token_forward_after_prefill_equals_single_steps(tiny):
     row = jnp.concatenate([tokens[b, :n], new[b]])[None]
     full, _ = forward(params, row, KVCache.init(config, 1, 32), config=config)
     np.testing.assert_allclose(full[0, n:], multi[b], atol=1e-5)
+
+
+@pytest.mark.parametrize(("vocab", "blocks"), [(5 * 1024, 5), (3000, 2), (1500, 1)])
+def test_blocked_tied_head_equals_the_single_product(vocab, blocks):
+  """The tied head's block-by-block product (a few rows, on CPU) scores every token as the
+  single product does, through a verification-sized forward too."""
+  assert transformer._head_blocks(vocab) == blocks
+  config = ModelConfig(
+    family="llama",
+    vocab_size=vocab,
+    hidden_size=32,
+    num_layers=1,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    intermediate_size=48,
+    tie_embeddings=True,
+  )
+  params = init_params(config, jax.random.key(4))
+  single = lambda x: jnp.einsum("...D,VD->...V", x, params["embed"])
+  for rows in (1, 2, 4, transformer.BLOCKED_HEAD_MAX_ROWS, transformer.BLOCKED_HEAD_MAX_ROWS + 1):
+    x = jax.random.normal(jax.random.key(rows), (1, rows, 32))
+    logits = jax.jit(transformer.tied_head)(params["embed"], x)
+    chex.assert_shape(logits, (1, rows, vocab))
+    np.testing.assert_allclose(logits, single(x), atol=1e-5, rtol=1e-5)
+  tokens = jax.random.randint(jax.random.key(5), (2, 4), 0, vocab)
+  logits, _ = forward(params, tokens, KVCache.init(config, 2, 8), config=config)
+  cache, steps = KVCache.init(config, 2, 8), []
+  for t in range(4):
+    step, cache = forward(params, tokens[:, t : t + 1], cache, config=config)
+    cache = cache.with_lengths(cache.lengths + 1)
+    steps.append(step)
+  np.testing.assert_allclose(jnp.concatenate(steps, axis=1), logits, atol=1e-5)
 
 
 def test_tree_forward_matches_linear_continuations(tiny):
