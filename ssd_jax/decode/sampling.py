@@ -146,7 +146,10 @@ def warped_probs(logits: jax.Array, warp: Warp) -> jax.Array:
   (`lax.cond`: one program either way)."""
   logits = logits.astype(jnp.float32)
   t = _per_row(warp.temperature, logits)
-  probs = jax.nn.softmax(logits / jnp.where(t > 0, t, 1.0), axis=-1)
+  # Shifted by the max before dividing: at a tiny temperature (1e-38, say) logits / T would
+  # overflow to inf and the softmax to NaN; shifted, the scores stay <= 0 (-inf at worst).
+  shifted = logits - jnp.max(logits, axis=-1, keepdims=True)
+  probs = jax.nn.softmax(shifted / jnp.where(t > 0, t, 1.0), axis=-1)
   top_k, top_p = _per_row(warp.top_k, logits[..., 0]), _per_row(warp.top_p, logits[..., 0])
   filtering = jnp.any(warp.top_k > 0) | jnp.any(warp.top_p < 1.0)
   probs = jax.lax.cond(filtering, _filter, lambda p, *_: p, probs, top_k, top_p)
