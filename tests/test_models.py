@@ -11,6 +11,7 @@ import pytest
 
 from ssd_jax import sharding
 from ssd_jax.config import ModelConfig
+from ssd_jax.kernels.xla import DENSE_SLOTS
 from ssd_jax.models import (
   KVCache,
   TreeKV,
@@ -170,6 +171,28 @@ def test_tree_forward_matches_linear_continuations(tiny):
   # Step 1: branch forked at depth 0 continues with seq[6]: its path is seq[:7].
   logits, _ = tree_forward(params, seq[:, 6:9], glue, tree, depth, jnp.int32(1), config=config)
   np.testing.assert_allclose(logits[0, 0], full[0, 6], atol=1e-5)
+
+
+def test_decode_past_the_dense_slots_equals_the_reference(tiny):
+  """A cache longer than the XLA impl reads at once (kernels.xla.DENSE_SLOTS): verification,
+  glue and tree steps over ragged rows, one reaching past the dense slots, one not, equal the
+  reference attention's (which reads the whole cache)."""
+  config, params = tiny
+  capacity = DENSE_SLOTS + 200
+  seq = jax.random.randint(jax.random.key(6), (2, DENSE_SLOTS + 150), 0, config.vocab_size)
+  lengths = jnp.array([DENSE_SLOTS + 140, 37])
+  cache = prefill(params, seq, lengths, KVCache.init(config, 2, capacity), config=config)
+  new = jax.random.randint(jax.random.key(7), (2, 4), 0, config.vocab_size)
+  depth = jnp.array([[0, 1, 2], [2, 0, 1]], jnp.int32)
+  results = {}
+  for impl in ("xla", "reference"):
+    logits, glue = forward(params, new, cache, config=config, attention_impl=impl)
+    tree = TreeKV.init(config, 2, 2, 3)
+    branch, _ = tree_forward(
+      params, new[:, 1:], glue, tree, depth, jnp.int32(0), config=config, attention_impl=impl
+    )
+    results[impl] = (logits, branch)
+  chex.assert_trees_all_close(results["xla"], results["reference"], atol=1e-5, rtol=1e-5)
 
 
 def test_tensor_parallel_equals_single_device(tiny):

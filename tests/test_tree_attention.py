@@ -26,6 +26,7 @@ from jax.sharding import AbstractDevice, AbstractMesh
 from ssd_jax.kernels import IMPLS, BlockSizes, tree_attention, tree_attention_reference
 from ssd_jax.kernels.backend import default_impl, select_backend
 from ssd_jax.kernels.pallas_tree_attention import tree_attention_pallas
+from ssd_jax.kernels.xla import tree_attention_xla
 
 ALL_IMPLS = (*IMPLS, "pallas_tpu")
 TOLERANCES = {jnp.float32: dict(atol=2e-5, rtol=2e-5), jnp.bfloat16: dict(atol=2e-2, rtol=2e-2)}
@@ -169,6 +170,46 @@ def test_matches_reference(impl, case, dtype, with_tree):
   chex.assert_type(out, dtype)
   chex.assert_tree_all_finite(out)
   chex.assert_trees_all_close(out, _expected(case, dtype, with_tree), **TOLERANCES[dtype])
+
+
+def _stacked(x, layer: int, layers: int = 3):
+  """x [B, S, K, H] as layer `layer` of a stacked cache whose other layers are all NaN."""
+  stack = jnp.full((layers, *x.shape), jnp.nan, x.dtype)
+  return stack.at[layer].set(x)
+
+
+@pytest.mark.parametrize("with_tree", [False, True], ids=["main", "tree"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("case", [c for c in CASES if c.S > 8], ids=lambda c: c.name)
+@pytest.mark.parametrize(("dense", "block"), [(8, 8), (16, 16), (8, 24)])
+def test_xla_blocks_of_a_stacked_cache_match_reference(dense, block, case, dtype, with_tree):
+  """A decode step's layer read from the stacked cache, the slots past `dense` block by block
+  (the last block shifted back when the cache does not hold a whole one): the reference's
+  result, with NaN in every other layer and in every slot no query sees."""
+  q, k, v, lengths, depth, *tree = make_inputs(case, dtype, with_tree=with_tree)
+  depth = jnp.broadcast_to(depth, (BATCH, case.T))
+  attend = jax.jit(
+    functools.partial(tree_attention_xla, scale=case.H**-0.5, dense_slots=dense, block_slots=block)
+  )
+  out = attend(q, _stacked(k, 1), _stacked(v, 1), lengths, depth, *tree, layer=jnp.int32(1))
+  chex.assert_tree_all_finite(out)
+  chex.assert_trees_all_close(out, _expected(case, dtype, with_tree), **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_layer_of_the_stacked_cache_is_the_layer_alone(impl):
+  """The public op's `layer`: every impl reads that layer of [L, B, S, K, H] (the XLA impl's
+  blocked path included: S = 600 slots, more than it reads at once)."""
+  case = Case("long", T=4, N=4, K=2, H=16, S=600, lengths=(520, 3), max_depth=3,
+              per_sequence_depth=False)  # fmt: skip
+  q, k, v, lengths, depth, *tree = make_inputs(case, jnp.float32, with_tree=True)
+  alone = tree_attention(q, k, v, lengths, depth, *tree, impl="reference")
+  stacked = jax.jit(
+    functools.partial(tree_attention, impl=impl, interpret=True), static_argnames=()
+  )(q, _stacked(k, 2), _stacked(v, 2), lengths, depth, *tree, layer=jnp.int32(2))
+  chex.assert_trees_all_close(stacked, alone, **TOLERANCES[jnp.float32])
+  with pytest.raises(ValueError, match="k and v must be"):
+    tree_attention(q, k, v, lengths, depth, layer=0)
 
 
 def test_poisoned_slots_would_leak():

@@ -62,6 +62,10 @@ def static_validate_inputs(q, k, v, lengths, depth, tree_k, tree_v, tree_step) -
       raise ValueError("tree_step is required when a tree is given")
 
 
+def _layer_shape(x: jax.Array) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct(x.shape[1:], x.dtype)
+
+
 def tree_attention(
   q: jax.Array,  # [B, T, N, H]
   k: jax.Array,  # [B, S, K, H]
@@ -72,6 +76,7 @@ def tree_attention(
   tree_v: jax.Array | None = None,  # [B, R, T, K, H]
   tree_step: jax.Array | int | None = None,  # i32[]
   *,
+  layer: jax.Array | int | None = None,  # i32[]
   impl: Impl = "xla",
   scale: float | None = None,
   block_sizes: BlockSizes | None = None,
@@ -87,6 +92,9 @@ def tree_attention(
       t of sequence b sees slots < lengths[b] + depth[b, t] + 1).
     tree_k, tree_v: optional private slots [B, R, T, K, H] (query t owns column t).
     tree_step: the last visible tree step (query t sees tree slots (r, t) with r <= tree_step).
+    layer: k and v are then every layer's cache [L, B, S, K, H] and the op reads this layer's
+      (the XLA impl slices out only the slots the queries see: a decode step costs what the
+      sequences hold, not the cache's capacity).
     impl: "reference" (the specification), "xla" (dense masked einsums), "pallas" (kernel).
     scale: softmax scale, 1 / sqrt(H) by default.
     block_sizes: tiling of the Pallas kernel.
@@ -95,15 +103,21 @@ def tree_attention(
   Returns:
     [B, T, N, H] in q's dtype.
   """
-  static_validate_inputs(q, k, v, lengths, depth, tree_k, tree_v, tree_step)
+  if layer is not None and (k.ndim != 5 or v.ndim != 5):
+    raise ValueError(f"k and v must be [L, B, S, K, H] with a layer, got {k.shape}, {v.shape}")
+  one_layer = (k, v) if layer is None else (_layer_shape(k), _layer_shape(v))
+  static_validate_inputs(q, *one_layer, lengths, depth, tree_k, tree_v, tree_step)
   if scale is None:
     scale = q.shape[-1] ** -0.5
   depth = jnp.broadcast_to(depth, q.shape[:2])  # implementations take i32[B, T]
+  if impl == "xla":
+    args = (q, k, v, lengths, depth, tree_k, tree_v, tree_step)
+    return tree_attention_xla(*args, scale=scale, layer=layer)
+  if layer is not None:
+    k, v = k[layer], v[layer]
   args = (q, k, v, lengths, depth, tree_k, tree_v, tree_step)
   if impl == "reference":
     return tree_attention_reference(*args, scale=scale)
-  if impl == "xla":
-    return tree_attention_xla(*args, scale=scale)
   if impl == "pallas":
     from ssd_jax.kernels import pallas_tree_attention  # noqa: PLC0415 (Pallas imports are slow)
 

@@ -194,7 +194,9 @@ def forward(
 
   Args:
     kv_window: static bound on the slots attention reads; every position the call reaches
-      (lengths + T) must be below it. Smaller windows skip reading unused slots.
+      (lengths + T) must be below it (prefill: its padded length). Without it, attention is
+      given the whole stacked cache and the layer to read, and reads no further than the
+      sequences reach (kernels/xla.py).
 
   Returns:
     f32 logits [B, T, V] (None when `return_logits` is False) and the updated cache.
@@ -203,20 +205,16 @@ def forward(
   positions = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)  # i32[B, T]
   rows = jnp.arange(B)[:, None]
   depth = jnp.arange(T, dtype=jnp.int32)
-  window = kv_window or cache.capacity
 
   def attend(index, q, k, v, kv):
     k_all, v_all = kv
     k_all = k_all.at[index, rows, positions].set(k.astype(k_all.dtype))
     v_all = v_all.at[index, rows, positions].set(v.astype(v_all.dtype))
-    out = tree_attention(
-      q,
-      k_all[index, :, :window],
-      v_all[index, :, :window],
-      cache.lengths,
-      depth,
-      impl=attention_impl,
-    )
+    if kv_window is None:  # decode: the op reads this layer's slots up to what the rows hold
+      keys, values, layer = k_all, v_all, index
+    else:
+      keys, values, layer = k_all[index, :, :kv_window], v_all[index, :, :kv_window], None
+    out = tree_attention(q, keys, values, cache.lengths, depth, layer=layer, impl=attention_impl)
     return out, (k_all, v_all)
 
   logits, (k_all, v_all) = _decoder(
@@ -254,13 +252,14 @@ def tree_forward(
     tv = tv.at[index, :, step].set(v.astype(tv.dtype))
     out = tree_attention(
       q,
-      cache.k[index],
-      cache.v[index],
+      cache.k,
+      cache.v,
       cache.lengths,
       depth,
       tk[index],
       tv[index],
       step,
+      layer=index,
       impl=attention_impl,
     )
     return out, (tk, tv)
