@@ -1,5 +1,6 @@
 """What `python -m ssd_jax.run` and `python -m ssd_jax.bench` share: device set-up before JAX
-starts, the draft-vocabulary default, and argparse value types that refuse bad numbers early."""
+starts, the drafts' defaults (which, their head, their dtype), and argparse value types that
+refuse bad numbers early."""
 
 from __future__ import annotations
 
@@ -17,6 +18,15 @@ DEFAULT_DRAFT_VOCAB = 8192
 # The shipped draft each speculative mode of the default target runs unless --draft says
 # otherwise: the benchmark sweep's pick (docs/DRAFT.md, docs/BENCHMARKS.md).
 DEFAULT_DRAFTS = {"sd": "smollm2-135m-draft", "ssd": "smollm2-135m-draft-wide"}
+
+
+def draft_dtype(requested: str | None, target_dtype: str = "float32") -> str:
+  """The draft's weights in memory: as asked, else float16 beside a float32 target (the shipped
+  drafts' own precision, computed in float32: half the memory traffic of every drafting step,
+  which on a CPU a verification on the next core shares), else the target's."""
+  if requested is not None:
+    return requested
+  return "float16" if target_dtype == "float32" else target_dtype
 
 
 def setup_devices(target_devices: int, draft_devices: int = 1) -> None:

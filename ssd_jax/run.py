@@ -18,6 +18,7 @@ from ssd_jax.cli import (
   DEFAULT_DRAFT_VOCAB,
   DEFAULT_DRAFTS,
   apply_layout,
+  draft_dtype,
   exit_with_parent,
   finite_float,
   resolve_draft_vocab,
@@ -61,7 +62,7 @@ SSD_ONLY = {
   "saguaro_c": 1.0,
   "backup": "neural",
 }
-SPECULATIVE = {"lookahead": 3, "draft_vocab": None, "draft_devices": 1}
+SPECULATIVE = {"lookahead": 3, "draft_vocab": None, "draft_devices": 1, "draft_dtype": None}
 DEFAULT_FAN_OUT = 4
 
 
@@ -135,6 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--metrics", action="store_true", help="with --chat: statistics per reply")
   p.add_argument("--attention-impl", choices=("reference", "xla", "pallas"), default=None)
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+  p.add_argument(
+    "--draft-dtype",
+    choices=("float32", "float16", "bfloat16"),
+    help="the draft's weights in memory (default: float16, computed in float32, beside a "
+    "float32 target; else --dtype)",
+  )
   p.add_argument("--no-chat-template", action="store_true", help="feed prompts as raw text")
   p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens")
   p.add_argument("--no-progress", action="store_true")
@@ -325,8 +332,9 @@ def make_engines(args, modes, layout, stack: contextlib.ExitStack) -> dict:
 
   from ssd_jax.models.registry import load_model  # noqa: PLC0415
 
-  dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-  target = load_model(args.target, dtype=dtype)
+  target = load_model(args.target, dtype=jnp.dtype(args.dtype))
+  args.draft_dtype = draft_dtype(args.draft_dtype, args.dtype)  # resolved, for --json too
+  dtype = jnp.dtype(args.draft_dtype)
   by_draft: dict[str | None, list[str]] = {}
   for mode in modes:
     name = args.drafts.get(mode, next(iter(args.drafts.values()), None))

@@ -94,7 +94,7 @@ def all_cores_argv(args, mode: str) -> list[str]:
   names = ["target", "prompts", "num_prompts", "max_new_tokens", "temperature", "top_k", "top_p"]
   names += ["batch_size", "target_devices", "seed", "attention_impl", "dtype"]
   if mode == "sd":
-    names += ["lookahead"]
+    names += ["lookahead", "draft_dtype"]
     draft, vocab = sd_draft(args)
     argv += ["--draft", draft] + ([] if vocab is None else ["--draft-vocab", str(vocab)])
   for name in names:

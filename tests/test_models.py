@@ -195,6 +195,29 @@ def test_decode_past_the_dense_slots_equals_the_reference(tiny):
   chex.assert_trees_all_close(results["xla"], results["reference"], atol=1e-5, rtol=1e-5)
 
 
+def test_float16_weights_are_storage_and_compute_in_float32(tiny):
+  """Half-precision params (a draft's default) give the f32 model's logits on the same weight
+  values: only storage is half precision (an f32 cache keeps K and V unrounded)."""
+  config, params = tiny
+  half = jax.tree.map(lambda x: x.astype(jnp.float16), params)
+  same = jax.tree.map(lambda x: x.astype(jnp.float32), half)
+  tokens = jax.random.randint(jax.random.key(8), (2, 6), 0, config.vocab_size)
+  logits, _ = forward(half, tokens, KVCache.init(config, 2, 16), config=config)
+  chex.assert_type(logits, jnp.float32)
+  expected, _ = forward(same, tokens, KVCache.init(config, 2, 16), config=config)
+  np.testing.assert_allclose(logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_float16_refuses_weights_beyond_its_range(tmp_path, tiny):
+  config, params = tiny
+  params = jax.tree.map(np.array, params)  # writable copies
+  params["layers"]["w_up"][0, 0, 0] = 1e6
+  save_hf(tmp_path, config, params)
+  assert load_model(str(tmp_path), dtype=jnp.float32).params["layers"]["w_up"][0, 0, 0] == 1e6
+  with pytest.raises(ValueError, match=r"\['layers'\]\['w_up'\] holds values beyond float16"):
+    load_model(str(tmp_path), dtype=jnp.float16)
+
+
 def test_tensor_parallel_equals_single_device(tiny):
   config, params = tiny
   target, draft = sharding.make_meshes(4, 1)

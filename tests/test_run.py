@@ -55,6 +55,7 @@ def result(tmp_path_factory):
 
 def test_json_has_every_mode_and_field(result):
   assert set(result["modes"]) == {"ar", "sd", "ssd"}
+  assert result["config"]["draft_dtype"] == "float16"  # the default beside a float32 target
   for mode, m in result["modes"].items():
     for field in (
       "tokens_per_second",
@@ -175,6 +176,8 @@ def test_another_target_needs_a_draft(capsys):
     ),
     (["--mode", "ar", "--lookahead", "4"], "--lookahead applies only to sd and ssd"),
     (["--mode", "ar", "--fan-out", "2"], "--fan-out applies only to ssd"),
+    (["--mode", "ar", "--draft-dtype", "float16"], "--draft-dtype applies only to sd and ssd"),
+    (["--draft-dtype", "float64"], "--draft-dtype: invalid choice"),
     (["--chat", "--batch-size", "4"], "--batch-size cannot be combined with --chat"),
     (["--chat", "--prompts", "humaneval"], "--prompts cannot be combined with --chat"),
     (["--acceptance-rate", "0.5"], "only apply with --geometric"),

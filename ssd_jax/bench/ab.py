@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from ssd_jax import harness
-from ssd_jax.cli import DEFAULT_DRAFTS, finite_float, resolve_draft_vocab
+from ssd_jax.cli import DEFAULT_DRAFTS, draft_dtype, finite_float, resolve_draft_vocab
 from ssd_jax.config import MODES, SpecConfig
 from ssd_jax.data import load_prompts
 from ssd_jax.decode import Engine, Sampling, tree
@@ -137,7 +137,7 @@ def _engines(args, configs, layout, stack) -> dict[Config, Engine]:
   names = list(dict.fromkeys(c.draft for c in configs if c.draft)) or [None]
   by_name = {}
   for name in names:
-    draft = None if name is None else load_model(name)
+    draft = None if name is None else load_model(name, dtype=draft_dtype(None))
     ssd = any(c.mode == "ssd" and c.draft == name for c in configs)
     by_name[name] = stack.enter_context(
       Engine(

@@ -10,7 +10,7 @@ import numpy as np
 
 from ssd_jax import harness
 from ssd_jax.bench.programs import overlap, time_programs
-from ssd_jax.cli import resolve_draft_vocab
+from ssd_jax.cli import draft_dtype, resolve_draft_vocab
 from ssd_jax.config import SpecConfig
 from ssd_jax.data import load_prompts
 from ssd_jax.decode import Engine, Sampling, theory, tree
@@ -109,7 +109,7 @@ def geometric_variants(
 
 def _engine(args, **kwargs) -> Engine:
   """The engine for the flags' target and draft, recording the draft head's size in `args`."""
-  target, draft = load_model(args.target), load_model(args.draft)
+  target, draft = load_model(args.target), load_model(args.draft, dtype=draft_dtype(None))
   draft_vocab = resolve_draft_vocab(args.draft_vocab, draft)
   args.draft_vocab = draft_vocab or 0
   return Engine(target, draft, draft_vocab=draft_vocab, **kwargs)

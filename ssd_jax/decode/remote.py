@@ -58,7 +58,7 @@ class SpeculatorOptions:
 
   Attributes:
     draft: the draft's registry name or path, loaded by the speculator itself.
-    dtype: its params' dtype ("float32" or "bfloat16").
+    dtype: its params' dtype ("float32", "float16" or "bfloat16").
     draft_vocab: restrict its head (as `Engine(draft_vocab=)`), or None.
     attention_impl: the tree-attention implementation there.
     cores: CPU cores the child is pinned to (None: not pinned).

@@ -120,7 +120,19 @@ def smollm2_dir(cache_dir: Path | None = None) -> Path:
 
 def _cast(params: Params, dtype) -> Params:
   dtype = jnp.dtype(dtype)
-  return jax.tree.map(lambda x: np.asarray(x).astype(dtype), params)
+
+  def cast(path, x):
+    x = np.asarray(x)
+    with np.errstate(over="ignore"):  # checked below, with the parameter's name
+      out = x.astype(dtype)
+    if dtype == np.float16 and not np.isfinite(out[np.isfinite(x)]).all():
+      raise ValueError(
+        f"{jax.tree_util.keystr(path)} holds values beyond float16's range (+-65,504): "
+        "load this model in float32 (or bfloat16)"
+      )
+    return out
+
+  return jax.tree_util.tree_map_with_path(cast, params)
 
 
 def load_model(

@@ -155,6 +155,11 @@ def _decoder(
   """Embed, run all layers under one scan with `kv_state` in the carry, then the LM head
   (or only the final norm, or neither)."""
   x = params["embed"][tokens]  # [B, T, D]
+  if x.dtype == jnp.float16:
+    # Half-precision weights are storage only: activations, and so every product, stay f32
+    # (each layer's weights are converted as the scan reads them). For a draft this halves
+    # the memory it streams, which a verification on the next core shares.
+    x = x.astype(jnp.float32)
 
   def layer(carry, xs):
     x, kv_state = carry
