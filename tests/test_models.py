@@ -142,7 +142,7 @@ def test_blocked_tied_head_equals_the_single_product(vocab, blocks):
   )
   params = init_params(config, jax.random.key(4))
   single = lambda x: jnp.einsum("...D,VD->...V", x, params["embed"])
-  for rows in (1, 2, 4, transformer.BLOCKED_HEAD_MAX_ROWS, transformer.BLOCKED_HEAD_MAX_ROWS + 1):
+  for rows in (1, 4, transformer.BLOCKED_HEAD_MAX_ROWS, transformer.BLOCKED_HEAD_MAX_ROWS + 1):
     x = jax.random.normal(jax.random.key(rows), (1, rows, 32))
     logits = jax.jit(transformer.tied_head)(params["embed"], x)
     chex.assert_shape(logits, (1, rows, vocab))
