@@ -66,7 +66,8 @@ class ModeResult:
       accept_hist=sum(m.accept_hist for m in self.metrics),
       round_times={},
       round_drafted=[],
-      extra={k: v for k, v in first.extra.items() if k != "speculator_compiles"},
+      extra={k: v for k, v in first.extra.items() if k != "speculator_compiles"}
+      | _summed(self.metrics, "rounds_served_by_target"),
       backup_rounds=sum(m.backup_rounds for m in self.metrics),
     )
 
@@ -89,6 +90,12 @@ class ModeResult:
     out["warmup_seconds"] = self.warmup_seconds
     out["generated_token_ids"] = self.tokens
     return out
+
+
+def _summed(metrics, key: str) -> dict[str, int]:
+  """{key: its sum over the batches} when the batches report it."""
+  values = [m.extra[key] for m in metrics if key in m.extra]
+  return {key: sum(values)} if values else {}
 
 
 def capacity_for(prompts: Sequence[Sequence[int]], max_new_tokens: int, lookahead: int) -> int:

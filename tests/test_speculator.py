@@ -145,6 +145,28 @@ def test_samples_are_the_in_process_samples(models, pipe):
   np.testing.assert_array_equal(remote.metrics.accept_hist, local.metrics.accept_hist)
 
 
+@pytest.mark.parametrize("pipe", ["shm", "transfer"])
+def test_greedy_hits_are_served_on_the_targets_side(models, ar, pipe):
+  """Greedy: the speculator sends each expansion's cache and the target serves the rounds whose
+  every row hits without waiting for it. A draft that is the target itself hits nearly every
+  round; tokens and per-round hit flags (the acceptance histogram) equal the in-process run's.
+  Sampled runs do not take this path."""
+  target, draft = models["tiny-llama"], load_model("tiny-llama")  # the target as its own draft
+  spec = SpecConfig(mode="ssd", lookahead=3, fan_out=(2, 2, 1, 1))
+  run = lambda e, **kw: e.generate(PROMPTS, spec=spec, max_new_tokens=20, ignore_eos=True, **kw)
+  local = run(Engine(target, draft))
+  with Engine(
+    target, draft, draft_placement="process", speculator_cores=CORE, speculator_pipe=pipe
+  ) as engine:
+    out = run(engine)
+    sampled = run(engine, sampling=Sampling(temperature=0.8))
+  assert out.tokens == local.tokens == ar
+  np.testing.assert_array_equal(out.metrics.accept_hist, local.metrics.accept_hist)
+  assert out.metrics.hit_rate > 0.5
+  assert 0 < out.metrics.extra["rounds_served_by_target"] <= out.metrics.loop_rounds
+  assert "rounds_served_by_target" not in sampled.metrics.extra
+
+
 @pytest.fixture(scope="module")
 def exact_pair(tmp_path_factory):
   """The statistical tests' tiny pair, saved so that a speculator process can load the draft."""

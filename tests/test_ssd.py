@@ -14,6 +14,7 @@ from ssd_jax.config import SpecConfig
 from ssd_jax.decode import Engine, Sampling, Warp, speculate, tree
 from ssd_jax.decode import draft as draft_lib
 from ssd_jax.decode.plan import DraftPlan
+from ssd_jax.decode.remote import served_from
 from ssd_jax.decode.state import Outcome, Speculation, SpeculationCache
 from ssd_jax.models import KVCache, placement
 from ssd_jax.models.registry import load_model
@@ -127,6 +128,48 @@ def _cache(B=3, lookahead=2):
     probs=None,
     valid=jnp.ones((B, 3), bool),
   )
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_hits_served_from_a_sent_cache_are_the_lookups(models, seed):
+  """What a target serves from a speculator's greedy cache (`remote.served_from`, host arrays) is
+  what the speculator's own lookup would serve, and it serves only when every row hits: random
+  caches with repeated keys and invalid branches, outcomes that hit some rows or all."""
+  rng = np.random.default_rng(seed)
+  B, N, lookahead = 3, 6, 2
+  cache = SpeculationCache(
+    keys=jnp.asarray(rng.integers(0, 4, (B, N)), jnp.int32),
+    depth=jnp.asarray(rng.integers(0, lookahead + 1, (B, N)), jnp.int32),
+    tokens=jnp.asarray(rng.integers(0, 50, (B, N, lookahead)), jnp.int32),
+    probs=None,
+    valid=jnp.asarray((rng.random((B, N)) < 0.8) | (np.arange(N) == 0)),
+  )
+  # Each row's outcome is one of its valid branches (the first of equal ones is served); with
+  # odd seeds row 1's bonus is no key at all: a miss, so nothing may be served.
+  branch = np.asarray([rng.choice(np.flatnonzero(row)) for row in np.asarray(cache.valid)])
+  rows = np.arange(B)
+  bonus = np.asarray(cache.keys)[rows, branch]
+  bonus[1] = 99 if seed % 2 else bonus[1]
+  outcome = Outcome(
+    accepted=jnp.asarray(np.asarray(cache.depth)[rows, branch], jnp.int32),
+    bonus=jnp.asarray(bonus, jnp.int32),
+    committed=jnp.ones(B, jnp.int32),
+    done=jnp.zeros(B, bool),
+  )
+  sent = {k: np.asarray(getattr(cache, k)) for k in ("keys", "depth", "tokens", "valid")}
+  served = served_from(sent, jax.device_get(outcome))
+  draft = models["tiny-llama-draft"]
+  plan = draft_plan(draft.config, lookahead, backup="fast")
+  _, looked_up = speculate.lookup(
+    draft.params, draft_state(draft, plan, B), cache, outcome, plan=plan
+  )
+  if seed % 2:
+    assert served is None and not np.asarray(looked_up.hit)[1]
+    return
+  for field in ("tokens", "point_mass", "hit"):
+    got, expected = getattr(served, field), np.asarray(getattr(looked_up, field))
+    np.testing.assert_array_equal(got, expected)
+    assert got.dtype == expected.dtype, field  # the target's step must not recompile
 
 
 def draft_plan(config, lookahead, backup="neural", fan_out=(1, 1, 1)):

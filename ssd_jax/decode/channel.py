@@ -14,8 +14,9 @@ Two layers, both small:
               and a header back into arrays.
 
 What crosses per SSD round is small: the verification outcome (`Outcome`: three ints and a flag
-per row) one way, the
-next speculation (tokens, and q when sampling, plus hit and point-mass flags) the other.
+per row) one way; the other way the next speculation (tokens, and q when sampling, plus hit and
+point-mass flags), and in greedy runs each expansion's cache (keys, depths and tokens of every
+branch), so that the target serves hits itself and waits only on misses.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from typing import Any
 import jax
 import numpy as np
 
-PROTOCOL = 1  # the hello's version: both ends must speak the same
+PROTOCOL = 2  # the hello's version: both ends must speak the same
 
 
 class ChannelError(RuntimeError):
@@ -103,27 +104,29 @@ class Connection:
 class SharedMemoryPipe:
   """Arrays through shared memory segments on one host.
 
-  Each side writes into a segment of its own (grown when a message does not fit) and the peer
-  copies the arrays out before answering, so with request/answer turns nothing is overwritten
-  while it is read.
+  Each side writes a kind of message (`slot`) into a segment of its own (grown when a message
+  does not fit) and the peer copies the arrays out before it sends what the next message of
+  that kind answers, so nothing is overwritten while it is read: a speculator's answers and its
+  expansions' caches, sent back to back, go through two segments.
   """
 
   def __init__(self):
-    self._out: shared_memory.SharedMemory | None = None
+    self._out: dict[str, shared_memory.SharedMemory] = {}
     self._mapped: dict[str, shared_memory.SharedMemory] = {}
 
-  def pack(self, arrays: dict[str, Any]) -> dict[str, Any]:
+  def pack(self, arrays: dict[str, Any], slot: str = "") -> dict[str, Any]:
     host = {k: np.ascontiguousarray(_on_host(v)) for k, v in arrays.items()}
     size = sum(a.nbytes for a in host.values())
-    if self._out is None or self._out.size < size:
-      self._close_out()
-      self._out = shared_memory.SharedMemory(create=True, size=max(size, 1 << 16) * 2)
+    out = self._out.get(slot)
+    if out is None or out.size < size:
+      self._close_out(slot)
+      out = self._out[slot] = shared_memory.SharedMemory(create=True, size=max(size, 1 << 16) * 2)
     fields, offset = [], 0
     for name, a in host.items():
-      np.ndarray(a.shape, a.dtype, self._out.buf, offset)[...] = a
+      np.ndarray(a.shape, a.dtype, out.buf, offset)[...] = a
       fields.append([name, a.dtype.str, list(a.shape), offset])
       offset += a.nbytes
-    return {"segment": self._out.name, "fields": fields}
+    return {"segment": out.name, "fields": fields}
 
   def unpack(self, header: dict[str, Any]) -> dict[str, np.ndarray]:
     segment = self._mapped.get(header["segment"])
@@ -137,14 +140,15 @@ class SharedMemoryPipe:
       for name, dtype, shape, offset in header["fields"]
     }
 
-  def _close_out(self) -> None:
-    if self._out is not None:
-      self._out.close()
-      self._out.unlink()
-      self._out = None
+  def _close_out(self, slot: str) -> None:
+    out = self._out.pop(slot, None)
+    if out is not None:
+      out.close()
+      out.unlink()
 
   def close(self) -> None:
-    self._close_out()
+    for slot in list(self._out):
+      self._close_out(slot)
     for segment in self._mapped.values():
       segment.close()
     self._mapped.clear()
@@ -169,7 +173,8 @@ class TransferPipe:
   def connect(self, address: str) -> None:
     self._peer = self.server.connect(address)
 
-  def pack(self, arrays: dict[str, Any]) -> dict[str, Any]:
+  def pack(self, arrays: dict[str, Any], slot: str = "") -> dict[str, Any]:
+    del slot  # every message is pulled under an id of its own
     placed = {k: jax.device_put(v, self.device) for k, v in arrays.items()}
     uuid = next(self._ids)  # the peer pulls it from this side's server: unique here
     self.server.await_pull(uuid, list(placed.values()))

@@ -34,7 +34,12 @@ from ssd_jax.decode import target as target_lib
 from ssd_jax.decode.loops import LOOPS, Run
 from ssd_jax.decode.metrics import Metrics, NullTimer, RoundTimer
 from ssd_jax.decode.plan import Plan
-from ssd_jax.decode.remote import SpeculatorProcess, resolve_placement, speculator_options
+from ssd_jax.decode.remote import (
+  RemoteSpeculator,
+  SpeculatorProcess,
+  resolve_placement,
+  speculator_options,
+)
 from ssd_jax.decode.sampling import Sampling
 from ssd_jax.decode.speculator import LocalSpeculator, draft_params
 from ssd_jax.decode.state import Report
@@ -340,6 +345,9 @@ class Engine:
     state, rounds = LOOPS[plan.mode](run, state)
     t2 = time.perf_counter()
     remote_compiles = speculator.close() if speculator is not None else None
+    extra = {} if remote_compiles is None else {"speculator_compiles": remote_compiles}
+    if isinstance(speculator, RemoteSpeculator) and plan.draft.greedy:
+      extra["rounds_served_by_target"] = speculator.served_here
     return Metrics(
       mode=plan.mode,
       lookahead=plan.target.lookahead,
@@ -351,7 +359,7 @@ class Engine:
       loop_rounds=rounds,
       accept_hist=np.asarray(jax.device_get(state.accept_hist)).sum(0),
       round_times=timer.close(),
-      extra={} if remote_compiles is None else {"speculator_compiles": remote_compiles},
+      extra=extra,
     )
 
   def _start_target(self, plan: Plan, batch: inputs.Batch, key):

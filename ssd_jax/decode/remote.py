@@ -217,23 +217,36 @@ def _reap(process: subprocess.Popen) -> None:
 class RemoteSpeculator:
   """The draft side of one run, in a speculator process: LocalSpeculator's calls over the
   channel. Speculations arrive on the host (shared memory) or on this process's device
-  (transfer); the loop places them on the target mesh either way."""
+  (transfer); the loop places them on the target mesh either way.
+
+  In greedy runs the speculator also sends each expansion's cache (keys, depths, tokens, a few
+  ints per branch) as soon as it is computed, during the verification it overlaps; a round whose
+  every row hits is then served here without waiting for the speculator, which receives the
+  outcome all the same (to advance its cache and expand the served speculation) and answers
+  only rounds with a miss. Both ends decide hit or miss by the same test on the same arrays.
+  """
 
   reads_outcome = True  # `next` needs the round's outcome now (the loop reads it for us)
 
   def __init__(self, link: SpeculatorProcess, plan: DraftPlan, timer=None):
     self.link, self.plan = link, plan
     self.timer = timer or NullTimer()
+    self.served_here = 0  # rounds whose speculation came from a cache, without an answer
 
   def _call(self, message: dict[str, Any], arrays: dict[str, Any] | None = None):
     if arrays is not None:
       message["arrays"] = self.link.pipe.pack(arrays)
     self.link.conn.send(message)
 
-  def _speculation(self) -> Speculation:
+  def _receive(self, op: str) -> dict[str, np.ndarray]:
     # Due in a few ms (a lookup, or a backup on a miss); the target's core waits for it anyway.
-    answer = self.link.conn.receive(timeout=STEP_TIMEOUT, spin=ANSWER_SPIN)
-    fields = self.link.pipe.unpack(answer["arrays"])
+    message = self.link.conn.receive(timeout=STEP_TIMEOUT, spin=ANSWER_SPIN)
+    if message.get("op") != op:
+      raise ChannelError(f"expected the speculator's {op}, got {message.get('op')!r}")
+    return self.link.pipe.unpack(message["arrays"])
+
+  def _speculation(self) -> Speculation:
+    fields = self._receive("speculation")
     return Speculation(**{name: fields.get(name) for name in SPECULATION_FIELDS})
 
   def start(self, tokens, lengths, warp: Warp, key, capacity: int) -> None:
@@ -259,8 +272,15 @@ class RemoteSpeculator:
     """Nothing to do: the speculator expands each speculation right after sending it."""
 
   def next(self, outcome: Outcome) -> Speculation:
+    # The cache of the speculation just verified (greedy), copied out before the speculator
+    # may write the next one: it writes that only after this outcome.
+    cache = _on_host(self._receive("cache")) if self.plan.greedy else None
     self._call({"op": "next"}, {name: getattr(outcome, name) for name in OUTCOME_FIELDS})
-    speculation = self._speculation()
+    speculation = None if cache is None else served_from(cache, outcome)
+    if speculation is None:
+      speculation = self._speculation()
+    else:
+      self.served_here += 1
     self.timer.when_ready("draft", "lookup_done", speculation)
     return speculation
 
@@ -268,8 +288,32 @@ class RemoteSpeculator:
     """End the run; returns the speculator's XLA compilations during it (None if unknown)."""
     with contextlib.suppress(ChannelError):
       self._call({"op": "stop"})
-      return self.link.conn.receive(timeout=STEP_TIMEOUT)["compiles"]
+      while (message := self.link.conn.receive(timeout=STEP_TIMEOUT))["op"] != "stopped":
+        pass  # the last expansion's cache, which no round needs any more
+      return message["compiles"]
     return None
+
+
+def _on_host(arrays: dict[str, Any]) -> dict[str, np.ndarray]:
+  """Host arrays as they are (shared memory), device ones read (transfer)."""
+  return {k: v if isinstance(v, np.ndarray) else jax.device_get(v) for k, v in arrays.items()}
+
+
+def served_from(cache: dict[str, np.ndarray], outcome: Outcome) -> Speculation | None:
+  """The next speculation from a greedy speculation cache when every row's outcome hits it (the
+  speculator's `speculate.find` and `lookup`, on host arrays), else None."""
+  accepted, bonus = np.asarray(outcome.accepted), np.asarray(outcome.bonus)
+  match = (cache["depth"] == accepted[:, None]) & (cache["keys"] == bonus[:, None]) & cache["valid"]
+  if not match.any(axis=1).all():
+    return None
+  rows = np.arange(match.shape[0])
+  tokens = np.concatenate([bonus[:, None], cache["tokens"][rows, match.argmax(axis=1)]], axis=1)
+  return Speculation(
+    tokens=tokens.astype(np.int32),
+    probs=None,
+    point_mass=np.zeros(rows.size, bool),
+    hit=np.ones(rows.size, bool),
+  )
 
 
 def resolve_placement(placement: str, address: str | None, device: jax.Device) -> str:

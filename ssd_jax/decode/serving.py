@@ -4,6 +4,8 @@ then its calls answered by a `LocalSpeculator` on this process's device.
   start   prefill (answered once done, so the target's timing starts after it)
   first   the first speculation, sent; then its expansion dispatched
   next    lookup for the outcome (a hit, or the backup), sent; then its expansion dispatched
+          (greedy runs: the speculation is sent only when some row missed, and each expansion's
+          cache is sent once computed: the target serves every-row hits from it itself)
   stop    the run is over;  bye: the target is done with this speculator
   probe   the channel's own cost (arrays of asked shapes, answered at once)
   work    a fixed load (compute-bound, or memory-bound like a decode step), timed: how
@@ -35,6 +37,8 @@ from ssd_jax.models.registry import load_model
 from ssd_jax.models.transformer import Params
 from ssd_jax.models.weights import config_to_hf
 
+OUTCOME_FIELDS = tuple(f.name for f in dataclasses.fields(Outcome))
+
 
 def serve(conn, pipe, params: Params, mesh, config) -> None:
   """Answer one target's calls (see remote.RemoteSpeculator) until it says bye.
@@ -52,9 +56,17 @@ def _serve(conn, pipe, params: Params, mesh, config, compiles: list[str]) -> Non
 
   def answer(speculation: Speculation) -> None:
     fields = {f.name: getattr(speculation, f.name) for f in dataclasses.fields(Speculation)}
-    conn.send(
-      {"op": "speculation", "arrays": pipe.pack({k: v for k, v in fields.items() if v is not None})}
-    )
+    arrays = pipe.pack({k: v for k, v in fields.items() if v is not None}, slot="speculation")
+    conn.send({"op": "speculation", "arrays": arrays})
+
+  def expand() -> None:
+    """Dispatch the expansion of the speculation just sent; in greedy runs, send its cache once
+    computed (the target reads it after its verification, which runs meanwhile)."""
+    speculator.expand()
+    if speculator.plan.greedy:
+      cache = speculator.cache
+      fields = {"keys": cache.keys, "depth": cache.depth, "tokens": cache.tokens}
+      conn.send({"op": "cache", "arrays": pipe.pack(fields | {"valid": cache.valid}, slot="cache")})
 
   while True:
     message = conn.receive()
@@ -72,11 +84,14 @@ def _serve(conn, pipe, params: Params, mesh, config, compiles: list[str]) -> Non
       conn.send({"op": "started"})
     elif op == "first":
       answer(speculator.first())
-      speculator.expand()
+      expand()
     elif op == "next":
       a = pipe.unpack(message["arrays"])
-      answer(speculator.next(Outcome(**{f.name: a[f.name] for f in dataclasses.fields(Outcome)})))
-      speculator.expand()
+      speculation = speculator.next(Outcome(**{f: a[f] for f in OUTCOME_FIELDS}))
+      # Greedy: where every row hit, the target has served this speculation from the cache.
+      if not (speculator.plan.greedy and np.asarray(speculation.hit).all()):
+        answer(speculation)
+      expand()
     elif op == "stop":  # answered with the compilations since this run's start
       if speculator is not None:
         speculator.close()

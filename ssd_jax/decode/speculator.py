@@ -134,6 +134,12 @@ class LocalSpeculator:
     self.state, self._cache = speculate.expand(self.params, self.state, self._last, plan=self.plan)
     self.timer.when_ready("draft", "expand_done", self._cache)
 
+  @property
+  def cache(self) -> SpeculationCache | None:
+    """The speculation cache of the last expansion (a speculator process sends it to the target
+    in greedy runs, which then serves hits itself)."""
+    return self._cache
+
   def next(self, outcome: Outcome) -> Speculation:
     """ssd: the speculation for `outcome`: cached on a hit, the backup's on a miss."""
     self.state, self._last = speculate.lookup(
