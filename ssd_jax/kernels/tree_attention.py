@@ -95,7 +95,8 @@ def tree_attention(
     layer: k and v are then every layer's cache [L, B, S, K, H] and the op reads this layer's
       (the XLA impl slices out only the slots the queries see: a decode step costs what the
       sequences hold, not the cache's capacity).
-    impl: "reference" (the specification), "xla" (dense masked einsums), "pallas" (kernel).
+    impl: "reference" (the specification), "xla" (masked einsums; past 512 slots of a stacked
+      cache, blocks up to the longest limit), "pallas" (kernel).
     scale: softmax scale, 1 / sqrt(H) by default.
     block_sizes: tiling of the Pallas kernel.
     interpret: run the Pallas kernel in interpret mode (default: when not on GPU/TPU).
