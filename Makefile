@@ -20,8 +20,10 @@ run: $(STAMP)
 	$(BIN)/python -m ssd_jax.run $(ARGS)
 
 # One worker per core, a file per worker (its module fixtures compile once): most of the suite's
-# time is XLA compilation, which runs on one thread. `ARGS="-n 0"` runs in this process.
-PYTEST := $(BIN)/python -m pytest -q -n auto --dist loadfile
+# time is XLA compilation, which runs on one thread. `ARGS="-n 0"` runs in this process. A worker
+# that crashes fails the run at once, naming its test: xdist's replacement worker can wait
+# forever under --dist loadfile (pytest-xdist issue 784).
+PYTEST := $(BIN)/python -m pytest -q -n auto --dist loadfile --max-worker-restart=0
 
 test: $(STAMP)
 	$(PYTEST) $(ARGS)

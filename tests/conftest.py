@@ -52,3 +52,17 @@ def _no_speculator_log_left_behind():
   while (left := set(glob.glob(_SPECULATOR_LOGS)) - before) and time.monotonic() < deadline:
     time.sleep(0.1)
   assert not left, f"speculator logs left behind: {sorted(left)}"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _compiled_programs_released_after_each_module():
+  """Each module's compiled programs are released when it ends (they reload from the
+  compilation cache above where a later module builds the same one).
+
+  XLA's CPU client maps every compiled program's code into memory, about 1,500 mappings for one
+  SSD engine's programs, and frees them only with the programs. A worker that runs several
+  modules (`-n auto --dist loadfile`) kept them all and reached the kernel's limit of 65,530
+  mappings (vm.max_map_count) midway through test_speculator: LLVM then aborts linking the next
+  program (seen as 'Fatal Python error: Aborted' or a segmentation fault in a compile)."""
+  yield
+  jax.clear_caches()
