@@ -21,6 +21,7 @@ branch), so that the target serves hits itself and waits only on misses.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import select
@@ -33,7 +34,15 @@ from typing import Any
 import jax
 import numpy as np
 
+from ssd_jax.decode.state import Outcome, Speculation
+
 PROTOCOL = 2  # the hello's version: both ends must speak the same
+
+# The arrays of each round's messages, by name: an outcome, a speculation (fields that are None
+# are not sent) and, in greedy runs, an expansion's cache.
+OUTCOME_FIELDS = tuple(f.name for f in dataclasses.fields(Outcome))
+SPECULATION_FIELDS = tuple(f.name for f in dataclasses.fields(Speculation))
+CACHE_FIELDS = ("keys", "depth", "tokens", "valid")
 
 
 class ChannelError(RuntimeError):

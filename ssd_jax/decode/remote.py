@@ -33,7 +33,9 @@ import jax
 import numpy as np
 
 from ssd_jax.decode.channel import (
+  OUTCOME_FIELDS,
   PROTOCOL,
+  SPECULATION_FIELDS,
   ChannelError,
   Connection,
   SharedMemoryPipe,
@@ -47,9 +49,6 @@ from ssd_jax.decode.state import Outcome, Speculation
 LOAD_TIMEOUT = 900.0  # seconds for the speculator to start and load its draft
 STEP_TIMEOUT = 600.0  # seconds for one answer (the first ones compile)
 ANSWER_SPIN = 0.05  # seconds the target polls for a speculation before it sleeps (receive)
-
-SPECULATION_FIELDS = tuple(f.name for f in dataclasses.fields(Speculation))
-OUTCOME_FIELDS = tuple(f.name for f in dataclasses.fields(Outcome))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -17,7 +17,6 @@ Every answer crosses on the pipe; expansions run while the target verifies what 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import os
 import time
@@ -27,7 +26,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from ssd_jax import sharding
-from ssd_jax.decode.channel import PROTOCOL, Connection, SharedMemoryPipe, TransferPipe
+from ssd_jax.decode.channel import (
+  CACHE_FIELDS,
+  OUTCOME_FIELDS,
+  PROTOCOL,
+  SPECULATION_FIELDS,
+  Connection,
+  SharedMemoryPipe,
+  TransferPipe,
+)
 from ssd_jax.decode.metrics import count_compiles
 from ssd_jax.decode.plan import DraftPlan
 from ssd_jax.decode.sampling import Warp
@@ -36,8 +43,6 @@ from ssd_jax.decode.state import Outcome, Speculation
 from ssd_jax.models.registry import load_model
 from ssd_jax.models.transformer import Params
 from ssd_jax.models.weights import config_to_hf
-
-OUTCOME_FIELDS = tuple(f.name for f in dataclasses.fields(Outcome))
 
 
 def serve(conn, pipe, params: Params, mesh, config) -> None:
@@ -55,7 +60,7 @@ def _serve(conn, pipe, params: Params, mesh, config, compiles: list[str]) -> Non
   compiled_before = 0
 
   def answer(speculation: Speculation) -> None:
-    fields = {f.name: getattr(speculation, f.name) for f in dataclasses.fields(Speculation)}
+    fields = {f: getattr(speculation, f) for f in SPECULATION_FIELDS}
     arrays = pipe.pack({k: v for k, v in fields.items() if v is not None}, slot="speculation")
     conn.send({"op": "speculation", "arrays": arrays})
 
@@ -64,9 +69,8 @@ def _serve(conn, pipe, params: Params, mesh, config, compiles: list[str]) -> Non
     computed (the target reads it after its verification, which runs meanwhile)."""
     speculator.expand()
     if speculator.plan.greedy:
-      cache = speculator.cache
-      fields = {"keys": cache.keys, "depth": cache.depth, "tokens": cache.tokens}
-      conn.send({"op": "cache", "arrays": pipe.pack(fields | {"valid": cache.valid}, slot="cache")})
+      fields = {f: getattr(speculator.cache, f) for f in CACHE_FIELDS}
+      conn.send({"op": "cache", "arrays": pipe.pack(fields, slot="cache")})
 
   while True:
     message = conn.receive()
