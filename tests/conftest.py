@@ -3,7 +3,7 @@
 import os
 
 # Eight virtual CPU devices: a 4-device target mesh plus a draft device, with at least twice the
-# largest mesh size so XLA's CPU collectives cannot deadlock (research/jax.md §1.3).
+# largest mesh size: with fewer, XLA's CPU collectives were seen to deadlock on this JAX.
 _flags = os.environ.get("XLA_FLAGS", "")
 if "collective_call_terminate_timeout" not in _flags:
   os.environ["XLA_FLAGS"] = (

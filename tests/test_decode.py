@@ -5,10 +5,10 @@ import dataclasses
 import numpy as np
 import pytest
 
-from ssd_jax import harness
+from ssd_jax import Engine, Sampling
 from ssd_jax.config import SpecConfig
-from ssd_jax.decode import Engine, Sampling
 from ssd_jax.models.registry import LoadedModel, load_model
+from ssd_jax.timing import count_compiles
 
 PROMPTS = [[5, 17, 99, 3, 42, 8, 8, 120], [7, 1], [200, 201, 202, 203, 204]]
 FAMILIES = ["tiny-llama", "tiny-qwen2", "tiny-qwen3"]
@@ -200,7 +200,7 @@ def test_new_sampling_settings_compile_nothing(models, mode):
   prompts = [[1, 2, 3], [4, 5, 6, 7]]
   run = lambda **kw: engine.generate(prompts, spec=spec, max_new_tokens=16, **kw)
   run(sampling=Sampling(temperature=0.7))
-  with harness.count_compiles() as compiles:
+  with count_compiles() as compiles:
     for seed, sampling in enumerate(SETTINGS):
       run(sampling=sampling, seed=seed)
     run(sampling=Sampling(temperature=0.7), temperatures=[0.2, 1.1])

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from ssd_jax import harness
 from ssd_jax.models import KVCache, borrowed, forward
+from ssd_jax.models.agreement import greedy_agreement
 from ssd_jax.models.registry import ASSETS, SHIPPED_DRAFTS, load_model
 from ssd_jax.models.weights import load_hf, save_hf
 
@@ -72,7 +72,7 @@ def test_recorded_agreement_on_the_fixed_slice(draft):
   prompts = [f[f"prompt_{i}"] for i in range(n)]
   continuations = [f[f"continuation_{i}"] for i in range(n)]
   recorded = dict(zip(f["drafts"].tolist(), f["agreeing"].tolist(), strict=True))
-  hits, total = harness.greedy_agreement(draft, prompts, continuations)
+  hits, total = greedy_agreement(draft, prompts, continuations)
   assert total == int(f["tokens"])
   assert abs(hits - recorded[draft.name]) <= 2  # float round-off may flip a near-tie or two
 
@@ -85,7 +85,7 @@ def test_the_wide_draft_agrees_more_than_the_narrow_one():
 
 def test_target_reproduces_the_fixed_slice():
   """The real model's greedy decoding is the same as when the fixture was recorded."""
-  from ssd_jax.decode import Engine  # noqa: PLC0415
+  from ssd_jax import Engine  # noqa: PLC0415
 
   f = np.load(FIXTURE)
   n = int(f["n"])

@@ -6,8 +6,8 @@ import jax
 import numpy as np
 import pytest
 
+from ssd_jax import Engine
 from ssd_jax.config import SpecConfig
-from ssd_jax.decode import Engine
 from ssd_jax.models import KVCache
 from ssd_jax.models.registry import LoadedModel, load_model
 from ssd_jax.models.transformer import forward, head_subset
@@ -76,7 +76,21 @@ def test_ranking_picks_the_most_frequent(target, tmp_path):
   engine = Engine(target, draft, draft_vocab=10)
   assert engine.draft_params["head"].shape == (target.config.hidden_size, 10)
   np.testing.assert_array_equal(engine.draft_params["head_ids"], ranking[:10])
-  assert "head" not in Engine(target, draft).draft_params  # the whole vocabulary
+  # By default a ranked draft scores its DEFAULT_DRAFT_VOCAB most frequent tokens; here that is
+  # the whole (264-token) vocabulary, so nothing is restricted; 0 asks for the whole one.
+  assert "head_ids" not in Engine(target, draft).draft_params
+  assert "head_ids" not in Engine(target, draft, draft_vocab=0).draft_params
+
+
+def test_the_default_head_is_a_ranked_drafts_most_frequent_tokens(target, monkeypatch):
+  """Engine's default is the command line's: a draft that ships a ranking scores its
+  DEFAULT_DRAFT_VOCAB most frequent tokens (here made smaller than the tiny vocabulary)."""
+  from ssd_jax.speculator import local  # noqa: PLC0415
+
+  monkeypatch.setattr(local, "DEFAULT_DRAFT_VOCAB", 12)
+  ranking = np.random.default_rng(3).permutation(target.config.vocab_size).astype(np.int32)
+  draft = LoadedModel("ranked", target.config, target.params, None, ranking)
+  np.testing.assert_array_equal(Engine(target, draft).draft_params["head_ids"], ranking[:12])
 
 
 def test_token_ranking_loads_from_an_hf_directory(tmp_path):
@@ -96,7 +110,7 @@ def test_token_ranking_loads_from_an_hf_directory(tmp_path):
   ("draft_vocab", "message"),
   [
     (10, "no token ranking"),
-    (0, r"must be in \[1, "),
+    (-1, r"must be in \[1, "),
     ([1, 1, 2], "distinct"),
     ([1, 99999], "must be in"),
     ([], "non-empty"),
@@ -115,12 +129,12 @@ def test_draft_vocab_without_a_draft(target):
 def test_greedy_agreement_with_a_restricted_head(target, ar):
   """The target agrees with its own greedy continuations, restricted to the tokens they use or
   not; restricted to tokens they never use it agrees with none."""
-  from ssd_jax import harness  # noqa: PLC0415
+  from ssd_jax.models.agreement import greedy_agreement  # noqa: PLC0415
 
   prompts, conts = PROMPTS, [a[:12] for a in ar]
   used = np.unique(np.concatenate(conts))
   unused = np.setdiff1d(np.arange(target.config.vocab_size), used)
   n = sum(map(len, conts))
-  assert harness.greedy_agreement(target, prompts, conts) == (n, n)
-  assert harness.greedy_agreement(target, prompts, conts, used[::-1]) == (n, n)
-  assert harness.greedy_agreement(target, prompts, conts, unused) == (0, n)
+  assert greedy_agreement(target, prompts, conts) == (n, n)
+  assert greedy_agreement(target, prompts, conts, used[::-1]) == (n, n)
+  assert greedy_agreement(target, prompts, conts, unused) == (0, n)

@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ssd_jax import Engine, Sampling
 from ssd_jax.config import SpecConfig
-from ssd_jax.decode import Engine, Sampling
 from ssd_jax.decode import draft as draft_lib
 from ssd_jax.decode import target as target_lib
 from ssd_jax.decode.sampling import Warp, sample, warped_probs

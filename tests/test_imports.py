@@ -1,8 +1,11 @@
-"""The package's imports run one way (DESIGN.md §3): no import circles between modules, and no
-module importing one from a layer above its own. Imports inside functions count too."""
+"""The package's imports run one way (docs/ARCHITECTURE.md): no import circles between modules,
+no module importing one from a layer above its own, and the pure programs free of the host's
+machinery. Imports inside functions count too."""
 
 import ast
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -10,16 +13,28 @@ import ssd_jax
 
 ROOT = pathlib.Path(ssd_jax.__file__).parent
 
-# Lowest first. A module may import from its own layer and the layers below.
+# Lowest first. A module may import from its own layer and the layers below; the longest prefix
+# that names a module decides its layer (a package's command line sits above the package).
 LAYERS = [
-  ("ssd_jax.config", "ssd_jax.sharding", "ssd_jax.cli", "ssd_jax.data"),
+  ("ssd_jax.config", "ssd_jax.sharding", "ssd_jax.timing", "ssd_jax.data"),
   ("ssd_jax.kernels",),
   ("ssd_jax.models",),
-  ("ssd_jax.decode",),
-  ("ssd_jax.harness",),
-  ("ssd_jax.run", "ssd_jax.chat", "ssd_jax.sidebyside", "ssd_jax.bench", "ssd_jax.speculator"),
+  ("ssd_jax.decode",),  # the pure jitted programs
+  ("ssd_jax.speculator",),  # the draft side: local, process, remote, channel, worker
+  ("ssd_jax.runtime",),  # the Engine and the host loops
+  ("ssd_jax.harness", "ssd_jax.bench"),  # modes over prompt sets; benchmarks
+  (  # the command lines
+    "ssd_jax.cli",
+    "ssd_jax.run",
+    "ssd_jax.bench.cli",
+    "ssd_jax.bench.__main__",
+    "ssd_jax.speculator.__main__",
+  ),
   ("ssd_jax",),  # the package's own __init__: the public names
 ]
+
+# What the pure programs never touch: processes, sockets, threads, the file system.
+HOST_MACHINERY = ("os", "socket", "subprocess", "threading", "multiprocessing", "signal")
 
 
 def modules() -> dict[str, pathlib.Path]:
@@ -104,7 +119,42 @@ def test_the_inference_package_never_imports_optax():
 
 
 def test_the_check_sees_lazy_imports():
-  """A function-level import is an edge like any other (engine imports kernels.backend lazily)."""
-  assert "ssd_jax.kernels.backend" in GRAPH["ssd_jax.decode.engine"]
-  assert "ssd_jax.decode.loops" in GRAPH["ssd_jax.decode.engine"]
-  assert "ssd_jax.decode.engine" not in GRAPH["ssd_jax.decode.loops"]
+  """A function-level import is an edge like any other (tree_attention imports the Pallas
+  kernel only when asked for it)."""
+  assert "ssd_jax.kernels.pallas_tree_attention" in GRAPH["ssd_jax.kernels.tree_attention"]
+  assert "ssd_jax.runtime.loops" in GRAPH["ssd_jax.runtime.engine"]
+  assert "ssd_jax.runtime.engine" not in GRAPH["ssd_jax.runtime.loops"]
+
+
+def stdlib_imports(path: pathlib.Path) -> set[str]:
+  """Top-level names of every module `path` imports (anywhere in the file)."""
+  tree = ast.parse(path.read_text())
+  names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+  names |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and not n.level}
+  return {n.split(".")[0] for n in names}
+
+
+@pytest.mark.parametrize("name", sorted(m for m in GRAPH if m.startswith("ssd_jax.decode")))
+def test_the_pure_programs_touch_no_host_machinery(name):
+  used = stdlib_imports(modules()[name]) & set(HOST_MACHINERY)
+  assert not used, f"{name} imports {sorted(used)}: host work belongs in runtime or speculator"
+
+
+def test_the_machinery_check_would_see_it(tmp_path):
+  """The check's positive control: a file importing threading is caught."""
+  path = tmp_path / "leaky.py"
+  path.write_text("def f():\n  import threading\n  from os import path\n")
+  assert stdlib_imports(path) & set(HOST_MACHINERY) == {"threading", "os"}
+
+
+def test_the_default_attention_impl_is_chosen_without_pallas():
+  """The public API and the default impl's choice import no Pallas (slow to import, and only
+  needed by the kernel itself); a fresh interpreter shows what really loads."""
+  code = (
+    "import sys, ssd_jax\n"
+    "from ssd_jax.kernels import default_impl\n"
+    "assert default_impl('cpu') == 'xla'\n"
+    "print(sorted(m for m in sys.modules if 'pallas' in m))\n"
+  )
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == "[]", out.stdout

@@ -11,12 +11,12 @@ from dataclasses import fields
 import numpy as np
 import pytest
 
-from ssd_jax import harness, run
-from ssd_jax.chat import chat_loop
-from ssd_jax.config import SpecConfig
-from ssd_jax.decode import Engine, Sampling
-from ssd_jax.models.registry import load_model
-from ssd_jax.sidebyside import all_cores_argv
+from ssd_jax import Engine, Sampling, SpecConfig, load_model, run
+from ssd_jax.cli import arguments
+from ssd_jax.cli.chat import chat_loop
+from ssd_jax.harness import compare
+from ssd_jax.harness import runs as harness
+from ssd_jax.models import registry
 
 # In this process JAX already runs, so the CLI's default layout (a pinned speculator process,
 # tested through real processes in test_speculator.py) cannot apply: place the draft here.
@@ -29,6 +29,14 @@ TINY = [
   "--draft-placement",
   "device",
 ]
+
+
+def tiny(argv: list[str]) -> list[str]:
+  """TINY for `argv`: without --draft-placement where no ssd runs (a flag no mode of the run
+  reads is refused)."""
+  mode = argv[argv.index("--mode") + 1] if "--mode" in argv else "all"
+  keep = TINY if mode in ("ssd", "all") else TINY[:-2]
+  return [*keep, *argv]
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +63,12 @@ def result(tmp_path_factory):
 
 def test_json_has_every_mode_and_field(result):
   assert set(result["modes"]) == {"ar", "sd", "ssd"}
-  assert result["config"]["draft_dtype"] == "float16"  # the default beside a float32 target
+  # The default beside a float32 target, and each mode's draft, resolved.
+  assert result["config"]["models"]["draft_dtype"] == "float16"
+  assert result["config"]["models"]["drafts"] == {
+    "sd": "tiny-llama-draft",
+    "ssd": "tiny-llama-draft",
+  }
   for mode, m in result["modes"].items():
     for field in (
       "tokens_per_second",
@@ -79,21 +92,31 @@ def test_json_has_every_mode_and_field(result):
   assert 0 <= p10 <= p50 <= p90
   assert 0.0 <= ssd["cache_hit_rate_after_first_round"] <= 1.0
   assert result["greedy_outputs_identical"] is True
-  assert result["environment"]["jax_version"] and result["config"]["lookahead"] == 3
-  assert result["speedup_vs_ar"]["ar"] == 1.0
+  assert result["environment"]["jax_version"] and result["config"]["speculation"]["lookahead"] == 3
+  speed = {m: v["tokens_per_second"] for m, v in result["modes"].items()}
+  assert set(result["ratios"]) == {"ssd/sd", "sd/ar", "ssd/ar"}
+  assert result["ratios"]["ssd/sd"] == pytest.approx(speed["ssd"] / speed["sd"])
+  assert result["ratios"]["sd/ar"] == pytest.approx(speed["sd"] / speed["ar"])
 
 
-def test_table_is_printed(capsys):
-  assert run.main([*TINY, "--mode", "ar", "--max-new-tokens", "4", "--num-prompts", "1"]) == 0
-  out = capsys.readouterr().out
-  assert "tok/s" in out and "accepted/round" in out and "sample (" in out
+def test_table_is_printed(capsys, tmp_path):
+  """A single mode's run: its table, and a JSON that claims only what was measured."""
+  path = tmp_path / "ar.json"
+  argv = ["--mode", "ar", "--max-new-tokens", "4", "--num-prompts", "1", "--json", str(path)]
+  assert run.main(tiny(argv)) == 0
+  captured = capsys.readouterr()
+  assert "tok/s" in captured.out and "accepted/round" in captured.out and "sample (" in captured.out
+  assert "ar on 1 bundled prompts" in captured.err  # said before it ran
+  result = json.loads(path.read_text())
+  assert result["ratios"] == {} and "greedy_outputs_identical" not in result
+  assert "all_cores" not in result
 
 
 def test_each_mode_runs_its_default_draft(monkeypatch, tmp_path, capsys):
   """Without --draft, sd and ssd each run their own default draft (one engine per draft, the
   target shared); the table and the JSON name them, and greedy outputs stay those of ar."""
-  monkeypatch.setattr(run, "DEFAULT_TARGET", "tiny-llama")
-  monkeypatch.setattr(run, "DEFAULT_DRAFTS", {"sd": "tiny-llama-draft", "ssd": "tiny-llama"})
+  drafts = {"sd": "tiny-llama-draft", "ssd": "tiny-llama"}
+  monkeypatch.setitem(registry.DEFAULT_DRAFTS, "tiny-llama", drafts)
   path = tmp_path / "out.json"
   argv = [a for a in TINY if a not in ("--draft", "tiny-llama-draft")]
   argv += ["--max-new-tokens", "8", "--num-prompts", "2", "--json", str(path)]
@@ -102,17 +125,19 @@ def test_each_mode_runs_its_default_draft(monkeypatch, tmp_path, capsys):
   drafts = {mode: v["draft"] for mode, v in out["layout"].items()}
   assert drafts == {"ar": None, "sd": "tiny-llama-draft", "ssd": "tiny-llama"}
   # Each draft's head as that engine runs it (the tiny drafts have no ranking: the full head).
-  assert {mode: v["draft_vocab"] for mode, v in out["layout"].items()} == {
+  assert {mode: v["draft_head"] for mode, v in out["layout"].items()} == {
     "ar": None,
-    "sd": 0,
-    "ssd": 0,
+    "sd": 264,
+    "ssd": 264,
   }
   assert out["greedy_outputs_identical"] is True
   # The target as its own draft accepts every proposal: the ssd engine really ran it.
   assert out["modes"]["ssd"]["mean_accepted_tokens_per_round"] > 3.5
   assert out["modes"]["sd"]["mean_accepted_tokens_per_round"] < 3.5
-  table = capsys.readouterr().out
-  assert "tiny-llama-draft" in table and "draft" in table.splitlines()[2]
+  table = capsys.readouterr().out.splitlines()
+  header = next(line for line in table if line.startswith("mode"))
+  assert table[0].startswith("ssd / sd ") and "sd / ar" in table[0]  # the headline first
+  assert "draft" in header and any("tiny-llama-draft" in line for line in table)
 
 
 @pytest.mark.parametrize(
@@ -125,16 +150,16 @@ def test_each_mode_runs_its_default_draft(monkeypatch, tmp_path, capsys):
 )
 def test_sd_on_all_cores_under_mode_ssd_runs_what_mode_all_would(flags, expected):
   """`--mode ssd` has no sd of its own, yet the table's sd-on-all-cores line runs sd: with
-  sd's default draft (or --draft) and the head asked for (else the child's default)."""
-  parser = run.build_parser()
-  args = parser.parse_args(["--mode", "ssd", *flags])
-  run.check_args(args, parser)
-  args.draft_vocabs = {"ssd": 8192}  # as make_engines records ssd's
-  argv = all_cores_argv(args, "sd")
-  i = argv.index("--draft")
-  assert argv[:2] == ["--mode", "sd"]
-  assert argv[i : i + len(expected)] == expected
-  assert argv.count("--draft-vocab") == ("--draft-vocab" in expected)
+  sd's default draft (or --draft) and the head asked for (else the draft's default), on every
+  core, with no ssd flag left."""
+  argv = ["--mode", "ssd", "--fan-out", "2", "--all-cores", *flags]
+  config = arguments.run_config(arguments.build_parser().parse_args(argv))
+  child = compare.all_cores_config(config)
+  assert child.modes == ("ar", "sd") and child.layout.target_cores == "all"
+  assert child.models.draft_for("sd") == expected[1]
+  vocab = int(expected[3]) if "--draft-vocab" in expected else None
+  assert child.models.draft_vocab == vocab
+  assert child.speculation.fan_out is None and child.output.json is None
 
 
 def test_another_target_needs_a_draft(capsys):
@@ -155,16 +180,19 @@ def test_another_target_needs_a_draft(capsys):
     ),
     (["--target", "no-such-model"], "unknown model 'no-such-model'"),
     (["--saguaro-c", "1.5"], "--saguaro-c must be in"),
+    (["--mode", "sdd"], "invalid choice: 'sdd'"),
+    (["--mode", "sd", "--speculator", "127.0.0.1:7100"], "--speculator applies only to ssd"),
+    (["--speculator", "nowhere"], "must be HOST:PORT"),
     (["--prompts", "missing.jsonl"], "missing.jsonl"),
     (["--fan-out", "2", "--geometric"], "not allowed with argument"),
     (["--draft-vocab", "100"], "has no token ranking"),
     (["--draft-vocab", "-1"], "--draft-vocab must be >= 0"),
     (["--temperature", "nan"], "--temperature: expected a finite number"),
     (["--temperature", "inf"], "--temperature: expected a finite number"),
-    (["--temperature", "-1"], "--temperature must be >= 0"),
+    (["--temperature", "-1"], "--temperature must be a finite number >= 0"),
     (["--top-p", "0"], "--top-p must be in \\(0, 1\\] \\(1 = off\\), got 0.0"),
     (["--top-p", "1.5"], "--top-p must be in"),
-    (["--top-k", "-3"], "--top-k must be >= 0"),
+    (["--top-k", "-3"], "--top-k must be an int >= 0"),
     (["--saguaro-c", "nan"], "--saguaro-c: expected a finite number"),
     (["--max-new-tokens", "9000"], "exceed the model's context of 8192"),
     (["--batch-size", "100000", "--max-new-tokens", "4000"], "need .* GiB but"),
@@ -187,10 +215,13 @@ def test_another_target_needs_a_draft(capsys):
   ],
 )
 def test_bad_flags_exit_2_with_a_message(capsys, argv, message):
+  """One line naming the flag (not 27 lines of usage first), exit status 2."""
   with pytest.raises(SystemExit) as exit_info:
-    run.main([*TINY, *argv])
+    run.main(tiny(argv))
   assert exit_info.value.code == 2
-  assert re.search(message, capsys.readouterr().err)
+  err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+  assert len(err) == 1 and re.search(message, err[0]), err
+  assert err[0].startswith("python -m ssd_jax.run: error: ") and "--help" in err[0]
 
 
 def _exit_2(capsys, argv) -> str:
@@ -239,7 +270,7 @@ def test_a_small_ranked_draft_gets_a_head_it_can_have(tmp_path, capsys):
   np.save(tmp_path / "token_ranking.npy", np.arange(264, dtype=np.int32)[::-1].copy())
   draft = ["--draft", str(tmp_path), "--max-new-tokens", "6", "--num-prompts", "1"]
   assert run.main([*TINY, *draft]) == 0
-  assert "draft vocab 264" in capsys.readouterr().out
+  assert re.search(r"^ssd\s.*\s264\s+\d+$", capsys.readouterr().out, re.M)  # its head
   sampled = ["--draft-vocab", "100", "--top-k", "150", "--temperature", "0.8"]
   assert run.main([*TINY, *draft, *sampled]) == 0
   err = _exit_2(capsys, [*draft, "--draft-vocab", "2", "--fan-out", "3"])
@@ -289,6 +320,44 @@ def test_chat_loop_answers_each_line():
   replies = chat_loop(engine, spec, Sampling(), 6, stdin=stdin, stdout=stdout)
   assert replies == 2
   assert "[metrics on]" in stdout.getvalue() and "tok/s" in stdout.getvalue()
+  # The tiny random model never says EOS in 6 tokens: each reply says it was cut.
+  assert stdout.getvalue().count("[cut at 6 tokens: --max-new-tokens]") == 2
+
+
+def test_ctrl_c_stops_a_reply_and_the_chat_goes_on(monkeypatch):
+  """Ctrl-C during a reply stops that reply and the next line is answered in full, exactly as
+  a run of its own with the same prompt (the history with the partial reply) and seed."""
+  from ssd_jax.cli import chat  # noqa: PLC0415
+
+  target = load_model("tiny-llama")
+  engine = Engine(target, load_model("tiny-llama-draft"), placement="device")
+  spec = SpecConfig(mode="ssd", lookahead=2, fan_out=(1, 1, 1))
+  calls, generate = [], engine.generate
+
+  def recorded(prompts, **kwargs):
+    calls.append((prompts, kwargs))
+    out = generate(prompts, **kwargs)
+    calls[-1] += (out.tokens,)
+    return out
+
+  def interrupt_once(row, new):
+    if len(calls) == 1:
+      raise KeyboardInterrupt
+
+  monkeypatch.setattr(engine, "generate", recorded)
+  stream = chat.Streamer.__call__
+  monkeypatch.setattr(
+    chat.Streamer,
+    "__call__",
+    lambda self, row, new: stream(self, row, new) or interrupt_once(row, new),
+  )
+  stdout = io.StringIO()
+  replies = chat_loop(engine, spec, Sampling(), 8, stdin=io.StringIO("one\ntwo\n"), stdout=stdout)
+  assert replies == 2 and stdout.getvalue().count(" [stopped]") == 1
+  assert len(calls) == 2 and len(calls[0]) == 2  # the first never returned
+  prompts, kwargs, tokens = calls[1]
+  alone = generate(prompts, **{k: v for k, v in kwargs.items() if k != "on_tokens"})
+  assert tokens == alone.tokens and len(tokens[0]) == 8
 
 
 def test_chat_from_a_pipe():
@@ -298,15 +367,7 @@ def test_chat_from_a_pipe():
       sys.executable,
       "-m",
       "ssd_jax.run",
-      *TINY,
-      "--chat",
-      "--mode",
-      "sd",
-      "--lookahead",
-      "2",
-      "--max-new-tokens",
-      "5",
-      "--metrics",
+      *tiny(["--chat", "--mode", "sd", "--lookahead", "2", "--max-new-tokens", "5", "--metrics"]),
     ],
     input="first question\nsecond question\n",
     capture_output=True,
@@ -319,18 +380,18 @@ def test_chat_from_a_pipe():
 
 def test_chat_under_mode_all_builds_only_the_mode_it_talks_through(monkeypatch):
   """--chat --mode all talks through ssd: only ssd's engine is built (not ar's and sd's too)."""
-  from ssd_jax import chat  # noqa: PLC0415
+  from ssd_jax.cli import chat  # noqa: PLC0415
 
   built, talked = [], []
-  make_engines = run.make_engines
+  build_engines = chat.build_engines
   monkeypatch.setattr(
-    run,
-    "make_engines",
-    lambda args, modes, *rest: built.append(modes) or make_engines(args, modes, *rest),
+    chat,
+    "build_engines",
+    lambda config, *rest: built.append(config.modes) or build_engines(config, *rest),
   )
   monkeypatch.setattr(chat, "chat_loop", lambda engine, spec, *a, **k: talked.append(spec.mode))
   assert run.main([*TINY, "--chat", "--mode", "all", "--lookahead", "2"]) == 0
-  assert built == [["ssd"]] and talked == ["ssd"]
+  assert built == [("ssd",)] and talked == ["ssd"]
 
 
 def test_bench_quick_sweep_writes_json_plots_and_report(tmp_path):
@@ -398,7 +459,7 @@ def test_bench_overlap_reports_the_machine_share(tmp_path):
 
 
 def test_work_kinds_run_and_an_unknown_one_is_refused():
-  from ssd_jax.decode.serving import run_work  # noqa: PLC0415
+  from ssd_jax.bench.probes import run_work  # noqa: PLC0415
 
   assert run_work(64, "compute") > 0 and run_work(64, "memory") > 0
   with pytest.raises(ValueError, match="work kind must be one of"):
@@ -473,14 +534,14 @@ def test_bench_ab_refuses_a_bad_configuration(text, error, capsys):
 
 
 def test_bench_ab_configuration_defaults_are_runs():
-  from ssd_jax.bench.ab import parse_config  # noqa: PLC0415
-  from ssd_jax.cli import DEFAULT_DRAFTS  # noqa: PLC0415
-  from ssd_jax.run import DEFAULT_FAN_OUT  # noqa: PLC0415
+  from ssd_jax.bench.cli import parse_config  # noqa: PLC0415
+  from ssd_jax.config import DEFAULT_FAN_OUT  # noqa: PLC0415
 
+  drafts = registry.DEFAULT_DRAFTS["smollm2-135m"]
   ssd = parse_config("ssd")
-  assert (ssd.draft, ssd.lookahead, ssd.fan_out) == (DEFAULT_DRAFTS["ssd"], 3, DEFAULT_FAN_OUT)
+  assert (ssd.draft, ssd.lookahead, ssd.fan_out) == (drafts["ssd"], 3, DEFAULT_FAN_OUT)
   sd = parse_config("sd::5")
-  assert (sd.draft, sd.lookahead) == (DEFAULT_DRAFTS["sd"], 5)
+  assert (sd.draft, sd.lookahead) == (drafts["sd"], 5)
   assert ssd.spec().fan_out == (DEFAULT_FAN_OUT,) * 4
   assert ssd.spec().saguaro_c == 1.0 and "C=" not in ssd.label
   saguaro = parse_config("ssd::3:2:0.25")

@@ -18,12 +18,11 @@ import jax
 import numpy as np
 import pytest
 
+from ssd_jax import ChannelError, Engine, Placement, Sampling
 from ssd_jax.config import SpecConfig
-from ssd_jax.decode import Engine, Sampling
-from ssd_jax.decode.channel import ChannelError
-from ssd_jax.decode.remote import _stop
 from ssd_jax.models.registry import LoadedModel, load_model
 from ssd_jax.models.weights import save_hf
+from ssd_jax.speculator.process import _stop
 
 pytestmark = pytest.mark.skipif(
   (os.cpu_count() or 1) < 2, reason="a speculator process needs a core of its own"
@@ -75,8 +74,7 @@ def process_engine(models):
   engine = Engine(
     models["tiny-llama"],
     models["tiny-llama-draft"],
-    draft_placement="process",
-    speculator_cores=CORE,
+    placement=Placement(kind="process", cores=CORE),
   )
   yield engine
   engine.close()
@@ -118,7 +116,7 @@ def test_eos_and_budgets_through_a_process(models, ar):
   )
   spec = SpecConfig(mode="ssd", lookahead=3, fan_out=(2, 2, 1, 1))
   draft = models["tiny-llama-draft"]
-  with Engine(stopping, draft, draft_placement="process", speculator_cores=CORE) as engine:
+  with Engine(stopping, draft, placement=Placement(kind="process", cores=CORE)) as engine:
     out = engine.generate(PROMPTS, spec=spec, max_new_tokens=[30, 4, 11])
   for row, (tokens, budget) in enumerate(zip(out.tokens, [30, 4, 11], strict=True)):
     expected = ar[row][:budget] if len(ar[row]) >= budget else ar[row]
@@ -137,9 +135,7 @@ def test_samples_are_the_in_process_samples(models, pipe):
   sampling = [Sampling(temperature=0.9), Sampling(temperature=0.5, top_k=7), Sampling()]
   run = lambda e: e.generate(PROMPTS, spec=spec, sampling=sampling, max_new_tokens=16, seed=5)
   local = run(Engine(target, draft))
-  with Engine(
-    target, draft, draft_placement="process", speculator_cores=CORE, speculator_pipe=pipe
-  ) as engine:
+  with Engine(target, draft, placement=Placement(kind="process", cores=CORE, pipe=pipe)) as engine:
     remote = run(engine)
   assert remote.tokens == local.tokens
   np.testing.assert_array_equal(remote.metrics.accept_hist, local.metrics.accept_hist)
@@ -155,9 +151,7 @@ def test_greedy_hits_are_served_on_the_targets_side(models, ar, pipe):
   spec = SpecConfig(mode="ssd", lookahead=3, fan_out=(2, 2, 1, 1))
   run = lambda e, **kw: e.generate(PROMPTS, spec=spec, max_new_tokens=20, ignore_eos=True, **kw)
   local = run(Engine(target, draft))
-  with Engine(
-    target, draft, draft_placement="process", speculator_cores=CORE, speculator_pipe=pipe
-  ) as engine:
+  with Engine(target, draft, placement=Placement(kind="process", cores=CORE, pipe=pipe)) as engine:
     out = run(engine)
     sampled = run(engine, sampling=Sampling(temperature=0.8))
   assert out.tokens == local.tokens == ar
@@ -185,7 +179,7 @@ def test_ssd_through_a_process_is_exact(exact_pair, fan_out, backup):
   target, draft = exact_pair
   spec = SpecConfig(mode="ssd", lookahead=len(fan_out) - 1, fan_out=fan_out, backup=backup)
   sampling = Sampling(temperature=1.0)
-  with Engine(target, draft, draft_placement="process", speculator_cores=CORE) as engine:
+  with Engine(target, draft, placement=Placement(kind="process", cores=CORE)) as engine:
     out = engine.generate(
       [exact.PROMPT] * 50_000, spec=spec, sampling=sampling, max_new_tokens=3, capacity=24
     )
@@ -197,10 +191,10 @@ def test_ssd_through_a_process_is_exact(exact_pair, fan_out, backup):
 
 def test_a_speculator_that_dies_mid_run_is_an_error_not_a_hang(models):
   target, draft = models["tiny-llama"], models["tiny-llama-draft"]
-  engine = Engine(target, draft, draft_placement="process", speculator_cores=CORE)
+  engine = Engine(target, draft, placement=Placement(kind="process", cores=CORE))
   spec = SpecConfig(mode="ssd", lookahead=2, fan_out=(1, 1, 1))
   engine.generate(PROMPTS[:1], spec=spec, max_new_tokens=8)  # started and warm
-  pid = engine.speculator_process().pid
+  pid = engine.site.process().pid
   killed = []
 
   def kill_after_a_few_tokens(row, tokens):
@@ -222,6 +216,22 @@ def test_a_speculator_that_dies_mid_run_is_an_error_not_a_hang(models):
     assert len(engine.generate(PROMPTS[:1], spec=spec, max_new_tokens=6).tokens[0]) == 6
   finally:
     engine.close()
+
+
+def test_an_interrupted_run_leaves_the_speculator_ready_for_the_next(process_engine, ar):
+  """A KeyboardInterrupt mid-run (a chat's Ctrl-C) ends the run on both sides: the next run
+  through the same speculator process is exact."""
+  spec = SpecConfig(mode="ssd", lookahead=3, fan_out=(2, 2, 1, 1))
+
+  def interrupt(row, tokens):
+    raise KeyboardInterrupt
+
+  with pytest.raises(KeyboardInterrupt):
+    process_engine.generate(
+      PROMPTS, spec=spec, max_new_tokens=20, ignore_eos=True, on_tokens=interrupt
+    )
+  out = process_engine.generate(PROMPTS, spec=spec, max_new_tokens=20, ignore_eos=True)
+  assert out.tokens == ar
 
 
 class _Failing:
@@ -253,14 +263,12 @@ def test_stopping_finishes_every_step_when_one_fails(tmp_path):
 _PARENT = """
 import os, sys, time, jax
 jax.config.update("jax_num_cpu_devices", 2)
-from ssd_jax.config import SpecConfig
-from ssd_jax.decode import Engine
-from ssd_jax.models.registry import load_model
-engine = Engine(load_model("tiny-llama"), load_model("tiny-llama-draft"), draft_placement="process",
-                speculator_cores=(1,))
+from ssd_jax import Engine, Placement, SpecConfig, load_model
+engine = Engine(load_model("tiny-llama"), load_model("tiny-llama-draft"),
+                placement=Placement(kind="process", cores=(1,)))
 spec = SpecConfig(mode="ssd", lookahead=2, fan_out=(1, 1, 1))
 engine.generate([[1, 2, 3]], spec=spec, max_new_tokens=4)
-print(engine.speculator_process().pid, flush=True)
+print(engine.site.process().pid, flush=True)
 if sys.argv[1] == "hang":
   time.sleep(600)
 else:
@@ -308,8 +316,8 @@ def test_a_speculator_another_host_runs(models, ar):
     assert "listening" in server.stdout.readline()
     target, draft = models["tiny-llama"], models["tiny-llama-draft"]
     spec = SpecConfig(mode="ssd", lookahead=3, fan_out=(2, 2, 1, 1))
-    with Engine(target, draft, speculator_address=f"127.0.0.1:{port}") as engine:
-      assert engine.speculator_options.pipe == "transfer"
+    with Engine(target, draft, placement=f"127.0.0.1:{port}") as engine:
+      assert engine.site.options.pipe == "transfer"
       out = engine.generate(PROMPTS, spec=spec, max_new_tokens=20, ignore_eos=True)
     assert out.tokens == ar
     assert server.wait(timeout=20) == 0  # --once: it exits after its target said bye
@@ -353,7 +361,7 @@ def test_the_cli_default_layout_pins_and_reports(tmp_path):
     "ran_on": "core 0 + core 1",
     "cores": 2,
     "draft": "tiny-llama-draft",
-    "draft_vocab": 0,
+    "draft_head": 264,
   }
   assert result["layout"]["sd"]["cores"] == 1
   assert result["greedy_outputs_identical"] is True
@@ -410,10 +418,10 @@ def test_a_draft_built_in_memory_cannot_go_to_a_process(models):
   draft = models["tiny-llama-draft"]
   built = LoadedModel(draft.name, draft.config, draft.params, None)
   with pytest.raises(ValueError, match="cannot load it too"):
-    Engine(models["tiny-llama"], built, draft_placement="process")
+    Engine(models["tiny-llama"], built, placement="process")
 
 
 def test_placement_names_are_checked(models):
-  with pytest.raises(ValueError, match="draft_placement must be"):
-    Engine(models["tiny-llama"], models["tiny-llama-draft"], draft_placement="gpu")
+  with pytest.raises(ValueError, match="placement must be auto, device or process"):
+    Engine(models["tiny-llama"], models["tiny-llama-draft"], placement="gpu")
   assert jax.devices()[0].platform == "cpu"

@@ -9,15 +9,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ssd_jax import harness
+from ssd_jax import Engine, Sampling
 from ssd_jax.config import SpecConfig
-from ssd_jax.decode import Engine, Sampling, Warp, speculate, tree
+from ssd_jax.decode import Warp, speculate, tree
 from ssd_jax.decode import draft as draft_lib
 from ssd_jax.decode.plan import DraftPlan
-from ssd_jax.decode.remote import served_from
 from ssd_jax.decode.state import Outcome, Speculation, SpeculationCache
 from ssd_jax.models import KVCache, placement
 from ssd_jax.models.registry import load_model
+from ssd_jax.speculator.remote import served_from
+from ssd_jax.timing import count_compiles
 
 PROMPTS = [[5, 17, 99, 3, 42, 8, 8, 120], [7, 1], [200, 201, 202, 203, 204]]
 FAMILIES = ["tiny-llama", "tiny-qwen2", "tiny-qwen3"]
@@ -367,7 +368,7 @@ def test_no_recompilation_after_warmup(models, temperature):
   spec = SpecConfig(mode="ssd", lookahead=3, fan_out=(2, 2, 1, 1))
   run = dict(spec=spec, sampling=Sampling(temperature=temperature), max_new_tokens=24)
   engine.generate([[1, 2, 3]], capacity=64, **run)
-  with harness.count_compiles() as compiles:
+  with count_compiles() as compiles:
     for seed, prompt in enumerate(([4, 5, 6, 7, 8, 9], [10] * 15, [3])):  # same bucket (16)
       engine.generate([prompt], capacity=64, seed=seed, trace=seed == 1, **run)
   assert compiles == []
@@ -399,7 +400,7 @@ def test_bad_input(models):
   with pytest.raises(ValueError, match="equal sums"):
     SpecConfig(mode="ssd", lookahead=2, fan_out=(1, 1, 1), fan_out_miss=(3, 1, 0))
   with pytest.raises(ValueError, match="needs a fan_out list"):
-    SpecConfig(mode="ssd", lookahead=2)
+    SpecConfig(mode="ssd", lookahead=2, fan_out=())
   target, draft = models["tiny-llama"], models["tiny-llama-draft"]
   with pytest.raises(ValueError, match="need 9 devices"):
     Engine(target, draft, target_devices=8)

@@ -23,8 +23,14 @@ import pytest
 from jax.export import DisabledSafetyCheck
 from jax.sharding import AbstractDevice, AbstractMesh
 
-from ssd_jax.kernels import IMPLS, BlockSizes, tree_attention, tree_attention_reference
-from ssd_jax.kernels.backend import default_impl, select_backend
+from ssd_jax.kernels import (
+  IMPLS,
+  BlockSizes,
+  default_impl,
+  tree_attention,
+  tree_attention_reference,
+)
+from ssd_jax.kernels.backend import select_backend
 from ssd_jax.kernels.pallas_tree_attention import tree_attention_pallas
 from ssd_jax.kernels.xla import tree_attention_xla
 

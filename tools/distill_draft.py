@@ -41,7 +41,6 @@ import jax.numpy as jnp
 import numpy as np
 from distill_core import clipped_update, pooled_cross_entropy
 
-from ssd_jax import harness
 from ssd_jax.config import ModelConfig
 from ssd_jax.data import (
   SHAREGPT_MAX_CHARS,
@@ -50,6 +49,7 @@ from ssd_jax.data import (
   sharegpt_file,
 )
 from ssd_jax.models import KVCache, forward, hidden_states, init_params, lm_head
+from ssd_jax.models.agreement import greedy_agreement
 from ssd_jax.models.prefill import pad_prompts, prefill
 from ssd_jax.models.registry import ASSETS, load_model
 from ssd_jax.models.weights import save_hf
@@ -556,7 +556,7 @@ def eval_set(teacher, name: str, n: int, max_new: int, work: Path) -> list[dict]
 
 def agreement(model, records: list[dict], vocab_ids=None) -> float:
   """Fraction of the teacher's greedy tokens the model predicts with its own argmax."""
-  hits, total = harness.greedy_agreement(
+  hits, total = greedy_agreement(
     model, [r["prompt"] for r in records], [r["ids"] for r in records], vocab_ids
   )
   return hits / total
@@ -627,10 +627,10 @@ def sd_acceptance(
   temperature: float = 0.0,
 ) -> float:
   """Mean tokens per sync-SD round (bonus included) on the records' prompts."""
-  from ssd_jax.config import SpecConfig  # noqa: PLC0415
-  from ssd_jax.decode import Engine, Sampling  # noqa: PLC0415
+  from ssd_jax import Engine, Sampling, SpecConfig  # noqa: PLC0415
 
-  engine = Engine(teacher, draft, draft_vocab=vocab_ids)
+  # None: the whole head (0), not the engine's default of a ranked draft's top tokens.
+  engine = Engine(teacher, draft, draft_vocab=0 if vocab_ids is None else vocab_ids)
   prompts = [rec["prompt"].tolist() for rec in records]
   out = engine.generate(
     prompts,
@@ -645,11 +645,11 @@ def step_costs(teacher, draft, branches: int, lookahead: int, vocab_ids=None) ->
   """Median ms, one core each in turn: a 1-token decode step of the target and the draft, the
   target verifying lookahead + 1 tokens, and the draft's expansion over `branches` branches
   (proposal and expansion with the draft's head restricted to `vocab_ids` if given)."""
+  from ssd_jax import Engine, Sampling, SpecConfig  # noqa: PLC0415
   from ssd_jax.bench.programs import time_programs  # noqa: PLC0415
-  from ssd_jax.config import SpecConfig  # noqa: PLC0415
-  from ssd_jax.decode import Engine, Sampling  # noqa: PLC0415
 
-  engine = Engine(teacher, draft, draft_vocab=vocab_ids)
+  # None: the whole head (0), not the engine's default of a ranked draft's top tokens.
+  engine = Engine(teacher, draft, draft_vocab=0 if vocab_ids is None else vocab_ids)
   spec = SpecConfig(
     mode="ssd",
     lookahead=lookahead,
@@ -807,7 +807,7 @@ def cmd_fixture(args) -> None:
     conts.append(rec["ids"])
   agreeing = []
   for name in SHIPPED_DRAFTS:
-    hits, total = harness.greedy_agreement(load_model(name), prompts, conts)
+    hits, total = greedy_agreement(load_model(name), prompts, conts)
     agreeing.append(hits)
     print(f"{name}: {hits}/{total} = {hits / total:.3f} agreement")
   drafts = np.asarray(SHIPPED_DRAFTS)

@@ -15,20 +15,23 @@ is run's: sd's draft beside the target, ssd's in a speculator process on a core 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import os
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
-from ssd_jax import harness
-from ssd_jax.cli import DEFAULT_DRAFTS, draft_dtype, finite_float, resolve_draft_vocab
-from ssd_jax.config import MODES, SpecConfig
+from ssd_jax.config import SpecConfig
 from ssd_jax.data import load_prompts
-from ssd_jax.decode import Engine, Sampling, tree
-from ssd_jax.models.registry import load_model
+from ssd_jax.decode import tree
+from ssd_jax.decode.sampling import Sampling
+from ssd_jax.harness import runs as harness
+from ssd_jax.harness.config import DEFAULT_TARGET
+from ssd_jax.models.registry import default_draft_dtype, load_model
+from ssd_jax.runtime import Engine
+from ssd_jax.speculator.layout import Layout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +55,7 @@ class Config:
 
   def spec(self) -> SpecConfig:
     if self.mode == "ar":
-      return SpecConfig(mode="ar", lookahead=0)
+      return SpecConfig(mode="ar")
     if self.mode == "sd":
       return SpecConfig(mode="sd", lookahead=self.lookahead)
     return SpecConfig(
@@ -63,59 +66,44 @@ class Config:
     )
 
 
-def parse_config(text: str) -> Config:
-  """`MODE[:DRAFT[:K[:F[:C]]]]` -> Config (argparse type: a bad one is a usage error)."""
-  from ssd_jax.run import DEFAULT_FAN_OUT  # noqa: PLC0415 (run's defaults, one layer)
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AbOptions:
+  """`bench ab`: the configurations (the first is the one the others are divided by), passes,
+  prompts and sampling, and the layout (run's)."""
 
-  mode, *rest = text.split(":")
-  if mode not in MODES:
-    raise argparse.ArgumentTypeError(f"{text!r}: the mode must be one of {', '.join(MODES)}")
-  if mode == "ar":
-    if rest:
-      raise argparse.ArgumentTypeError(f"{text!r}: ar takes no draft, lookahead or fan-out")
-    return Config("ar")
-  limit = 4 if mode == "ssd" else 2
-  if len(rest) > limit:
-    raise argparse.ArgumentTypeError(
-      f"{text!r}: {mode} takes at most {limit} fields after the mode "
-      f"({'DRAFT:K:F:C' if mode == 'ssd' else 'DRAFT:K'})"
-    )
-  draft = (rest[0] if rest else "") or DEFAULT_DRAFTS[mode]
-  numbers = rest[1:] + [""] * (4 - len(rest))
-  try:
-    lookahead = int(numbers[0] or 3)
-    fan_out = int(numbers[1] or DEFAULT_FAN_OUT) if mode == "ssd" else 0
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"{text!r}: K and F must be integers") from None
-  if lookahead < 1 or (mode == "ssd" and fan_out < 1):
-    raise argparse.ArgumentTypeError(f"{text!r}: K and F must be >= 1")
-  try:  # C is checked where every SpecConfig is: its range is SpecConfig's to say
-    config = Config(mode, draft, lookahead, fan_out, finite_float(numbers[2] or "1"))
-    config.spec()
-  except (argparse.ArgumentTypeError, ValueError) as e:
-    raise argparse.ArgumentTypeError(f"{text!r}: C: {e}") from None
-  return config
+  target: str = DEFAULT_TARGET
+  draft_vocab: int | None = None
+  configs: tuple[Config, ...] = ()
+  passes: int = 4
+  prompts: str = "bundled"
+  num_prompts: int | None = None
+  max_new_tokens: int = 128
+  temperature: float = 0.0
+  seed: int = 0
+  layout: Layout = dataclasses.field(default_factory=lambda: Layout("device", None))
 
 
-def ab(args) -> dict[str, Any]:
-  """Run `args.configs` alternately for `args.passes` passes; see the module docstring."""
-  layout, configs = args.layout, args.configs
+def ab(options: AbOptions) -> dict[str, Any]:
+  """Run `options.configs` alternately for `options.passes` passes; see the module docstring."""
+  layout, configs = options.layout, options.configs
   if len(set(configs)) != len(configs):
     raise ValueError("--configs lists a configuration twice")
   with contextlib.ExitStack() as stack:  # stops the speculator processes however it ends
-    engines = _engines(args, configs, layout, stack)
+    engines = _engines(options, configs, layout, stack)
     target = next(iter(engines.values())).target
-    prompts = load_prompts(args.prompts, args.num_prompts)
+    prompts = load_prompts(options.prompts, options.num_prompts)
     ids = harness.encode(target.tokenizer, [p.text for p in prompts], chat=True)
-    capacity = harness.capacity_for(ids, args.max_new_tokens, max(c.lookahead for c in configs))
-    sampling = Sampling(temperature=args.temperature)
+    capacity = harness.capacity_for(ids, options.max_new_tokens, max(c.lookahead for c in configs))
+    sampling = Sampling(temperature=options.temperature)
     for c in configs:  # every configuration is checked before anything is timed
-      harness.check(engines[c], ids, c.spec(), sampling, args.max_new_tokens, 1, capacity)
+      harness.check(engines[c], ids, c.spec(), sampling, options.max_new_tokens, 1, capacity)
     load_before = os.getloadavg()
     passes = []
-    for p in range(args.passes):
+    for p in range(options.passes):
       order = configs[p % len(configs) :] + configs[: p % len(configs)]
-      runs = {c: _run(args, engines[c], c, ids, sampling, capacity, warmup=p == 0) for c in order}
+      runs = {
+        c: _run(options, engines[c], c, ids, sampling, capacity, warmup=p == 0) for c in order
+      }
       passes.append([runs[c] for c in configs])
       print(f"pass {p + 1}: " + ", ".join(f"{r['tokens_per_second']:.1f}" for r in passes[-1]))
   rows = _rows(configs, passes, layout)
@@ -123,43 +111,42 @@ def ab(args) -> dict[str, Any]:
     "environment": harness.environment(),
     "load_average_before_and_after": [list(load_before), list(os.getloadavg())],
     "rows": rows,
-    "greedy_equal": args.temperature == 0
+    "greedy_equal": options.temperature == 0
     and all(r["tokens"] == passes[0][0]["tokens"] for run in passes for r in run),
-    "args": {k: str(v) for k, v in vars(args).items()},
-    "table": format_table(rows, args.passes),
+    "options": {k: str(v) for k, v in dataclasses.asdict(options).items()},
+    "table": format_table(rows, options.passes),
   }
 
 
-def _engines(args, configs, layout, stack) -> dict[Config, Engine]:
+def _engines(options, configs, layout, stack) -> dict[Config, Engine]:
   """One engine per draft (ar shares one), the target loaded once; a draft that ssd uses gets a
   speculator process when the layout has one (sd then drafts beside the target all the same)."""
-  target = load_model(args.target)
+  target = load_model(options.target)
   names = list(dict.fromkeys(c.draft for c in configs if c.draft)) or [None]
   by_name = {}
   for name in names:
-    draft = None if name is None else load_model(name, dtype=draft_dtype(None))
+    draft = None if name is None else load_model(name, dtype=jnp.dtype(default_draft_dtype()))
     ssd = any(c.mode == "ssd" and c.draft == name for c in configs)
     by_name[name] = stack.enter_context(
       Engine(
         target,
         draft,
-        draft_vocab=None if draft is None else resolve_draft_vocab(args.draft_vocab, draft),
-        draft_placement=layout.placement if ssd else "device",
-        speculator_cores=layout.speculator_cores,
+        draft_vocab=None if draft is None else options.draft_vocab,
+        placement=layout.placement_for() if ssd else "device",
       )
     )
   return {c: by_name[c.draft or names[0]] for c in configs}
 
 
-def _run(args, engine, config, ids, sampling, capacity, warmup) -> dict[str, Any]:
+def _run(options, engine, config, ids, sampling, capacity, warmup) -> dict[str, Any]:
   result = harness.run_mode(
     engine,
     ids,
     config.spec(),
     sampling=sampling,
-    max_new_tokens=args.max_new_tokens,
+    max_new_tokens=options.max_new_tokens,
     batch_size=1,
-    seed=args.seed,
+    seed=options.seed,
     ignore_eos=False,
     capacity=capacity,
     warmup=warmup,

@@ -1,41 +1,40 @@
-"""python -m ssd_jax.bench: benchmark sweeps written as JSON, plots and a markdown report.
+"""python -m ssd_jax.bench: benchmarks written as JSON (plots and a markdown report for sweeps).
 
-  sweep   mode x lookahead x fan-out (uniform and geometric) x temperature x batch size x prompt
-          set; every configuration's metrics, each program's latency in isolation, and the
-          analytical model's prediction next to the measurement. Optionally HF transformers'
-          generate and assisted generation on the same prompts (--hf).
-  models  prefill and decode tokens/s of the target in ssd_jax (and HF eager with --hf), f32
-          and bf16.
-  overlap whether this machine runs the target's verification and the draft's expansion at
-          the same time (SSD's premise): each alone, then both dispatched together.
+  sweep     mode x lookahead x fan-out (uniform and geometric) x temperature x batch size x prompt
+            set; every configuration's metrics, each program's latency in isolation, and the
+            analytical model's prediction next to the measurement. Optionally HF transformers'
+            generate and assisted generation on the same prompts (--hf).
+  ab        configurations (mode, draft, lookahead, fan-out) alternated pass by pass on the same
+            prompts, each pass's ratios to the first kept: defaults chosen on a noisy host.
+  models    prefill and decode tokens/s of the target alone, f32 and bf16 (and HF eager, --hf).
+  overlap   whether this machine runs the target's verification and the draft's expansion at
+            the same time (SSD's premise): each alone, then both dispatched together.
   exchange  one SSD round's exchange with a speculator process, per pipe (shared memory and
-          jax.experimental.transfer), greedy and sampled payloads; and how independent the
-          speculator's core is, for compute-bound and for memory-bound (decode-like) work.
-  ab      configurations (mode, draft, lookahead, fan-out) alternated pass by pass on the same
-          prompts, each pass's ratios to the first kept: defaults chosen on a noisy host.
-  forward the forward's cost against new tokens T (1..16), with and without logits, at cache
-          fills 256 / 1024 / 4096, for the target and the draft, tree steps over 8 / 24
-          branches, beside the matrix products alone.
+            jax.experimental.transfer), greedy and sampled payloads; and how independent the
+            speculator's core is, for compute-bound and for memory-bound (decode-like) work.
+  forward   the forward's cost against new tokens T, with and without logits, at several cache
+            fills, for the target and the draft; tree steps over N branches; the products alone.
 
-Speed is compared as ratios measured side by side in one run: the machine may be shared.
+Speed is compared as ratios measured side by side in one run: the machine may be shared. Check
+it is idle first (`uptime`), and never time while tests run.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
 from pathlib import Path
 
-from ssd_jax.cli import (
-  apply_layout,
-  core_list,
-  finite_float,
-  pin_cores,
-  resolve_layout,
-  setup_devices,
-)
+from ssd_jax.cli.arguments import Parser, core_list, finite_float
+from ssd_jax.config import DEFAULT_FAN_OUT, DEFAULT_LOOKAHEAD, MODES
+from ssd_jax.harness.config import DEFAULT_TARGET
+from ssd_jax.models.registry import default_draft
+from ssd_jax.speculator.layout import apply_layout, pin_cores, resolve_layout, set_cpu_devices
+
+PROG = "python -m ssd_jax.bench"
 
 _EXAMPLES = """examples:
   python -m ssd_jax.bench sweep --out runs/bench                   # the default sweep
@@ -44,8 +43,8 @@ _EXAMPLES = """examples:
   python -m ssd_jax.bench sweep --hf                               # + HF transformers
   python -m ssd_jax.bench models --hf
   python -m ssd_jax.bench ab --configs sd:smollm2-135m-draft:3 ssd:smollm2-135m-draft-wide:5:4
-  python -m ssd_jax.bench forward --fills 256 --new-tokens 1 4 8"""
-
+  python -m ssd_jax.bench forward --fills 256 --new-tokens 1 4 8
+  python -m ssd_jax.bench exchange --pipes shm --batch-sizes 1"""
 
 _DRAFT_VOCAB = (
   "score only the draft's N most frequent tokens (as in python -m ssd_jax.run: default 8192 "
@@ -53,101 +52,211 @@ _DRAFT_VOCAB = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(
-    prog="python -m ssd_jax.bench",
-    description=__doc__.split("\n\n")[0],
+def _doc(command: str) -> str:
+  """The paragraph of this module's docstring that describes `command`."""
+  lines = __doc__.split("\n\n")[1].splitlines()
+  start = next(i for i, line in enumerate(lines) if line.split()[0] == command)
+  end = next((i for i in range(start + 1, len(lines)) if not lines[i].startswith("   ")), None)
+  text = " ".join(line.strip() for line in lines[start:end])
+  return text[len(command) :].strip()
+
+
+def _sub(sub, command: str) -> argparse.ArgumentParser:
+  doc = _doc(command)
+  p = sub.add_parser(command, help=doc.split(";")[0].split(":")[0], description=doc)
+  p.add_argument(
+    "--out", type=Path, default=Path("runs/bench"), help="folder for the JSON (default %(default)s)"
+  )
+  return p
+
+
+def _models(p, draft: bool = True) -> None:
+  p.add_argument(
+    "--target", default="smollm2-135m", help="model name or path (default %(default)s)"
+  )
+  if draft:
+    p.add_argument(
+      "--draft", default="smollm2-135m-draft", help="model name or path (default %(default)s)"
+    )
+    p.add_argument("--draft-vocab", type=int, metavar="N", help=_DRAFT_VOCAB)
+
+
+def _layout(p) -> None:
+  p.add_argument(
+    "--draft-placement",
+    choices=("auto", "device", "process"),
+    default="auto",
+    help="where ssd's draft runs, as in python -m ssd_jax.run (default auto: a pinned "
+    "speculator process on a CPU host)",
+  )
+  p.add_argument("--layout-cores", metavar="N|all", help="as run's --target-cores")
+
+
+def build_parser() -> Parser:
+  p = Parser(
+    prog=PROG,
+    description="Benchmarks of ssd_jax, written as JSON: "
+    + __doc__.split("\n\n")[0].split(": ", 1)[1],
     epilog=_EXAMPLES,
     formatter_class=argparse.RawDescriptionHelpFormatter,
   )
-  sub = p.add_subparsers(dest="command", required=True)
-  s = sub.add_parser("sweep", help="decoding sweep")
-  s.add_argument("--target", default="smollm2-135m")
-  s.add_argument("--draft", default="smollm2-135m-draft")
-  s.add_argument("--draft-vocab", type=int, default=None, help=_DRAFT_VOCAB)
-  s.add_argument("--out", type=Path, default=Path("runs/bench"))
-  s.add_argument("--prompt-sets", nargs="+", default=["humaneval", "sharegpt"])
-  s.add_argument("--num-prompts", type=int, default=8)
-  s.add_argument("--max-new-tokens", type=int, default=128)
-  s.add_argument("--lookaheads", type=int, nargs="+", default=[3, 5, 7])
-  s.add_argument("--fan-outs", type=int, nargs="+", default=[1, 2, 3, 4])
-  s.add_argument("--no-geometric", action="store_true", help="skip Theorem 12 fan-outs")
-  s.add_argument("--temperatures", type=finite_float, nargs="+", default=[0.0])
-  s.add_argument("--batch-sizes", type=int, nargs="+", default=[1])
-  s.add_argument("--saguaro-c", type=finite_float, default=1.0)
-  s.add_argument("--backup", choices=("neural", "fast", "auto"), default="neural")
-  s.add_argument("--target-devices", type=int, default=1)
-  _layout_flags(s)
-  s.add_argument("--seed", type=int, default=0)
-  s.add_argument("--ignore-eos", action="store_true")
+  sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+  s = _sub(sub, "sweep")
+  _models(s)
+  s.add_argument(
+    "--prompt-sets",
+    nargs="+",
+    default=["humaneval", "sharegpt"],
+    help="prompt sets, as run's --prompts (default %(default)s)",
+  )
+  s.add_argument("--num-prompts", type=int, default=8, help="per set (default %(default)s)")
+  s.add_argument("--max-new-tokens", type=int, default=128, help="per prompt (default %(default)s)")
+  s.add_argument("--lookaheads", type=int, nargs="+", default=[3, 5, 7], help="default %(default)s")
+  s.add_argument(
+    "--fan-outs",
+    type=int,
+    nargs="+",
+    default=[1, 2, 3, 4],
+    help="uniform ssd fan-outs (default %(default)s)",
+  )
+  s.add_argument("--no-geometric", action="store_true", help="skip Theorem 12's fan-outs")
+  s.add_argument(
+    "--temperatures", type=finite_float, nargs="+", default=[0.0], help="default %(default)s"
+  )
+  s.add_argument("--batch-sizes", type=int, nargs="+", default=[1], help="default %(default)s")
+  s.add_argument(
+    "--saguaro-c", type=finite_float, default=1.0, help="Saguaro sampling's C (default %(default)s)"
+  )
+  s.add_argument(
+    "--backup",
+    choices=("neural", "fast", "auto"),
+    default="neural",
+    help="after a cache miss (default %(default)s)",
+  )
+  s.add_argument(
+    "--target-devices",
+    type=int,
+    default=1,
+    help="the target's tensor-parallel devices (default %(default)s)",
+  )
+  _layout(s)
+  s.add_argument("--seed", type=int, default=0, help="default %(default)s")
+  s.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens")
   s.add_argument("--hf", action="store_true", help="also run HF transformers (needs make hf)")
-  s.add_argument("--quick", action="store_true", help="a tiny sweep (smoke test)")
-  o = sub.add_parser("overlap", help="can this machine run verify and expansion at once?")
-  o.add_argument("--target", default="smollm2-135m")
-  o.add_argument("--draft", default="smollm2-135m-draft")
-  o.add_argument("--draft-vocab", type=int, default=None, help=_DRAFT_VOCAB)
-  o.add_argument("--out", type=Path, default=Path("runs/bench"))
-  o.add_argument("--lookaheads", type=int, nargs="+", default=[7, 7, 4])
-  o.add_argument("--fan-outs", type=int, nargs="+", default=[1, 3, 2])
-  f = sub.add_parser("forward", help="forward cost against new tokens, cache fill, branches")
-  f.add_argument("--models", nargs="+", default=["smollm2-135m", "smollm2-135m-draft"])
-  f.add_argument("--out", type=Path, default=Path("runs/bench"))
-  f.add_argument("--fills", type=int, nargs="+", default=[256, 1024, 4096])
-  f.add_argument("--new-tokens", type=int, nargs="+", default=[1, 2, 4, 8, 16])
-  f.add_argument("--branches", type=int, nargs="+", default=[8, 24])
-  f.add_argument("--reps", type=int, default=12)
-  x = sub.add_parser("exchange", help="one round's exchange with a speculator process")
-  x.add_argument("--out", type=Path, default=Path("runs/bench"))
-  x.add_argument("--pipes", nargs="+", choices=("shm", "transfer"), default=["shm", "transfer"])
-  x.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
-  x.add_argument("--lookahead", type=int, default=3)
-  x.add_argument("--vocab", type=int, default=49152)
-  x.add_argument("--reps", type=int, default=200)
-  x.add_argument("--target-cores", type=core_list, default=[0], help="this process's cores")
-  x.add_argument("--speculator-cores", type=core_list, default=[1])
-  a = sub.add_parser("ab", help="configurations alternated pass by pass (see bench.ab)")
-  a.add_argument("--target", default="smollm2-135m")
-  a.add_argument("--draft-vocab", type=int, default=None, help=_DRAFT_VOCAB)
+  s.add_argument("--quick", action="store_true", help="a tiny sweep (a smoke test)")
+  a = _sub(sub, "ab")
+  a.add_argument(
+    "--target", default="smollm2-135m", help="model name or path (default %(default)s)"
+  )
+  a.add_argument("--draft-vocab", type=int, metavar="N", help=_DRAFT_VOCAB)
   a.add_argument(
     "--configs",
-    type=_config,
+    type=parse_config,
     nargs="+",
     default=["sd", "ssd"],
     metavar="MODE[:DRAFT[:K[:F[:C]]]]",
     help="the first is the one the others are divided by (default: sd and ssd as run has them)",
   )
-  a.add_argument("--passes", type=int, default=4)
-  a.add_argument("--prompts", default="bundled", help="a prompt set, as run's --prompts")
-  a.add_argument("--num-prompts", type=int, default=None)
-  a.add_argument("--max-new-tokens", type=int, default=128)
-  a.add_argument("--temperature", type=finite_float, default=0.0)
-  a.add_argument("--seed", type=int, default=0)
-  a.add_argument("--out", type=Path, default=Path("runs/bench"))
-  _layout_flags(a)
-  m = sub.add_parser("models", help="prefill / decode speed of the target")
-  m.add_argument("--target", default="smollm2-135m")
-  m.add_argument("--out", type=Path, default=Path("runs/bench"))
-  m.add_argument("--prompt-tokens", type=int, default=256)
-  m.add_argument("--decode-tokens", type=int, default=32)
-  m.add_argument("--hf", action="store_true")
+  a.add_argument("--passes", type=int, default=4, help="default %(default)s")
+  a.add_argument(
+    "--prompts", default="bundled", help="a prompt set, as run's --prompts (default %(default)s)"
+  )
+  a.add_argument("--num-prompts", type=int, help="default: all bundled ones, else 8")
+  a.add_argument("--max-new-tokens", type=int, default=128, help="default %(default)s")
+  a.add_argument("--temperature", type=finite_float, default=0.0, help="default %(default)s")
+  a.add_argument("--seed", type=int, default=0, help="default %(default)s")
+  _layout(a)
+  m = _sub(sub, "models")
+  _models(m, draft=False)
+  m.add_argument("--prompt-tokens", type=int, default=256, help="default %(default)s")
+  m.add_argument("--decode-tokens", type=int, default=32, help="default %(default)s")
+  m.add_argument("--hf", action="store_true", help="also HF eager (needs make hf)")
+  o = _sub(sub, "overlap")
+  _models(o)
+  o.add_argument("--lookaheads", type=int, nargs="+", default=[7, 7, 4], help="default %(default)s")
+  o.add_argument(
+    "--fan-outs",
+    type=int,
+    nargs="+",
+    default=[1, 3, 2],
+    help="paired with --lookaheads (default %(default)s)",
+  )
+  x = _sub(sub, "exchange")
+  x.add_argument(
+    "--pipes",
+    nargs="+",
+    choices=("shm", "transfer"),
+    default=["shm", "transfer"],
+    help="default %(default)s",
+  )
+  x.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="default %(default)s")
+  x.add_argument("--lookahead", type=int, default=3, help="default %(default)s")
+  x.add_argument(
+    "--vocab", type=int, default=49152, help="q's width when sampling (default %(default)s)"
+  )
+  x.add_argument("--reps", type=int, default=200, help="default %(default)s")
+  x.add_argument(
+    "--target-cores", type=core_list, default=[0], help="this process's cores (default 0)"
+  )
+  x.add_argument(
+    "--speculator-cores", type=core_list, default=[1], help="the speculator's (default 1)"
+  )
+  f = _sub(sub, "forward")
+  f.add_argument(
+    "--models",
+    nargs="+",
+    default=["smollm2-135m", "smollm2-135m-draft"],
+    help="default %(default)s",
+  )
+  f.add_argument(
+    "--fills",
+    type=int,
+    nargs="+",
+    default=[256, 1024, 4096],
+    help="cache fills (default %(default)s)",
+  )
+  f.add_argument(
+    "--new-tokens", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="default %(default)s"
+  )
+  f.add_argument(
+    "--branches", type=int, nargs="+", default=[8, 24], help="tree branches (default %(default)s)"
+  )
+  f.add_argument("--reps", type=int, default=12, help="default %(default)s")
   return p
 
 
-def _layout_flags(p: argparse.ArgumentParser) -> None:
-  p.add_argument(
-    "--draft-placement",
-    choices=("auto", "device", "process"),
-    default="auto",
-    help="where ssd's draft runs, as in python -m ssd_jax.run (auto: a pinned speculator "
-    "process on CPU)",
-  )
-  p.add_argument("--layout-cores", metavar="N|all", help="as run's --target-cores")
+def parse_config(text: str):
+  """`MODE[:DRAFT[:K[:F[:C]]]]` -> `ab.Config` (argparse type: a bad one is a usage error)."""
+  from ssd_jax.bench.ab import Config  # noqa: PLC0415 (imports JAX; its backend starts later)
 
-
-def _config(text: str):
-  from ssd_jax.bench.ab import parse_config  # noqa: PLC0415 (imports JAX; its backend starts later)
-
-  return parse_config(text)
+  mode, *rest = text.split(":")
+  if mode not in MODES:
+    raise argparse.ArgumentTypeError(f"{text!r}: the mode must be one of {', '.join(MODES)}")
+  if mode == "ar":
+    if rest:
+      raise argparse.ArgumentTypeError(f"{text!r}: ar takes no draft, lookahead or fan-out")
+    return Config("ar")
+  limit = 4 if mode == "ssd" else 2
+  if len(rest) > limit:
+    raise argparse.ArgumentTypeError(
+      f"{text!r}: {mode} takes at most {limit} fields after the mode "
+      f"({'DRAFT:K:F:C' if mode == 'ssd' else 'DRAFT:K'})"
+    )
+  draft = (rest[0] if rest else "") or default_draft(DEFAULT_TARGET, mode)
+  numbers = rest[1:] + [""] * (4 - len(rest))
+  try:
+    lookahead = int(numbers[0] or DEFAULT_LOOKAHEAD)
+    fan_out = int(numbers[1] or DEFAULT_FAN_OUT) if mode == "ssd" else 0
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r}: K and F must be integers") from None
+  if lookahead < 1 or (mode == "ssd" and fan_out < 1):
+    raise argparse.ArgumentTypeError(f"{text!r}: K and F must be >= 1")
+  try:  # C is checked where every SpecConfig is: its range is SpecConfig's to say
+    config = Config(mode, draft, lookahead, fan_out, finite_float(numbers[2] or "1"))
+    config.spec()
+  except (argparse.ArgumentTypeError, ValueError) as e:
+    raise argparse.ArgumentTypeError(f"{text!r}: C: {e}") from None
+  return config
 
 
 def check(args, parser) -> None:
@@ -160,15 +269,25 @@ def check(args, parser) -> None:
       parser.error("--lookaheads, --fan-outs and --batch-sizes must be >= 1")
     if min(args.temperatures) < 0 or not 0 <= args.saguaro_c <= 1:
       parser.error("temperatures must be >= 0 and --saguaro-c in [0, 1]")
-    if args.quick:
-      args.prompt_sets, args.num_prompts, args.max_new_tokens = ["bundled"], 2, 16
-      args.lookaheads, args.fan_outs = [2], [1, 2]
   if args.command == "ab":
     if args.passes < 1 or args.max_new_tokens < 1 or (args.num_prompts or 1) < 1:
       parser.error("--passes, --num-prompts and --max-new-tokens must be >= 1")
     if args.temperature < 0:
       parser.error("--temperature must be >= 0 (0 = greedy)")
-    args.configs = [_config(c) if isinstance(c, str) else c for c in args.configs]
+    if len(set(args.configs)) != len(args.configs):
+      parser.error("--configs lists a configuration twice")
+
+
+def options(cls, args, **given):
+  """A command's typed options from the parsed flags of the same names (lists as tuples)."""
+  values = {}
+  for field in dataclasses.fields(cls):
+    if field.name in given:
+      values[field.name] = given[field.name]
+    elif hasattr(args, field.name):
+      value = getattr(args, field.name)
+      values[field.name] = tuple(value) if isinstance(value, list) else value
+  return cls(**values)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,31 +296,40 @@ def main(argv: list[str] | None = None) -> int:
   check(args, parser)
   if getattr(args, "target_cores", None):
     pin_cores(args.target_cores)  # before JAX starts: sizes its thread pool
+  layout = None
   if args.command in ("sweep", "ab"):
     try:
-      args.layout = resolve_layout(args.draft_placement, args.layout_cores, None)
+      ssd = args.command == "sweep" or any(c.mode == "ssd" for c in args.configs)
+      layout = apply_layout(resolve_layout(args.draft_placement, args.layout_cores, ssd=ssd))
     except ValueError as e:
       parser.error(str(e))
-    args.layout = apply_layout(args.layout)
-  setup_devices(getattr(args, "target_devices", 1))
+  set_cpu_devices(getattr(args, "target_devices", 1))
   args.out.mkdir(parents=True, exist_ok=True)
-  from ssd_jax.bench import ab, exchange, forward, sweep  # noqa: PLC0415 (after device set-up)
+  # After the device set-up: these import JAX's programs.
+  from ssd_jax.bench import ab, exchange, forward, sweep  # noqa: PLC0415
 
+  commands = {
+    "sweep": (sweep.sweep, sweep.SweepOptions),
+    "models": (sweep.model_speed, sweep.ModelSpeedOptions),
+    "overlap": (sweep.measure_overlap, sweep.OverlapOptions),
+    "forward": (forward.forward_costs, forward.ForwardOptions),
+    "exchange": (exchange.exchange, exchange.ExchangeOptions),
+    "ab": (ab.ab, ab.AbOptions),
+  }
+  run, kind = commands[args.command]
+  given = {} if layout is None else {"layout": layout}
+  if args.command == "sweep":
+    given["geometric"] = not args.no_geometric
   try:
-    run = {
-      "sweep": sweep.sweep,
-      "models": sweep.model_speed,
-      "overlap": sweep.measure_overlap,
-      "forward": forward.forward_costs,
-      "exchange": exchange.exchange,
-      "ab": ab.ab,
-    }[args.command]
-    result = run(args)
-    path = args.out / f"{args.command}.json"
+    config = options(kind, args, **given)
+    if args.command == "sweep" and args.quick:
+      config = dataclasses.replace(config, **sweep.QUICK_SWEEP)
+    result = run(config)
   except (ValueError, FileNotFoundError) as e:
     parser.error(str(e))
-  result["command"] = "python -m ssd_jax.bench " + " ".join(argv or sys.argv[1:])
+  result["command"] = f"{PROG} " + " ".join(argv or sys.argv[1:])
   result["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+  path = args.out / f"{args.command}.json"
   path.write_text(json.dumps(result, indent=1))
   print(f"wrote {path}")
   if args.command == "sweep":

@@ -9,14 +9,17 @@ both ends (host reads and writes included), `reps` times after a warm-up.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
 import jax
 import numpy as np
 
-from ssd_jax.decode.remote import SpeculatorOptions, SpeculatorProcess
-from ssd_jax.decode.serving import WORK_KINDS, run_work
+from ssd_jax.bench import probes
+from ssd_jax.bench.probes import WORK_KINDS, run_work
+from ssd_jax.harness.runs import environment
+from ssd_jax.speculator.process import SpeculatorOptions, SpeculatorProcess
 
 
 def probe_ms(
@@ -37,9 +40,8 @@ def probe_ms(
   times = []
   for i in range(reps + 5):
     t = time.perf_counter()
-    link.conn.send({"op": "probe", "arrays": link.pipe.pack(outcome), "reply": reply})
-    answer = link.conn.receive(timeout=60)
-    arrays = jax.block_until_ready(jax.device_put(link.pipe.unpack(answer["arrays"]), device))
+    _, arrays = link.request({"op": "probe", "reply": reply}, outcome)
+    arrays = jax.block_until_ready(jax.device_put(arrays, device))
     if i >= 5:
       times.append(time.perf_counter() - t)
   del arrays
@@ -51,34 +53,71 @@ def probe_ms(
   }
 
 
-def exchange(args) -> dict[str, Any]:
-  from ssd_jax import harness  # noqa: PLC0415
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ExchangeOptions:
+  """`bench exchange`: the pipes, batch sizes, speculation shape and repetitions to time, and
+  the cores of this process and of the speculator."""
 
+  pipes: tuple[str, ...] = ("shm", "transfer")
+  batch_sizes: tuple[int, ...] = (1, 8)
+  lookahead: int = 3
+  vocab: int = 49152
+  reps: int = 200
+  target_cores: tuple[int, ...] = (0,)
+  speculator_cores: tuple[int, ...] = (1,)
+
+
+def speculator(cores, pipe: str = "shm") -> SpeculatorProcess:
+  """A speculator process on `cores` that answers the probes (a tiny draft: only the channel and
+  the core are measured)."""
+  options = SpeculatorOptions(
+    draft="tiny-llama-draft", cores=tuple(cores), pipe=pipe, extensions=(probes.MODULE,)
+  )
+  return SpeculatorProcess(options, jax.devices()[0])
+
+
+def exchange(options: ExchangeOptions) -> dict[str, Any]:
   rows = []
-  for pipe in args.pipes:
-    options = SpeculatorOptions(
-      draft="tiny-llama-draft", cores=tuple(args.speculator_cores), pipe=pipe
-    )
-    link = SpeculatorProcess(options, jax.devices()[0])
+  for pipe in options.pipes:
+    link = speculator(options.speculator_cores, pipe)
     try:
-      for batch in args.batch_sizes:
+      for batch in options.batch_sizes:
         for sampled in (False, True):
           row = {
             "pipe": pipe,
             "batch_size": batch,
-            "lookahead": args.lookahead,
-            "vocab": args.vocab,
+            "lookahead": options.lookahead,
+            "vocab": options.vocab,
             "sampled": sampled,
           }
-          row |= probe_ms(link, batch, args.lookahead, args.vocab, sampled, args.reps)
+          row |= probe_ms(link, batch, options.lookahead, options.vocab, sampled, options.reps)
           rows.append(row)
-          print(row, flush=True)
+          _print_row(row)
       for kind in WORK_KINDS:
         rows.append({"pipe": pipe, "work": kind, "independence": independence(link, kind=kind)})
-        print(rows[-1], flush=True)
+        _print_row(rows[-1])
     finally:
       link.close()
-  return {"environment": harness.environment(), "rows": rows}
+  return {"environment": environment(), "options": dataclasses.asdict(options), "rows": rows}
+
+
+def _print_row(row: dict[str, Any]) -> None:
+  """One line a person reads: the round trip's milliseconds, or an independence."""
+  if "work" in row:
+    i = row["independence"]
+    print(
+      f"{row['pipe']:>8}  {row['work']}-bound work: alone {i['alone_ms']:.1f} ms, both "
+      f"processes at once {i['pair_ms']:.1f} ms, independence {i['independence']:.2f} (2 = a "
+      "core of its own)",
+      flush=True,
+    )
+    return
+  payload = "sampled (tokens + q)" if row["sampled"] else "greedy (tokens)"
+  print(
+    f"{row['pipe']:>8}  batch {row['batch_size']:>2}, {payload:<20}  round trip median "
+    f"{row['median_ms']:.2f} ms, p90 {row['p90_ms']:.2f}, min {row['min_ms']:.2f}",
+    flush=True,
+  )
 
 
 def independence(
@@ -92,12 +131,11 @@ def independence(
   message = {"op": "work", "size": size, "kind": kind}
   alone, pair = [], []
   run_work(size, kind)
-  link.conn.send(message)  # both sides compiled and warm
-  link.conn.receive(timeout=120)
+  link.request(message)  # both sides compiled and warm
   for _ in range(reps):
     alone.append(run_work(size, kind))
     t = time.perf_counter()
-    link.conn.send(message)
+    link.conn.send(message)  # sent, not awaited: the same work runs here meanwhile
     run_work(size, kind)
     link.conn.receive(timeout=120)
     pair.append(time.perf_counter() - t)
@@ -111,10 +149,7 @@ def pinned_pair_independence(
   processes pinned to `cores` run the same work (`kind`, see `independence`), each alone, then
   both at once."""
   message = {"op": "work", "size": size, "kind": kind}
-  links = [
-    SpeculatorProcess(SpeculatorOptions(draft="tiny-llama-draft", cores=(c,)), jax.devices()[0])
-    for c in cores
-  ]
+  links = [speculator((c,)) for c in cores]
   try:
 
     def work(which) -> float:

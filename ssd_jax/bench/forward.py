@@ -10,6 +10,7 @@ Medians of `reps` calls after a warm-up, in milliseconds.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from typing import Any
@@ -18,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ssd_jax.harness.runs import environment
 from ssd_jax.models import KVCache, TreeKV, forward, tree_forward
 from ssd_jax.models.registry import load_model
 
@@ -112,13 +114,23 @@ def model_costs(model, fills, new_tokens, branches, reps) -> list[dict[str, Any]
   return rows
 
 
-def forward_costs(args) -> dict[str, Any]:
-  from ssd_jax import harness  # noqa: PLC0415
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ForwardOptions:
+  """`bench forward`: the models, cache fills, new tokens per forward, tree branches, reps."""
 
+  models: tuple[str, ...] = ("smollm2-135m", "smollm2-135m-draft")
+  fills: tuple[int, ...] = (256, 1024, 4096)
+  new_tokens: tuple[int, ...] = (1, 2, 4, 8, 16)
+  branches: tuple[int, ...] = (8, 24)
+  reps: int = 12
+
+
+def forward_costs(options: ForwardOptions) -> dict[str, Any]:
   rows = []
-  for name in args.models:
-    rows += model_costs(load_model(name), args.fills, args.new_tokens, args.branches, args.reps)
-  return {"environment": harness.environment(), "rows": rows, "summary": summarize(rows)}
+  for name in options.models:
+    model = load_model(name)
+    rows += model_costs(model, options.fills, options.new_tokens, options.branches, options.reps)
+  return {"environment": environment(), "rows": rows, "summary": summarize(rows)}
 
 
 def summarize(rows: list[dict]) -> list[dict]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ssd_jax import harness
+from ssd_jax.harness import runs as harness
 from ssd_jax.models.registry import LoadedModel, smollm2_dir
 from ssd_jax.models.weights import save_hf
 

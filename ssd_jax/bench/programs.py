@@ -39,7 +39,7 @@ FOREVER = 10**6  # a budget no timing loop exhausts
 class Setup:
   """Fresh decode states of `batch_size` copies of one prompt, for timing programs alone."""
 
-  engine: object  # ssd_jax.decode.Engine
+  engine: object  # ssd_jax.Engine
   plan: Plan
   tokens: np.ndarray  # i32[B, P]
   lengths: np.ndarray  # i32[B]

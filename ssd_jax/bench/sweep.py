@@ -1,20 +1,76 @@
-"""The benchmark sweeps behind `python -m ssd_jax.bench` (see there for the flags)."""
+"""The benchmark sweeps behind `python -m ssd_jax.bench sweep`, `models` and `overlap`."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
-from ssd_jax import harness
 from ssd_jax.bench.programs import overlap, time_programs
-from ssd_jax.cli import draft_dtype, resolve_draft_vocab
 from ssd_jax.config import SpecConfig
 from ssd_jax.data import load_prompts
-from ssd_jax.decode import Engine, Sampling, theory, tree
-from ssd_jax.models.registry import load_model
+from ssd_jax.decode import theory, tree
+from ssd_jax.decode.sampling import Sampling
+from ssd_jax.harness import runs as harness
+from ssd_jax.models.registry import default_draft_dtype, load_model
+from ssd_jax.runtime import Engine
+from ssd_jax.speculator.layout import Layout
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SweepOptions:
+  """`bench sweep`: mode x lookahead x fan-out (uniform and Theorem 12's) x temperature x batch
+  size x prompt set, on one target / draft pair in one layout."""
+
+  target: str = "smollm2-135m"
+  draft: str = "smollm2-135m-draft"
+  draft_vocab: int | None = None
+  prompt_sets: tuple[str, ...] = ("humaneval", "sharegpt")
+  num_prompts: int = 8
+  max_new_tokens: int = 128
+  lookaheads: tuple[int, ...] = (3, 5, 7)
+  fan_outs: tuple[int, ...] = (1, 2, 3, 4)
+  geometric: bool = True
+  temperatures: tuple[float, ...] = (0.0,)
+  batch_sizes: tuple[int, ...] = (1,)
+  saguaro_c: float = 1.0
+  backup: str = "neural"
+  target_devices: int = 1
+  layout: Layout = dataclasses.field(default_factory=lambda: Layout("device", None))
+  seed: int = 0
+  ignore_eos: bool = False
+  hf: bool = False
+
+
+# `bench sweep --quick`: a smoke test's few points.
+QUICK_SWEEP = dict(
+  prompt_sets=("bundled",), num_prompts=2, max_new_tokens=16, lookaheads=(2,), fan_outs=(1, 2)
+)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelSpeedOptions:
+  """`bench models`: the target alone, prefill and decode, f32 and bf16."""
+
+  target: str = "smollm2-135m"
+  prompt_tokens: int = 256
+  decode_tokens: int = 32
+  hf: bool = False
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OverlapOptions:
+  """`bench overlap`: verification and expansion, alone and together, per (lookahead, fan-out)."""
+
+  target: str = "smollm2-135m"
+  draft: str = "smollm2-135m-draft"
+  draft_vocab: int | None = None
+  lookaheads: tuple[int, ...] = (7, 7, 4)
+  fan_outs: tuple[int, ...] = (1, 3, 2)
 
 
 def _record(context: dict, result: harness.ModeResult, ar: harness.ModeResult | None) -> dict:
@@ -107,76 +163,71 @@ def geometric_variants(
   ]
 
 
-def _engine(args, **kwargs) -> Engine:
-  """The engine for the flags' target and draft, recording the draft head's size in `args`."""
-  target, draft = load_model(args.target), load_model(args.draft, dtype=draft_dtype(None))
-  draft_vocab = resolve_draft_vocab(args.draft_vocab, draft)
-  args.draft_vocab = draft_vocab or 0
-  return Engine(target, draft, draft_vocab=draft_vocab, **kwargs)
+def _engine(options, **kwargs) -> Engine:
+  """The engine for the options' target and draft (loaded as `python -m ssd_jax.run` loads
+  them: the draft in float16 beside the float32 target, its default head unless given)."""
+  target = load_model(options.target)
+  draft = load_model(options.draft, dtype=jnp.dtype(default_draft_dtype()))
+  return Engine(target, draft, draft_vocab=options.draft_vocab, **kwargs)
 
 
-def sweep(args) -> dict[str, Any]:
-  layout = args.layout
-  engine = _engine(
-    args,
-    target_devices=args.target_devices,
-    draft_placement=layout.placement,
-    speculator_cores=layout.speculator_cores,
-  )
+def sweep(options: SweepOptions) -> dict[str, Any]:
+  layout = options.layout
+  engine = _engine(options, target_devices=options.target_devices, placement=layout.placement_for())
   with engine:  # stops its speculator process
-    return _sweep(args, engine, layout)
+    return _sweep(options, engine, layout)
 
 
-def _sweep(args, engine, layout) -> dict[str, Any]:
+def _sweep(options: SweepOptions, engine, layout) -> dict[str, Any]:
   target, draft = engine.target, engine.draft
   out: dict[str, Any] = {
     "environment": harness.environment(),
     "layout": {
       m: {"ran_on": layout.where(m), "cores": layout.cores(m)} for m in ("ar", "sd", "ssd")
     },
-    "args": _jsonable(args),
+    "options": _jsonable(options) | {"draft_head": engine.draft_head_size},
     "runs": [],
     "latency": [],
     "hf": [],
   }
-  for prompt_set in args.prompt_sets:
-    prompts = load_prompts(prompt_set, args.num_prompts)
+  for prompt_set in options.prompt_sets:
+    prompts = load_prompts(prompt_set, options.num_prompts)
     ids = harness.encode(target.tokenizer, [p.text for p in prompts], chat=True)
-    capacity = harness.capacity_for(ids, args.max_new_tokens, max(args.lookaheads)) + 256
-    for temperature in args.temperatures:
+    capacity = harness.capacity_for(ids, options.max_new_tokens, max(options.lookaheads)) + 256
+    for temperature in options.temperatures:
       sampling = Sampling(temperature=temperature)
-      for batch in args.batch_sizes:
+      for batch in options.batch_sizes:
         context = {"prompt_set": prompt_set, "temperature": temperature, "batch_size": batch}
-        _sweep_point(args, engine, ids, capacity, sampling, context, out)
-    if args.hf:
+        _sweep_point(options, engine, ids, capacity, sampling, context, out)
+    if options.hf:
       from ssd_jax.bench import hf  # noqa: PLC0415 (torch is optional)
 
       out["hf"].append(
         {"prompt_set": prompt_set}
         | hf.compare(
-          target, draft, [p.text for p in prompts], args.max_new_tokens, out["runs"], prompt_set
+          target, draft, [p.text for p in prompts], options.max_new_tokens, out["runs"], prompt_set
         )
       )
   return out
 
 
-def _sweep_point(args, engine, ids, capacity, sampling, context, out) -> None:
+def _sweep_point(options, engine, ids, capacity, sampling, context, out) -> None:
   batch = context["batch_size"]
   run = lambda spec: harness.run_mode(
     engine,
     ids,
     spec,
     sampling=sampling,
-    max_new_tokens=args.max_new_tokens,
+    max_new_tokens=options.max_new_tokens,
     batch_size=batch,
-    seed=args.seed,
-    ignore_eos=args.ignore_eos,
+    seed=options.seed,
+    ignore_eos=options.ignore_eos,
     capacity=capacity,
   )
   t0 = time.time()
-  ar = run(SpecConfig(mode="ar", lookahead=0))
+  ar = run(SpecConfig(mode="ar"))
   records = [_record(context, ar, ar)]
-  for lookahead in args.lookaheads:
+  for lookahead in options.lookaheads:
     sd = run(SpecConfig(mode="sd", lookahead=lookahead))
     records.append(_record(context, sd, ar))
     acceptance = float(np.mean(records[-1]["acceptance_per_position"]))
@@ -186,17 +237,17 @@ def _sweep_point(args, engine, ids, capacity, sampling, context, out) -> None:
         mode="ssd",
         lookahead=lookahead,
         fan_out=fan_out,
-        saguaro_c=args.saguaro_c,
-        backup=args.backup,
+        saguaro_c=options.saguaro_c,
+        backup=options.backup,
       )
       return _record(context, run(spec), ar) | {"fan_out_kind": kind, "budget": budget}
 
-    uniform = [ssd("uniform", f, tree.uniform(lookahead, f)) for f in args.fan_outs]
+    uniform = [ssd("uniform", f, tree.uniform(lookahead, f)) for f in options.fan_outs]
     records += uniform
-    if not args.no_geometric:
-      variants = geometric_variants(lookahead, args.fan_outs, uniform, acceptance)
+    if options.geometric:
+      variants = geometric_variants(lookahead, options.fan_outs, uniform, acceptance)
       records += [ssd(*v) for v in variants]
-  _add_predictions(args, engine, ids, capacity, sampling, context, records, out)
+  _add_predictions(options, engine, ids, capacity, sampling, context, records, out)
   out["runs"] += records
   best = max((r for r in records if r["mode"] == "ssd"), key=lambda r: r["tokens_per_second"])
   print(
@@ -207,7 +258,7 @@ def _sweep_point(args, engine, ids, capacity, sampling, context, out) -> None:
   )
 
 
-def _add_predictions(args, engine, ids, capacity, sampling, context, records, out) -> None:
+def _add_predictions(options, engine, ids, capacity, sampling, context, records, out) -> None:
   batch = context["batch_size"]
   cache: dict = {}
   for record in records:
@@ -215,13 +266,15 @@ def _add_predictions(args, engine, ids, capacity, sampling, context, records, ou
     fan_out = tuple(record["fan_out"]) or tree.uniform(lookahead, 1)
     key = (lookahead, fan_out)
     if key not in cache:
-      spec = SpecConfig(mode="ssd", lookahead=lookahead, fan_out=fan_out, saguaro_c=args.saguaro_c)
+      spec = SpecConfig(
+        mode="ssd", lookahead=lookahead, fan_out=fan_out, saguaro_c=options.saguaro_c
+      )
       cache[key] = time_programs(engine, ids[0], spec, sampling, capacity, batch_size=batch)
-      if engine.draft_placement == "process":
+      if engine.speculator_startup is not None:  # a speculator process runs ssd
         cache[key] |= _process_overlap(engine, cache[key], batch, lookahead, sampling)
       where = {"lookahead": lookahead, "fan_out": list(fan_out)}
       out["latency"].append(context | where | cache[key])
-    record["backup"] = record.get("backup") or args.backup
+    record["backup"] = record.get("backup") or options.backup
     record |= predict(record, cache[key], batch)
 
 
@@ -232,20 +285,20 @@ def _process_overlap(engine, latency, batch, lookahead, sampling) -> dict[str, f
   from ssd_jax.bench.exchange import probe_ms  # noqa: PLC0415
 
   vocab = engine.target.config.vocab_size
-  link = engine.speculator_process()
+  link = engine.site.process()
   exchange = probe_ms(link, batch, lookahead, vocab, not sampling.greedy, reps=50)["median_ms"]
   together = max(latency["verify"], latency["expand"]) + exchange
   return {"together": together, "together_in_process": latency["together"], "exchange": exchange}
 
 
-def _jsonable(args) -> dict:
-  return {
-    k: (str(v) if not isinstance(v, int | float | str | list | bool | None) else v)
-    for k, v in vars(args).items()
-  }
+def _jsonable(options) -> dict:
+  out = dataclasses.asdict(options)
+  if "layout" in out:
+    out["layout"] = str(options.layout)
+  return out
 
 
-def model_speed(args) -> dict[str, Any]:
+def model_speed(options: ModelSpeedOptions) -> dict[str, Any]:
   """Prefill and decode tokens/s of the target alone, f32 and bf16 (and HF eager with --hf)."""
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
@@ -254,61 +307,61 @@ def model_speed(args) -> dict[str, Any]:
   from ssd_jax.models.prefill import prefill  # noqa: PLC0415
 
   rows = []
-  tokens = np.random.default_rng(0).integers(0, 1000, (1, args.prompt_tokens), dtype=np.int32)
+  tokens = np.random.default_rng(0).integers(0, 1000, (1, options.prompt_tokens), dtype=np.int32)
   for dtype in (jnp.float32, jnp.bfloat16):
-    model = load_model(args.target, dtype=dtype)
+    model = load_model(options.target, dtype=dtype)
     engine = Engine(model)
     cfg, params = model.config, engine.target_params
-    capacity = args.prompt_tokens + args.decode_tokens + 64
+    capacity = options.prompt_tokens + options.decode_tokens + 64
     times = []
     for _ in range(3):  # the first call compiles
       cache = KVCache.init(cfg, 1, capacity, dtype)
       t = time.perf_counter()
       jax.block_until_ready(
-        prefill(params, tokens, jnp.asarray([args.prompt_tokens]), cache, config=cfg)
+        prefill(params, tokens, jnp.asarray([options.prompt_tokens]), cache, config=cfg)
       )
       times.append(time.perf_counter() - t)
     prefill_s = min(times[1:])
     gen = engine.generate(
-      [tokens[0].tolist()], max_new_tokens=args.decode_tokens, ignore_eos=True, capacity=capacity
+      [tokens[0].tolist()], max_new_tokens=options.decode_tokens, ignore_eos=True, capacity=capacity
     )  # warm-up
     gen = engine.generate(
-      [tokens[0].tolist()], max_new_tokens=args.decode_tokens, ignore_eos=True, capacity=capacity
+      [tokens[0].tolist()], max_new_tokens=options.decode_tokens, ignore_eos=True, capacity=capacity
     )
     rows.append(
       {
         "engine": "ssd_jax",
         "dtype": jnp.dtype(dtype).name,
-        "prefill_tokens_per_second": args.prompt_tokens / prefill_s,
+        "prefill_tokens_per_second": options.prompt_tokens / prefill_s,
         "decode_tokens_per_second": gen.metrics.tokens_per_second,
       }
     )
     print(rows[-1], flush=True)
-  if args.hf:
+  if options.hf:
     from ssd_jax.bench import hf  # noqa: PLC0415 (torch is optional)
 
-    rows += hf.model_speed(tokens[0].tolist(), args.decode_tokens)
-  return {"environment": harness.environment(), "rows": rows, "args": _jsonable(args)}
+    rows += hf.model_speed(tokens[0].tolist(), options.decode_tokens)
+  return {"environment": harness.environment(), "rows": rows, "options": _jsonable(options)}
 
 
-def measure_overlap(args) -> dict[str, Any]:
+def measure_overlap(options: OverlapOptions) -> dict[str, Any]:
   """Can this machine overlap verification and expansion? (see bench.programs.overlap) With
   devices of one process, and with the speculator processes' layout on CPU (two processes
   pinned to cores of their own)."""
-  engine = _engine(args)
+  engine = _engine(options, placement="device")
   target = engine.target
   prompt = harness.encode(target.tokenizer, [load_prompts("bundled", 1)[0].text], chat=True)[0]
   rows = []
-  for lookahead, f in zip(args.lookaheads, args.fan_outs, strict=False):
+  for lookahead, f in zip(options.lookaheads, options.fan_outs, strict=False):
     spec = SpecConfig(mode="ssd", lookahead=lookahead, fan_out=tree.uniform(lookahead, f))
     row = {"layout": "devices of one process", "lookahead": lookahead, "fan_out": f}
     rows.append(row | overlap(engine, prompt, spec, Sampling(), 1024))
     print(rows[-1], flush=True)
   if (os.cpu_count() or 1) > 1:  # the layout python -m ssd_jax.run uses on CPU
     from ssd_jax.bench.exchange import pinned_pair_independence  # noqa: PLC0415
-    from ssd_jax.decode.serving import WORK_KINDS  # noqa: PLC0415
+    from ssd_jax.bench.probes import WORK_KINDS  # noqa: PLC0415
 
     for kind in WORK_KINDS:  # cores of their own, and how their memory traffic contends
       rows.append(pinned_pair_independence(kind=kind))
       print(rows[-1], flush=True)
-  return {"environment": harness.environment(), "rows": rows, "args": _jsonable(args)}
+  return {"environment": harness.environment(), "rows": rows, "options": _jsonable(options)}

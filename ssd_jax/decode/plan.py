@@ -14,6 +14,7 @@ import dataclasses
 from typing import Literal
 
 from ssd_jax.config import ModelConfig, SpecConfig
+from ssd_jax.decode import policy
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -105,13 +106,13 @@ class Plan:
     greedy: bool,
     eos_ids: tuple[int, ...],
     attention_impl: str,
-    backup: Literal["neural", "fast"] = "neural",
+    batch_size: int = 1,
   ) -> Plan:
-    """The plan for decoding with `spec` (its "auto" backup already resolved to `backup`)."""
-    lookahead = spec.lookahead if spec.mode != "ar" else 0
+    """The plan for decoding `batch_size` rows with `spec` ("auto" backup resolved for that
+    many rows: `policy.resolve_backup`)."""
     target_plan = TargetPlan(
       config=target,
-      lookahead=lookahead,
+      lookahead=spec.lookahead,
       greedy=greedy,
       eos_ids=tuple(eos_ids),
       attention_impl=attention_impl,
@@ -123,11 +124,13 @@ class Plan:
     draft_plan = DraftPlan(
       config=draft,
       head_size=head_size or draft.vocab_size,
-      lookahead=lookahead,
+      lookahead=spec.lookahead,
       fan_out=spec.fan_out,
       fan_out_miss=spec.fan_out_miss or spec.fan_out,
       saguaro_c=spec.saguaro_c,
-      backup=backup if spec.mode == "ssd" else "neural",
+      backup=policy.resolve_backup(spec, batch_size, target, draft)
+      if spec.mode == "ssd"
+      else "neural",
       expands=spec.mode == "ssd",
       greedy=greedy,
       attention_impl=attention_impl,

@@ -1,4 +1,4 @@
-"""The paper's analytical model, as plain functions (paper §3; research/paper.md §3).
+"""The paper's analytical model, as plain functions (Kumar, Dao, May 2026, §3).
 
 Times are relative to one target verification. E denotes expected tokens emitted per round
 (bonus included); p_hit the probability that a verification outcome is in the speculation cache.

@@ -2,6 +2,6 @@
 `impl=`."""
 
 from ssd_jax.kernels.reference import tree_attention_reference
-from ssd_jax.kernels.tree_attention import IMPLS, BlockSizes, tree_attention
+from ssd_jax.kernels.tree_attention import IMPLS, BlockSizes, default_impl, tree_attention
 
-__all__ = ["IMPLS", "BlockSizes", "tree_attention", "tree_attention_reference"]
+__all__ = ["IMPLS", "BlockSizes", "default_impl", "tree_attention", "tree_attention_reference"]

@@ -8,7 +8,7 @@ GPU (cuda): the Triton backend, chosen explicitly with `pallas.triton.CompilerPa
     given (`jax_pallas_use_mosaic_gpu` defaults to True), but that route is itself deprecated
     ("migrate to `plgpu.kernel`") and fails for this kernel: it stages each program's whole
     cache slice in shared memory (exported at S=1024, H=128, bf16 it asks for 594 KB of the
-    232 KB there are; research/jax.md §3.3 saw the same). A Mosaic GPU kernel is a different
+    232 KB there are). A Mosaic GPU kernel is a different
     program (warpgroups, explicit SMEM staging, `plgpu.kernel`), worth writing only once a
     device run shows the need.
   - JAX 0.11 deprecates the Triton backend; the Triton kernel body uses only `pl` and `jnp`
@@ -32,8 +32,8 @@ Interpret mode (CPU): either kernel body runs through the Pallas interpreter. By
   simulates the cuda plan (same padding, tiling and loop), so CPU tests exercise exactly the
   program a GPU would compile.
 
-Default attention impl: "xla" on every platform until a device benchmark
-(tools/bench_tree_attention.py) shows the kernel faster; none has been run yet.
+The default attention impl is `tree_attention.default_impl`'s ("xla" everywhere until a device
+benchmark shows the kernel faster), chosen without importing this module.
 """
 
 from __future__ import annotations
@@ -97,15 +97,3 @@ def select_backend(platform: str | None = None, interpret: bool | None = None) -
   raise ValueError(
     f"no compiled Pallas backend for platform {name!r}; use 'cuda', 'gpu', 'tpu' or interpret=True"
   )
-
-
-def default_impl(platform: str) -> str:
-  """Default tree-attention impl for a platform ("cpu", "gpu", "cuda", "tpu").
-
-  "xla" everywhere: on CPU the kernel could only run interpreted; on GPU and TPU no device
-  measurement shows it beating XLA's fused einsums yet (research/jax.md §3.3 recommends the
-  same). Change this with a benchmark, not a guess.
-  """
-  if platform not in ("cpu", "gpu", "cuda", "rocm", "tpu"):
-    raise ValueError(f"unknown platform {platform!r}")
-  return "xla"

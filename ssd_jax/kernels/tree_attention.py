@@ -24,6 +24,18 @@ Impl = Literal["reference", "xla", "pallas"]
 IMPLS: tuple[str, ...] = ("reference", "xla", "pallas")
 
 
+def default_impl(platform: str) -> str:
+  """Default tree-attention impl for a platform ("cpu", "gpu", "cuda", "rocm", "tpu").
+
+  "xla" everywhere: on CPU the Pallas kernel could only run interpreted; on GPU and TPU no
+  device measurement shows it beating XLA's fused einsums yet (tools/bench_tree_attention.py
+  measures it). Change this with a benchmark, not a guess. Deciding needs no Pallas import.
+  """
+  if platform not in ("cpu", "gpu", "cuda", "rocm", "tpu"):
+    raise ValueError(f"unknown platform {platform!r}")
+  return "xla"
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class BlockSizes:
   """Tiling of the Pallas kernel: `block_kv` main-cache slots per step."""

@@ -2,7 +2,7 @@
 
 Quantized tensors are dequantized with the `gguf` package. llama.cpp's converter permutes the
 rows of attn_q / attn_k for its interleaved RoPE; we undo that per head so the weights match HF's
-rotate-half convention (research/models_data.md §1).
+rotate-half convention.
 """
 
 from __future__ import annotations

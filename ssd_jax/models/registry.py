@@ -44,6 +44,24 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 SHIPPED_DRAFTS = ("smollm2-135m-draft", "smollm2-135m-draft-wide")
 REAL_MODELS = ("smollm2-135m", *SHIPPED_DRAFTS)
 
+# The shipped draft each speculative mode runs beside a target by default: the benchmark
+# sweep's pick (docs/DRAFT.md, docs/BENCHMARKS.md). sd runs the narrow draft, whose drafting
+# costs least on the target's own cores; ssd the wide one, whose drafting the speculator hides
+# and whose higher acceptance and hit rate it keeps.
+DEFAULT_DRAFTS = {"smollm2-135m": {"sd": "smollm2-135m-draft", "ssd": "smollm2-135m-draft-wide"}}
+
+
+def default_draft(target: str, mode: str) -> str | None:
+  """The draft `mode` ("sd" or "ssd") runs beside `target` by default (None: none known)."""
+  return DEFAULT_DRAFTS.get(target, {}).get(mode)
+
+
+def default_draft_dtype(target_dtype: str = "float32") -> str:
+  """A draft's weights in memory beside a target of `target_dtype`: float16 beside float32
+  (the shipped drafts' own precision, computed in float32: half the memory traffic of every
+  drafting step, which on a CPU a verification on the next core shares), else the target's."""
+  return "float16" if target_dtype == "float32" else target_dtype
+
 
 @dataclasses.dataclass(frozen=True)
 class LoadedModel:

@@ -1,12 +1,9 @@
-"""Running decoding modes over prompt sets: the shared core of `run` and `bench`.
-
-Nothing here parses flags or reads the environment; `ssd_jax.run` and `ssd_jax.bench` do.
-"""
+"""Running decoding modes over prompt sets: the shared core of `python -m ssd_jax.run` and the
+benchmarks. Nothing here parses flags or reads the environment."""
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import platform
 import time
 from collections.abc import Callable, Sequence
@@ -16,10 +13,12 @@ import jax
 import numpy as np
 
 from ssd_jax.config import SpecConfig
-from ssd_jax.decode import Engine, Metrics, Sampling
-from ssd_jax.decode.metrics import count_compiles, median_ms
+from ssd_jax.decode.sampling import Sampling
 from ssd_jax.models.prefill import bucket_length
 from ssd_jax.models.tokenizer import Tokenizer
+from ssd_jax.runtime import Engine, Metrics
+from ssd_jax.runtime.metrics import median_ms
+from ssd_jax.timing import count_compiles
 
 
 def encode(tokenizer: Tokenizer, texts: Sequence[str], chat: bool) -> list[list[int]]:
@@ -258,51 +257,14 @@ def environment() -> dict[str, Any]:
   }
 
 
-def speedups(results: dict[str, ModeResult]) -> dict[str, float]:
-  base = results.get("ar")
-  if base is None or not base.tokens_per_second:
-    return {}
-  return {m: r.tokens_per_second / base.tokens_per_second for m, r in results.items()}
+def ratios(results: dict[str, ModeResult]) -> dict[str, float]:
+  """Each measured pair's tokens/s ratio, headline first: "ssd/sd", "sd/ar", "ssd/ar" (only
+  pairs whose both modes ran)."""
+  speed = {m: r.tokens_per_second for m, r in results.items()}
+  pairs = [("ssd", "sd"), ("sd", "ar"), ("ssd", "ar")]
+  return {f"{a}/{b}": speed[a] / speed[b] for a, b in pairs if speed.get(a) and speed.get(b)}
 
 
 def same_tokens(results: dict[str, ModeResult]) -> bool:
   runs = [r.tokens for r in results.values()]
   return all(t == runs[0] for t in runs)
-
-
-@functools.partial(jax.jit, static_argnames="config")
-def _greedy(params, tokens, *, config):
-  # Module level, so the compiled program is reused across calls (one per padded length).
-  from ssd_jax.models import hidden_states, lm_head  # noqa: PLC0415
-
-  x = hidden_states(params, tokens, config=config)
-  return jax.numpy.argmax(lm_head(params, x, config), -1)
-
-
-def greedy_agreement(
-  model,
-  prompts: Sequence[Sequence[int]],
-  continuations: Sequence[Sequence[int]],
-  vocab_ids: Sequence[int] | None = None,
-) -> tuple[int, int]:
-  """How many of a target's greedy continuation tokens `model` predicts with its own argmax
-  (teacher-forced on the continuation), its head restricted to `vocab_ids` if given (as
-  `Engine(draft_vocab=...)` does). Returns (agreeing tokens, tokens)."""
-  from ssd_jax.models.transformer import head_subset  # noqa: PLC0415
-
-  params, column_ids = model.params, None
-  if vocab_ids is not None:
-    params = params | head_subset(params, vocab_ids, model.config)
-    column_ids = params["head_ids"]
-  hits = total = 0
-  for prompt, cont in zip(prompts, continuations, strict=True):
-    seq = np.concatenate([np.asarray(prompt), np.asarray(cont)]).astype(np.int32)
-    tokens = np.zeros((1, -(-len(seq) // 64) * 64), np.int32)  # a few shapes, few compiles
-    tokens[0, : len(seq)] = seq
-    pred = np.asarray(_greedy(params, tokens, config=model.config))
-    pred = pred[0, len(prompt) - 1 : len(seq) - 1]
-    if column_ids is not None:
-      pred = column_ids[pred]
-    hits += int((pred == np.asarray(cont)).sum())
-    total += len(cont)
-  return hits, total

@@ -26,11 +26,11 @@ import jax
 import numpy as np
 
 from ssd_jax.decode import target as target_lib
-from ssd_jax.decode.metrics import NullTimer
 from ssd_jax.decode.plan import Plan
-from ssd_jax.decode.speculator import LocalSpeculator
 from ssd_jax.decode.state import Report, Speculation, TargetState
 from ssd_jax.models.transformer import Params
+from ssd_jax.speculator import Drafter, Speculator
+from ssd_jax.timing import Timer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +41,7 @@ class Run:
     plan: the run's static plan.
     target_params: the target's params, on its mesh.
     to_target: places a pytree on the target mesh.
-    speculator: the draft side (sd and ssd).
+    speculator: the draft side: sd's Drafter, ssd's Speculator (None for ar).
     timer: records round timestamps when tracing (a no-op otherwise).
     on_report: takes each round's host-side report; returns True once every sequence is done.
   """
@@ -49,8 +49,8 @@ class Run:
   plan: Plan
   target_params: Params
   to_target: Callable[[Any], Any]
-  speculator: LocalSpeculator | None
-  timer: NullTimer
+  speculator: Drafter | Speculator | None
+  timer: Timer
   on_report: Callable[[Report], bool]
 
   def verify(self, state: TargetState, speculation: Speculation) -> tuple[TargetState, Report]:
@@ -108,24 +108,16 @@ def run_sd(run: Run, state: TargetState) -> tuple[TargetState, int]:
 
 
 def run_ssd(run: Run, state: TargetState) -> tuple[TargetState, int]:
-  """Speculative speculative decoding (see the module docstring).
-
-  A speculator in another process needs each outcome on the host before it can serve the next
-  speculation: then the round's report (which carries the outcome) is read at once instead of a
-  round late, still one host read per round.
-  """
+  """Speculative speculative decoding (see the module docstring): each round dispatches the
+  verification of the current speculation, then asks the speculator for the next one, which it
+  expands meanwhile and serves once the outcome is known."""
   speculator = run.speculator
   speculation = speculator.first()
 
   def dispatch():
     nonlocal state, speculation
     state, report = run.verify(state, speculation)
-    # Of the speculation being verified: both run at once (a speculator process has already
-    # dispatched it, right after sending that speculation).
-    speculator.expand()
-    if speculator.reads_outcome:
-      report = jax.device_get(report)
-    speculation = speculator.next(report.outcome)
+    speculation, report = speculator.next(report)
     return report
 
   rounds = drive(run, dispatch)  # before reading `state`: the rounds replace it

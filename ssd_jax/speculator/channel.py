@@ -206,3 +206,6 @@ class TransferPipe:
 def _on_host(x) -> np.ndarray:
   """A host copy of a device array; host arrays as they are (no device read)."""
   return x if isinstance(x, np.ndarray) else jax.device_get(x)
+
+
+Pipe = SharedMemoryPipe | TransferPipe

@@ -1,10 +1,11 @@
 """python -m ssd_jax.speculator: the draft side of SSD in a process (or on a host) of its own.
 
-An Engine with `draft_placement="process"` starts one as its child (`--connect`, pinned with
-`--cores` before JAX starts here, so XLA's thread pool is sized to those cores); on another host
-start it by hand and point the target at it (`python -m ssd_jax.run --speculator HOST:PORT`):
+An Engine whose ssd runs in a process (`Placement(kind="process")`) starts one as its child
+(`--connect`, pinned with `--cores` before JAX starts here, so XLA's thread pool is sized to
+those cores); for another process or host start it by hand and point the target at it
+(`python -m ssd_jax.run --speculator HOST:PORT`):
 
-  python -m ssd_jax.speculator --listen 0.0.0.0:7100 --cores 0,1
+  python -m ssd_jax.speculator --listen 127.0.0.1:7100 --cores 1
 
 It loads the draft the target names (registry name or path, the same files on both hosts),
 answers the target's rounds (first proposal, expand, lookup, backups) and exits when its target
@@ -16,11 +17,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import os
 import socket
 import sys
-
-from ssd_jax.cli import exit_with_parent
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,6 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--parent", type=int, help="exit when this process is gone")
   p.add_argument("--log", help=argparse.SUPPRESS)  # the parent's log file for us: ours to remove
   p.add_argument("--once", action="store_true", help="with --listen: serve one target, then exit")
+  p.add_argument(
+    "--extension",
+    action="append",
+    default=[],
+    metavar="MODULE",
+    help="import MODULE at start-up: operations it registers are answered beside the protocol's "
+    "(the benchmarks' probes)",
+  )
   return p
 
 
@@ -53,9 +61,13 @@ def main(argv: list[str] | None = None) -> int:
       os.sched_setaffinity(0, cores)  # before JAX starts: its thread pool takes these cores
     except (ValueError, OSError) as e:
       parser.error(f"--cores {args.cores}: {e}")
+  from ssd_jax.speculator.process import exit_with_parent  # noqa: PLC0415 (after pinning)
+  from ssd_jax.speculator.worker import serve_connection  # noqa: PLC0415
+
   if args.parent:
     exit_with_parent(args.parent, remove=args.log)
-  from ssd_jax.decode.serving import serve_connection  # noqa: PLC0415 (after pinning)
+  for module in args.extension:
+    importlib.import_module(module)
 
   if args.connect:
     sock = socket.create_connection(_address(args.connect, parser), timeout=30)

@@ -1,4 +1,4 @@
-"""A speculator in a process of its own, and the target's side of talking to it.
+"""A speculator in a process of its own: starting it, talking to it, stopping it.
 
 `SpeculatorProcess` starts one (a child of this process, pinned to its own cores before JAX
 starts there) or connects to one another host runs (`python -m ssd_jax.speculator --listen`),
@@ -7,9 +7,8 @@ behind: the engine closes it (also on exceptions and at interpreter exit), and t
 by itself once this process is gone. A speculator that dies gives a ChannelError naming its exit
 status and the end of its log within a second, never a hang.
 
-`RemoteSpeculator` has the calls of `LocalSpeculator` (start / ready / first / expand / next /
-close)
-for one run; the arrays of each call cross on the pipe (see channel.py).
+`ProcessSite` is the `base.Site` of an engine whose ssd runs there: it starts the process on
+first use and hands out one `remote.RemoteSpeculator` per run.
 """
 
 from __future__ import annotations
@@ -23,8 +22,8 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-import warnings
 import weakref
 from pathlib import Path
 from typing import Any
@@ -32,23 +31,22 @@ from typing import Any
 import jax
 import numpy as np
 
-from ssd_jax.decode.channel import (
-  OUTCOME_FIELDS,
+from ssd_jax.decode.plan import DraftPlan
+from ssd_jax.models.registry import LoadedModel
+from ssd_jax.speculator import layout
+from ssd_jax.speculator.base import Placement
+from ssd_jax.speculator.channel import (
   PROTOCOL,
-  SPECULATION_FIELDS,
   ChannelError,
   Connection,
   SharedMemoryPipe,
   TransferPipe,
 )
-from ssd_jax.decode.metrics import NullTimer
-from ssd_jax.decode.plan import DraftPlan
-from ssd_jax.decode.sampling import Warp
-from ssd_jax.decode.state import Outcome, Speculation
+from ssd_jax.speculator.remote import RemoteSpeculator
+from ssd_jax.timing import Timer
 
 LOAD_TIMEOUT = 900.0  # seconds for the speculator to start and load its draft
-STEP_TIMEOUT = 600.0  # seconds for one answer (the first ones compile)
-ANSWER_SPIN = 0.05  # seconds the target polls for a speculation before it sleeps (receive)
+REQUEST_TIMEOUT = 120.0  # seconds for an extension's answer
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -63,6 +61,8 @@ class SpeculatorOptions:
     cores: CPU cores the child is pinned to (None: not pinned).
     address: "host:port" of a speculator another host runs; None starts a child here.
     pipe: "shm" (shared memory, one host) or "transfer" (`jax.experimental.transfer`).
+    extensions: modules the child imports at start-up to register operations of their own
+      (`worker.register`; the benchmarks' probes), beside the protocol's.
   """
 
   draft: str
@@ -72,6 +72,7 @@ class SpeculatorOptions:
   cores: tuple[int, ...] | None = None
   address: str | None = None
   pipe: str = "shm"
+  extensions: tuple[str, ...] = ()
 
 
 class SpeculatorProcess:
@@ -103,6 +104,8 @@ class SpeculatorProcess:
     port = listener.getsockname()[1]
     cmd = [sys.executable, "-m", "ssd_jax.speculator", "--connect", f"127.0.0.1:{port}"]
     cmd += ["--parent", str(os.getpid())]
+    for module in self.options.extensions:
+      cmd += ["--extension", module]
     if self.options.cores:
       cmd += ["--cores", ",".join(map(str, self.options.cores))]
     fd, log = tempfile.mkstemp(prefix="ssd_jax-speculator-", suffix=".log")
@@ -171,8 +174,14 @@ class SpeculatorProcess:
         how = f"was killed by {signal.Signals(-code).name} (exit status {code})"
     return f"the speculator (pid {self.process.pid}) {how}{tail}"
 
-  def speculator(self, plan: DraftPlan, timer=None) -> RemoteSpeculator:
-    return RemoteSpeculator(self, plan, timer)
+  def request(self, message: dict[str, Any], arrays: dict[str, Any] | None = None):
+    """Send an extension's operation (see `worker.register`) and return its answer: the message
+    and its arrays (host arrays with shared memory, device ones with the transfer pipe)."""
+    if arrays is not None:
+      message = message | {"arrays": self.pipe.pack(arrays)}
+    self.conn.send(message)
+    answer = self.conn.receive(timeout=REQUEST_TIMEOUT)
+    return answer, self.pipe.unpack(answer["arrays"]) if "arrays" in answer else {}
 
   def close(self) -> None:
     """Stop the speculator (politely, then by force) and release the channel."""
@@ -213,157 +222,74 @@ def _reap(process: subprocess.Popen) -> None:
     process.wait()
 
 
-class RemoteSpeculator:
-  """The draft side of one run, in a speculator process: LocalSpeculator's calls over the
-  channel. Speculations arrive on the host (shared memory) or on this process's device
-  (transfer); the loop places them on the target mesh either way.
+class ProcessSite:
+  """An engine's speculator process (`base.Site`): started, and its draft loaded, on first use."""
 
-  In greedy runs the speculator also sends each expansion's cache (keys, depths, tokens, a few
-  ints per branch) as soon as it is computed, during the verification it overlaps; a round whose
-  every row hits is then served here without waiting for the speculator, which receives the
-  outcome all the same (to advance its cache and expand the served speculation) and answers
-  only rounds with a miss. Both ends decide hit or miss by the same test on the same arrays.
-  """
+  def __init__(self, options: SpeculatorOptions, device: jax.Device, head_size: int):
+    self.options, self.device, self.head_size = options, device, head_size
+    self._process: SpeculatorProcess | None = None
 
-  reads_outcome = True  # `next` needs the round's outcome now (the loop reads it for us)
+  def process(self) -> SpeculatorProcess:
+    """The running speculator process, started now if it is not yet."""
+    if self._process is None:
+      self._process = SpeculatorProcess(self.options, self.device)
+      if self._process.head_size not in (None, self.head_size):
+        self.close()
+        raise ValueError("the speculator's draft head differs from this engine's")
+    return self._process
 
-  def __init__(self, link: SpeculatorProcess, plan: DraftPlan, timer=None):
-    self.link, self.plan = link, plan
-    self.timer = timer or NullTimer()
-    self.served_here = 0  # rounds whose speculation came from a cache, without an answer
+  def start(self) -> None:
+    self.process()
 
-  def _call(self, message: dict[str, Any], arrays: dict[str, Any] | None = None):
-    if arrays is not None:
-      message["arrays"] = self.link.pipe.pack(arrays)
-    self.link.conn.send(message)
+  def speculator(self, plan: DraftPlan, timer: Timer) -> RemoteSpeculator:
+    link = self.process()
+    return RemoteSpeculator(link.conn, link.pipe, plan, timer)
 
-  def _receive(self, op: str) -> dict[str, np.ndarray]:
-    # Due in a few ms (a lookup, or a backup on a miss); the target's core waits for it anyway.
-    message = self.link.conn.receive(timeout=STEP_TIMEOUT, spin=ANSWER_SPIN)
-    if message.get("op") != op:
-      raise ChannelError(f"expected the speculator's {op}, got {message.get('op')!r}")
-    return self.link.pipe.unpack(message["arrays"])
-
-  def _speculation(self) -> Speculation:
-    fields = self._receive("speculation")
-    return Speculation(**{name: fields.get(name) for name in SPECULATION_FIELDS})
-
-  def start(self, tokens, lengths, warp: Warp, key, capacity: int) -> None:
-    arrays = {
-      "tokens": tokens,
-      "lengths": lengths,
-      "temperature": warp.temperature,
-      "top_k": warp.top_k,
-      "top_p": warp.top_p,
-      "key": np.asarray(jax.random.key_data(key)),
-    }
-    self._call({"op": "start", "plan": self.plan.to_json(), "capacity": capacity}, arrays)
-
-  def ready(self) -> None:
-    """Wait for the speculator's prefill (its first start compiles there)."""
-    self.link.conn.receive(timeout=STEP_TIMEOUT)
-
-  def first(self) -> Speculation:
-    self._call({"op": "first"})
-    return self._speculation()
-
-  def expand(self) -> None:
-    """Nothing to do: the speculator expands each speculation right after sending it."""
-
-  def next(self, outcome: Outcome) -> Speculation:
-    # The cache of the speculation just verified (greedy), copied out before the speculator
-    # may write the next one: it writes that only after this outcome.
-    cache = _on_host(self._receive("cache")) if self.plan.greedy else None
-    self._call({"op": "next"}, {name: getattr(outcome, name) for name in OUTCOME_FIELDS})
-    speculation = None if cache is None else served_from(cache, outcome)
-    if speculation is None:
-      speculation = self._speculation()
-    else:
-      self.served_here += 1
-    self.timer.when_ready("draft", "lookup_done", speculation)
-    return speculation
+  @property
+  def startup(self) -> dict[str, float] | None:
+    return None if self._process is None else self._process.startup
 
   def close(self) -> None:
-    """End the run; returns the speculator's XLA compilations during it (None if unknown)."""
-    with contextlib.suppress(ChannelError):
-      self._call({"op": "stop"})
-      while (message := self.link.conn.receive(timeout=STEP_TIMEOUT))["op"] != "stopped":
-        pass  # the last expansion's cache, which no round needs any more
-      return message["compiles"]
-    return None
+    if self._process is not None:
+      self._process.close()
+      self._process = None
 
 
-def _on_host(arrays: dict[str, Any]) -> dict[str, np.ndarray]:
-  """Host arrays as they are (shared memory), device ones read (transfer)."""
-  return {k: v if isinstance(v, np.ndarray) else jax.device_get(v) for k, v in arrays.items()}
-
-
-def served_from(cache: dict[str, np.ndarray], outcome: Outcome) -> Speculation | None:
-  """The next speculation from a greedy speculation cache when every row's outcome hits it (the
-  speculator's `speculate.find` and `lookup`, on host arrays), else None."""
-  accepted, bonus = np.asarray(outcome.accepted), np.asarray(outcome.bonus)
-  match = (cache["depth"] == accepted[:, None]) & (cache["keys"] == bonus[:, None]) & cache["valid"]
-  if not match.any(axis=1).all():
-    return None
-  rows = np.arange(match.shape[0])
-  tokens = np.concatenate([bonus[:, None], cache["tokens"][rows, match.argmax(axis=1)]], axis=1)
-  return Speculation(
-    tokens=tokens.astype(np.int32),
-    probs=None,
-    point_mass=np.zeros(rows.size, bool),
-    hit=np.ones(rows.size, bool),
-  )
-
-
-def resolve_placement(placement: str, address: str | None, device: jax.Device) -> str:
-  """ "device" or "process" (see Engine's `draft_placement`)."""
-  if placement not in ("auto", "device", "process"):
-    raise ValueError(f"draft_placement must be auto, device or process, got {placement!r}")
-  if address is not None:
-    return "process"
-  if placement == "auto":  # a core of its own only exists in a process of its own on CPU
-    return "process" if device.platform == "cpu" and (os.cpu_count() or 1) > 1 else "device"
-  return placement
-
-
-def speculator_options(draft, draft_vocab, attention_impl, cores, address, pipe):
-  """What the speculator process is asked to run: the same draft, head and attention impl."""
+def options_for(
+  draft: LoadedModel, draft_vocab, attention_impl: str, placement: Placement
+) -> SpeculatorOptions:
+  """What a speculator process is asked to run: the same draft, head and attention impl."""
   if draft.source is None:
     raise ValueError(
       f"draft {draft.name!r} was not loaded by name or path (load_model), so a speculator "
       "process cannot load it too: save it (models.weights.save_hf) and load it from there"
     )
-  if address is None and cores is None:
-    cores = _spare_cores()
-  pipe = pipe or ("transfer" if address is not None else "shm")
-  if pipe not in ("shm", "transfer"):
-    raise ValueError(f"speculator_pipe must be shm or transfer, got {pipe!r}")
-  if address is not None and pipe == "shm" and address.rpartition(":")[0] not in _LOOPBACK:
-    raise ValueError(f"shared memory cannot reach {address}: use speculator_pipe='transfer'")
+  cores = placement.cores
+  if placement.address is None and cores is None:
+    cores = layout.spare_cores()
+  pipe = placement.pipe or ("transfer" if placement.address is not None else "shm")
   vocab = draft_vocab if draft_vocab is None or isinstance(draft_vocab, int) else tuple(draft_vocab)
   return SpeculatorOptions(
     draft=draft.source,
     dtype=np.dtype(jax.tree.leaves(draft.params)[0].dtype).name,
     draft_vocab=vocab,
     attention_impl=attention_impl,
-    cores=None if cores is None else tuple(int(c) for c in cores),
-    address=address,
+    cores=cores,
+    address=placement.address,
     pipe=pipe,
   )
 
 
-_LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
+def exit_with_parent(parent: int, remove: str | None = None) -> None:
+  """Exit at once when process `parent` is gone (removing the file `remove`, this process's
+  log), watched by a daemon thread: a child started by another process never outlives it."""
 
+  def watch():
+    while os.getppid() == parent:
+      time.sleep(0.5)
+    if remove:
+      with contextlib.suppress(OSError):
+        os.unlink(remove)
+    os._exit(3)
 
-def _spare_cores() -> tuple[int, ...]:
-  """The first core this process may not use (pinned elsewhere), else its last (shared)."""
-  mine = os.sched_getaffinity(0)
-  spare = sorted(set(range(os.cpu_count() or 1)) - mine)
-  if spare:
-    return (spare[0],)
-  warnings.warn(
-    "the speculator process shares a core with the target (this process may use every core): "
-    "pin the target first (python -m ssd_jax.run does, see --target-cores) to give it one",
-    stacklevel=3,
-  )
-  return (max(mine),)
+  threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()

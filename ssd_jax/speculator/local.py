@@ -1,25 +1,13 @@
-"""The draft side of a run: the draft's params and state on its own mesh, and its programs.
-
-The host loops (`loops.py`) talk to the draft only through this object's calls, so the same
-loop drives a draft on a device of this process or, behind the same calls, one in a process of
-its own:
-
-  start(tokens, lengths, warp, key, capacity)
-                   prefill the prompts into the draft cache (asynchronously)
-  ready()          wait for that prefill (so a run's timing starts after it)
-  propose(outcome) sd: commit the last outcome, draft `lookahead` tokens now
-  first()          ssd: the first speculation (the speculation cache starts empty, so it is
-                   drafted now)
-  expand()         ssd: expand the speculation last handed out, while the target verifies it
-  next(outcome)    ssd: look the outcome up in the cache that expansion built (a hit, or a
-                   backup on a miss)
-  close()          end the run
+"""The draft side on a mesh of this process: `LocalSpeculator` (the `Speculator` contract of
+`base.py`) and `LocalSite`, which hands one out per run.
 
 Arrays cross between the meshes with `jax.device_put`, asynchronously: the outcome (a few ints
 per row) in, the speculation (tokens, and q when sampling) out. Nothing here waits for a device.
+In a speculator process `worker.serve` runs the same object, answering a target's calls over a
+channel.
 
-In a speculator process `serving.serve` runs the same object, answering a target's calls over a
-channel (`channel.py`; the target's side is `remote.RemoteSpeculator`).
+The draft's head: `Engine(draft_vocab=)` restricts it to a token subset (`head_subset`); by
+default a draft that ships a token ranking scores its DEFAULT_DRAFT_VOCAB most frequent tokens.
 """
 
 from __future__ import annotations
@@ -32,16 +20,37 @@ import numpy as np
 from ssd_jax import sharding
 from ssd_jax.decode import draft as draft_lib
 from ssd_jax.decode import speculate
-from ssd_jax.decode.metrics import NullTimer
 from ssd_jax.decode.plan import DraftPlan
 from ssd_jax.decode.sampling import Warp
-from ssd_jax.decode.state import Outcome, Speculation, SpeculationCache
+from ssd_jax.decode.state import Outcome, Report, Speculation, SpeculationCache
 from ssd_jax.models import placement
 from ssd_jax.models.registry import LoadedModel
 from ssd_jax.models.transformer import Params, head_subset
+from ssd_jax.speculator.base import SpeculatorStats
+from ssd_jax.timing import Timer
+
+# The default draft head: a draft that ships a token ranking scores its N most frequent tokens
+# (capped at the ranking's length). In the default run that makes proposals 1.5x and expansions
+# 3x cheaper at the same tokens per round (docs/BENCHMARKS.md); outputs never change.
+DEFAULT_DRAFT_VOCAB = 8192
+
+DraftVocab = int | Sequence[int] | None
 
 
-def draft_params(draft: LoadedModel, mesh, draft_vocab: int | Sequence[int] | None) -> Params:
+def default_draft_vocab(draft: LoadedModel, draft_vocab: DraftVocab = None) -> DraftVocab:
+  """The head a draft runs with: `draft_vocab` as given (0: the whole vocabulary), or by default
+  (None) its DEFAULT_DRAFT_VOCAB most frequent tokens when it ships a token ranking, else all."""
+  if draft_vocab is None:
+    if draft.token_ranking is None:
+      return None
+    n = min(DEFAULT_DRAFT_VOCAB, draft.token_ranking.size)
+    return None if n >= draft.config.vocab_size else n  # all of it: no restriction to make
+  if isinstance(draft_vocab, int | np.integer) and draft_vocab == 0:
+    return None
+  return draft_vocab
+
+
+def draft_params(draft: LoadedModel, mesh, draft_vocab: DraftVocab) -> Params:
   """The draft's params placed on `mesh`, its head restricted to `draft_vocab` if given (the
   first N of its token ranking, or explicit token ids; see `transformer.head_subset`)."""
   params = placement.place_params(draft.params, draft.config, mesh)
@@ -64,8 +73,8 @@ def vocab_ids(draft: LoadedModel, draft_vocab: int | Sequence[int]) -> np.ndarra
   if draft.token_ranking is None:
     raise ValueError(
       f"draft {draft.name!r} has no token ranking (token_ranking.npy in its directory), so "
-      "draft_vocab=N cannot pick its N most frequent tokens: pass explicit token ids, or omit "
-      "draft_vocab to score the whole vocabulary"
+      "draft_vocab=N cannot pick its N most frequent tokens: pass explicit token ids, or 0 "
+      "(or nothing) to score the whole vocabulary"
     )
   if draft_vocab > draft.token_ranking.size:
     raise ValueError(
@@ -75,14 +84,18 @@ def vocab_ids(draft: LoadedModel, draft_vocab: int | Sequence[int]) -> np.ndarra
   return draft.token_ranking[:draft_vocab]
 
 
+def head_size(params: Params, config) -> int:
+  """Columns of a draft's LM head (its vocabulary unless restricted)."""
+  ids = params.get("head_ids")
+  return config.vocab_size if ids is None else int(ids.shape[0])
+
+
 class LocalSpeculator:
-  """The draft side on `mesh`, in this process (see the module docstring)."""
+  """The draft side on `mesh`, in this process: sd's `base.Drafter` and ssd's
+  `base.Speculator`."""
 
-  reads_outcome = False  # `next` takes the outcome on the target's mesh, as a future
-
-  def __init__(self, params: Params, mesh: jax.sharding.Mesh, plan: DraftPlan, timer=None):
-    self.params, self.mesh, self.plan = params, mesh, plan
-    self.timer = timer or NullTimer()
+  def __init__(self, params: Params, mesh: jax.sharding.Mesh, plan: DraftPlan, timer: Timer):
+    self.params, self.mesh, self.plan, self.timer = params, mesh, plan, timer
     self.state = self.last = None
     self._cache: SpeculationCache | None = None
     self._last: Speculation | None = None  # the speculation last handed out
@@ -127,20 +140,15 @@ class LocalSpeculator:
     )
     return self._last
 
-  def expand(self) -> None:
-    """ssd: dispatch the expansion of the speculation last handed out, once the target's
-    verification of it is dispatched: both then run at once. (Dispatched earlier, a cheap
-    expansion can run inline in the dispatching thread and hold the target back.)"""
+  def expand(self) -> SpeculationCache:
+    """ssd: dispatch the expansion of the speculation last handed out. Called once the target's
+    verification of it is dispatched, so both run at once (dispatched earlier, a cheap expansion
+    can run inline in the dispatching thread and hold the target back)."""
     self.state, self._cache = speculate.expand(self.params, self.state, self._last, plan=self.plan)
     self.timer.when_ready("draft", "expand_done", self._cache)
-
-  @property
-  def cache(self) -> SpeculationCache | None:
-    """The speculation cache of the last expansion (a speculator process sends it to the target
-    in greedy runs, which then serves hits itself)."""
     return self._cache
 
-  def next(self, outcome: Outcome) -> Speculation:
+  def lookup(self, outcome: Outcome) -> Speculation:
     """ssd: the speculation for `outcome`: cached on a hit, the backup's on a miss."""
     self.state, self._last = speculate.lookup(
       self.params, self.state, self._cache, self.put(outcome), plan=self.plan
@@ -148,6 +156,33 @@ class LocalSpeculator:
     self.timer.when_ready("draft", "lookup_done", self._last)
     return self._last
 
-  def close(self) -> None:
-    """End the run (its compilations are counted by the caller, in this process)."""
+  def next(self, report: Report) -> tuple[Speculation, Report]:
+    """ssd: expand the speculation being verified, then look its outcome up. The outcome stays
+    a future on the target's mesh: nothing here reads it."""
+    self.expand()
+    return self.lookup(report.outcome), report
+
+  def close(self) -> SpeculatorStats:
+    """End the run (its compilations happen in this process, where the caller counts them)."""
     self.state = self._cache = self._last = None
+    return SpeculatorStats()
+
+
+class LocalSite:
+  """Speculators on a mesh of this process."""
+
+  def __init__(self, params: Params, mesh: jax.sharding.Mesh):
+    self.params, self.mesh = params, mesh
+
+  def speculator(self, plan: DraftPlan, timer: Timer) -> LocalSpeculator:
+    return LocalSpeculator(self.params, self.mesh, plan, timer)
+
+  def start(self) -> None:
+    pass
+
+  @property
+  def startup(self) -> None:
+    return None
+
+  def close(self) -> None:
+    pass

@@ -3,18 +3,19 @@
 One SSD round through the files, in order:
 
 1. `Engine.generate` validates the requests (`inputs.prepare`) and fixes the run's static
-   `Plan` (`plan.py`): every jitted program below is compiled for its half of it, once.
-2. `target.start` and `LocalSpeculator.start` (`speculator.py`, via `draft.start`) prefill the
-   prompts on their meshes; the target's params live on the target mesh (tensor-parallel over
-   `target_devices`), the draft's on a mesh of its own devices.
-3. `loops.run_ssd` drives the rounds: `target.step` verifies speculation r (`verify.verify`)
-   while the speculator's `speculate.expand` forks and decodes the likely outcomes of that same
-   speculation; the outcome crosses to the draft (`jax.device_put`, a few ints per row),
-   `speculate.lookup` serves speculation r + 1 from the cache or a backup, and it crosses back.
-4. `loops.drive` reads each round's `Report` (the one host sync per round): one round late with
-   a speculator on a device of this process, so the host never waits for the device; at once
-   with a speculator process, which needs the outcome on the host to send it. This module
-   turns the reports into tokens and `Metrics`.
+   `Plan` (`decode/plan.py`): every jitted program below is compiled for its half of it, once.
+2. `decode.target.start` and the speculator's `start` (`speculator/local.py`, via
+   `decode.draft.start`) prefill the prompts on their meshes; the target's params live on the
+   target mesh (tensor-parallel over `target_devices`), the draft's on a mesh of its own devices
+   or in a speculator process (`Placement`).
+3. `loops.run_ssd` drives the rounds: `decode.target.step` verifies speculation r
+   (`decode.verify`) while the speculator's `decode.speculate.expand` forks and decodes the
+   likely outcomes of that same speculation; the outcome crosses to the draft (a few ints per
+   row), `decode.speculate.lookup` serves speculation r + 1 from the cache or a backup, and it
+   crosses back.
+4. `loops.drive` reads each round's `Report` (the one host sync per round), a round late, so
+   the host never waits for the device. This module turns the reports into tokens and
+   `Metrics`.
 """
 
 from __future__ import annotations
@@ -29,22 +30,20 @@ import numpy as np
 
 from ssd_jax import sharding
 from ssd_jax.config import SpecConfig
-from ssd_jax.decode import inputs, theory
+from ssd_jax.decode import policy
 from ssd_jax.decode import target as target_lib
-from ssd_jax.decode.loops import LOOPS, Run
-from ssd_jax.decode.metrics import Metrics, NullTimer, RoundTimer
 from ssd_jax.decode.plan import Plan
-from ssd_jax.decode.remote import (
-  RemoteSpeculator,
-  SpeculatorProcess,
-  resolve_placement,
-  speculator_options,
-)
 from ssd_jax.decode.sampling import Sampling
-from ssd_jax.decode.speculator import LocalSpeculator, draft_params
 from ssd_jax.decode.state import Report
-from ssd_jax.models import placement
+from ssd_jax.kernels import default_impl
+from ssd_jax.models import placement as placement_lib
 from ssd_jax.models.registry import LoadedModel
+from ssd_jax.runtime import inputs
+from ssd_jax.runtime.loops import LOOPS, Run
+from ssd_jax.runtime.metrics import Metrics
+from ssd_jax.speculator import LocalSite, Placement, Site, open_site
+from ssd_jax.speculator.local import default_draft_vocab, draft_params, head_size
+from ssd_jax.timing import NullTimer, RoundTimer
 
 OnTokens = Callable[[int, list[int]], None]
 
@@ -79,26 +78,20 @@ class Engine:
   """A target (and optionally a draft) placed on devices, ready to generate.
 
   Args:
-    target: the verifier model (see `ssd_jax.models.registry.load_model`).
+    target: the verifier model (see `ssd_jax.load_model`).
     draft: the drafter; required for "sd" and "ssd". Must share the target's vocabulary.
     target_devices: size of the target's tensor-parallel mesh.
     draft_devices: size of the draft's mesh (its own devices, after the target's).
     attention_impl: "reference", "xla" or "pallas"; default: the fastest correct one here.
     devices: the devices to use (default: all of the default backend).
-    draft_vocab: restrict the draft's LM head to N tokens (the first N of the draft's token
-      ranking) or to an explicit list of token ids: cheaper drafting, same outputs (see
-      `transformer.head_subset`); default: the whole vocabulary.
-    draft_placement: where ssd's draft side runs: "device" (a mesh of this process: on CPU
-      its devices share this process's thread pool, so that is placement, not compute),
-      "process" (a speculator process pinned to `speculator_cores`: compute of its own), or
-      "auto" (a process on a CPU host with a core to spare, else a device). sd always drafts
-      beside the target, in this process.
-    speculator_cores: CPU cores of the speculator process (default: the first core this
-      process may not use; if it may use all, the last of them, shared, with a warning).
-    speculator_address: "host:port" of a speculator another host runs (`python -m
-      ssd_jax.speculator --listen`); implies the process placement.
-    speculator_pipe: how arrays cross to the process: "shm" (one host; the default for a child)
-      or "transfer" (`jax.experimental.transfer`; the default with an address).
+    draft_vocab: the draft's LM head: N tokens (the first N of the draft's token ranking), an
+      explicit list of token ids, or 0 for the whole vocabulary: cheaper drafting, same outputs
+      (see `transformer.head_subset`). Default: the draft's DEFAULT_DRAFT_VOCAB most frequent
+      tokens when it ships a ranking, else the whole vocabulary (as `python -m ssd_jax.run`).
+    placement: where ssd's draft side runs (`Placement`, or "auto", "device", "process" or
+      "host:port"). "auto", the default: a speculator process on a CPU host where this process
+      leaves a core free for it (`ssd_jax.cpu_layout()`), else a device of this process. sd
+      always drafts beside the target, in this process.
 
   An engine with a speculator process owns it: `close()` (or leaving a `with` block, or the
   interpreter's exit) stops it.
@@ -114,10 +107,7 @@ class Engine:
     attention_impl: str | None = None,
     devices: Sequence[jax.Device] | None = None,
     draft_vocab: int | Sequence[int] | None = None,
-    draft_placement: str = "device",
-    speculator_cores: Sequence[int] | None = None,
-    speculator_address: str | None = None,
-    speculator_pipe: str | None = None,
+    placement: Placement | str = "auto",
   ):
     if draft is not None and draft.config.vocab_size != target.config.vocab_size:
       raise ValueError(
@@ -127,6 +117,7 @@ class Engine:
       )
     if draft is None and draft_vocab is not None:
       raise ValueError("draft_vocab restricts a draft's head, but no draft was given")
+    placement = Placement.of(placement)
     devices = list(devices if devices is not None else jax.devices())
     # One device in all: the draft shares it (allowed, with a warning). Otherwise too few
     # devices is an error from make_meshes.
@@ -141,30 +132,30 @@ class Engine:
     self.target_mesh, self.draft_mesh = sharding.make_meshes(
       target_devices, draft_devices, devices, share=self.shared or draft is None
     )
-    if attention_impl is None:
-      from ssd_jax.kernels.backend import default_impl  # noqa: PLC0415 (imports Pallas)
-
-      attention_impl = default_impl(devices[0].platform)
-    self.attention_impl = attention_impl
-    self.target_params = placement.place_params(target.params, target.config, self.target_mesh)
-    self.calibration: dict[str, float] = {}
+    self.attention_impl = attention_impl or default_impl(devices[0].platform)
+    self.target_params = placement_lib.place_params(target.params, target.config, self.target_mesh)
     self.draft_params = None
+    self.local: Site | None = None
+    self.site: Site | None = None  # where ssd's draft side runs
     if draft is not None:
-      self.draft_params = draft_params(draft, self.draft_mesh, draft_vocab)
-    self.draft_placement = resolve_placement(draft_placement, speculator_address, devices[0])
-    self.speculator_options = None
-    self._process: SpeculatorProcess | None = None
-    if draft is not None and self.draft_placement == "process":
-      self.speculator_options = speculator_options(
-        draft, draft_vocab, attention_impl, speculator_cores, speculator_address, speculator_pipe
+      vocab = default_draft_vocab(draft, draft_vocab)
+      self.draft_params = draft_params(draft, self.draft_mesh, vocab)
+      self.local = LocalSite(self.draft_params, self.draft_mesh)
+      self.site = open_site(
+        placement,
+        draft=draft,
+        draft_vocab=vocab,
+        params=self.draft_params,
+        mesh=self.draft_mesh,
+        attention_impl=self.attention_impl,
+        device=self.target_mesh.devices.flat[0],
       )
 
   def close(self) -> None:
     """Stop the speculator process, if one runs (the engine can still decode: a later ssd
     run starts a new one)."""
-    if self._process is not None:
-      self._process.close()
-      self._process = None
+    if self.site is not None:
+      self.site.close()
 
   def __enter__(self) -> Engine:
     return self
@@ -172,18 +163,16 @@ class Engine:
   def __exit__(self, *exc) -> None:
     self.close()
 
-  def speculator_process(self) -> SpeculatorProcess:
-    """The speculator process of this engine, started (and its draft loaded) on first use."""
-    if self._process is None:
-      self._process = SpeculatorProcess(self.speculator_options, self.target_mesh.devices.flat[0])
-      if self._process.head_size not in (None, self.draft_head_size):
-        raise ValueError("the speculator's draft head differs from this engine's")
-    return self._process
+  def start_speculator(self) -> None:
+    """Start ssd's speculator process now, if it has one (else it starts with the first ssd
+    run): a speculator that cannot start or be reached then fails here, before any decoding."""
+    if self.site is not None:
+      self.site.start()
 
   @property
   def speculator_startup(self) -> dict[str, float] | None:
     """Seconds the speculator process took to start and to load its draft (None: none ran)."""
-    return None if self._process is None else self._process.startup
+    return None if self.site is None else self.site.startup
 
   def _to_target(self, tree):
     return sharding.place(tree, self.target_mesh)
@@ -191,18 +180,17 @@ class Engine:
   @property
   def draft_head_size(self) -> int | None:
     """Columns of the draft's LM head (its vocabulary unless `draft_vocab` restricted it)."""
-    if self.draft_params is None:
-      return None
-    ids = self.draft_params.get("head_ids")
-    return self.draft.config.vocab_size if ids is None else int(ids.shape[0])
+    return None if self.draft is None else head_size(self.draft_params, self.draft.config)
+
+  def default_spec(self) -> SpecConfig:
+    """What `generate` runs without a `spec`: ssd as configured by default (`SpecConfig()`)
+    with a draft, autoregressive decoding without."""
+    return SpecConfig() if self.draft is not None else SpecConfig(mode="ar")
 
   def plan(
     self, spec: SpecConfig, *, greedy: bool, ignore_eos: bool = False, batch_size: int = 1
   ) -> Plan:
-    """The static plan of decoding `batch_size` rows with `spec` (see `plan.py`)."""
-    backup = spec.backup
-    if backup == "auto":
-      backup = theory.choose_backup(batch_size, self.auto_threshold(spec))
+    """The static plan of decoding `batch_size` rows with `spec` (see `decode/plan.py`)."""
     return Plan.make(
       spec,
       target=self.target.config,
@@ -211,30 +199,8 @@ class Engine:
       greedy=greedy,
       eos_ids=() if ignore_eos else self.target.config.eos_token_ids,
       attention_impl=self.attention_impl,
-      backup=backup,
+      batch_size=batch_size,
     )
-
-  def auto_threshold(self, spec: SpecConfig) -> float:
-    """b* for the "auto" backup: `spec.auto_batch_threshold`, else `backup_threshold`."""
-    if spec.auto_batch_threshold is not None:
-      return spec.auto_batch_threshold
-    return self.backup_threshold(spec)
-
-  def backup_threshold(self, spec: SpecConfig) -> float:
-    """b* of Theorem 17 for this pair: the batch size from which the fast backup wins.
-
-    Uses `self.calibration` when set (measured: p_hit, e_hit, e_miss_neural, t_neural = backup
-    drafting time / verify time, e.g. from a previous run's metrics); otherwise estimates the
-    backup's cost from parameter counts (lookahead draft steps, each costing the draft/target
-    parameter ratio of a verification) with the paper's typical p_hit = 0.85 and a = 0.7.
-    """
-    c = dict(self.calibration)
-    ratio = self.draft.config.num_params / self.target.config.num_params
-    c.setdefault("t_neural", spec.lookahead * ratio)
-    c.setdefault("p_hit", 0.85)
-    c.setdefault("e_hit", theory.expected_tokens_sd(0.7, spec.lookahead))
-    c.setdefault("e_miss_neural", c["e_hit"])
-    return theory.backup_threshold(c["p_hit"], c["e_hit"], c["e_miss_neural"], c["t_neural"])
 
   def generate(
     self,
@@ -257,7 +223,7 @@ class Engine:
 
     Args:
       prompts: B lists of token ids.
-      spec: mode and speculation knobs (default: autoregressive).
+      spec: mode and speculation knobs (default: `default_spec()`).
       sampling: one `Sampling` for every row, or one per row (default: greedy).
       max_new_tokens: budget, one int or one per prompt.
       temperatures: per-prompt temperatures overriding those of `sampling`.
@@ -270,7 +236,7 @@ class Engine:
     Raises:
       ValueError: bad input (the message names it); nothing has run on a device yet.
     """
-    spec = spec or SpecConfig(mode="ar", lookahead=0)
+    spec = spec or self.default_spec()
     batch, plan = self.validate(
       prompts,
       spec=spec,
@@ -311,7 +277,7 @@ class Engine:
       sampling=sampling,
       temperatures=temperatures,
       max_new_tokens=max_new_tokens,
-      lookahead=spec.lookahead if spec.mode != "ar" else 0,
+      lookahead=spec.lookahead,
       capacity=capacity,
       meshes=[self.target_mesh, self.draft_mesh][: len(models)],
     )
@@ -321,7 +287,8 @@ class Engine:
   def _ssd_extra(self, spec: SpecConfig, plan: Plan) -> dict:
     extra = {"fan_out": list(plan.draft.fan_out), "fan_out_miss": list(plan.draft.fan_out_miss)}
     if spec.backup == "auto":
-      extra |= {"backup": plan.draft.backup, "backup_threshold": self.auto_threshold(spec)}
+      threshold = policy.backup_threshold(spec, self.target.config, self.draft.config)
+      extra |= {"backup": plan.draft.backup, "backup_threshold": threshold}
     return extra
 
   def _decode(self, plan: Plan, batch: inputs.Batch, key, trace: bool, on_report) -> Metrics:
@@ -331,23 +298,28 @@ class Engine:
     key_target, key_draft = jax.random.split(key)
     state = self._start_target(plan, batch, key_target)
     speculator = None
-    if plan.mode == "ssd" and self.speculator_options is not None:
-      speculator = self.speculator_process().speculator(plan.draft, timer)
-    elif plan.draft is not None:
-      speculator = LocalSpeculator(self.draft_params, self.draft_mesh, plan.draft, timer)
-    if speculator is not None:
+    if plan.draft is not None:
+      site = self.site if plan.mode == "ssd" else self.local
+      speculator = site.speculator(plan.draft, timer)
       speculator.start(batch.tokens, batch.lengths, batch.warp, key_draft, batch.capacity)
       speculator.ready()
     jax.block_until_ready(state)
     t1 = time.perf_counter()
     timer.start()
     run = Run(plan, self.target_params, self._to_target, speculator, timer, on_report)
-    state, rounds = LOOPS[plan.mode](run, state)
+    try:
+      state, rounds = LOOPS[plan.mode](run, state)
+    except BaseException:  # a Ctrl-C in a chat, say: the speculator must not keep this run
+      self._abandon(speculator, timer)
+      raise
     t2 = time.perf_counter()
-    remote_compiles = speculator.close() if speculator is not None else None
-    extra = {} if remote_compiles is None else {"speculator_compiles": remote_compiles}
-    if isinstance(speculator, RemoteSpeculator) and plan.draft.greedy:
-      extra["rounds_served_by_target"] = speculator.served_here
+    extra = {}
+    if speculator is not None:
+      stats = speculator.close()
+      if stats.compiles is not None:
+        extra["speculator_compiles"] = stats.compiles
+      if stats.served_by_target is not None:
+        extra["rounds_served_by_target"] = stats.served_by_target
     return Metrics(
       mode=plan.mode,
       lookahead=plan.target.lookahead,
@@ -362,8 +334,20 @@ class Engine:
       extra=extra,
     )
 
+  def _abandon(self, speculator, timer) -> None:
+    """End an interrupted run: the speculator ends it too (a speculator process that cannot,
+    its channel cut mid-message, is stopped; the next run starts another), the timer's threads
+    stop."""
+    timer.close()
+    if speculator is None:
+      return
+    try:
+      speculator.close()
+    except Exception:
+      self.close()
+
   def _start_target(self, plan: Plan, batch: inputs.Batch, key):
-    cache = placement.init_cache(
+    cache = placement_lib.init_cache(
       plan.target.config,
       self.target_mesh,
       batch.batch_size,

@@ -1,0 +1,172 @@
+"""A speculator process's side of the channel: the hello (load the draft the target names),
+then its calls answered by a `LocalSpeculator` on this process's device.
+
+  start   prefill (answered once done, so the target's timing starts after it)
+  first   the first speculation, sent; then its expansion dispatched
+  next    lookup for the outcome (a hit, or the backup), sent; then its expansion dispatched
+          (greedy runs: the speculation is sent only when some row missed, and each expansion's
+          cache is sent once computed: the target serves every-row hits from it itself)
+  stop    the run is over;  bye: the target is done with this speculator
+
+Every answer crosses on the pipe; expansions run while the target verifies what was just sent.
+Other operations (the benchmarks' probes, say) are not part of the protocol: a module registers
+them with `register`, and a speculator runs them only when started with that module
+(`python -m ssd_jax.speculator --extension MODULE`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ssd_jax import sharding
+from ssd_jax.decode.plan import DraftPlan
+from ssd_jax.decode.sampling import Warp
+from ssd_jax.decode.state import Outcome, Speculation
+from ssd_jax.models.registry import load_model
+from ssd_jax.models.transformer import Params
+from ssd_jax.models.weights import config_to_hf
+from ssd_jax.speculator.channel import (
+  CACHE_FIELDS,
+  OUTCOME_FIELDS,
+  PROTOCOL,
+  SPECULATION_FIELDS,
+  Connection,
+  Pipe,
+  SharedMemoryPipe,
+  TransferPipe,
+)
+from ssd_jax.speculator.local import LocalSpeculator, draft_params, head_size
+from ssd_jax.timing import NullTimer, count_compiles
+
+# An operation beside the protocol's: handler(message, conn, pipe) answers on conn (arrays on
+# pipe). Registered by the module that uses it, imported at start-up (`--extension`).
+Handler = Callable[[dict[str, Any], Connection, Pipe], None]
+_EXTENSIONS: dict[str, Handler] = {}
+_PROTOCOL_OPS = ("start", "first", "next", "stop", "bye")
+
+
+def register(op: str, handler: Handler) -> None:
+  """Make this speculator answer `op` with `handler` (see Handler)."""
+  if op in _PROTOCOL_OPS:
+    raise ValueError(f"{op!r} is an operation of the protocol itself")
+  _EXTENSIONS[op] = handler
+
+
+def serve(conn: Connection, pipe: Pipe, params: Params, mesh, config) -> None:
+  """Answer one target's calls (see remote.RemoteSpeculator) until it says bye.
+
+  After answering `first` or `next` it dispatches the expansion of the speculation just sent:
+  it runs while the target verifies that speculation, and the next `next` finds its cache.
+  """
+  with count_compiles() as compiles:
+    _Session(conn, pipe, params, mesh, config, compiles).run()
+
+
+class _Session:
+  """One target's run after run, until bye."""
+
+  def __init__(self, conn, pipe, params, mesh, config, compiles: list[str]):
+    self.conn, self.pipe, self.params, self.mesh, self.config = conn, pipe, params, mesh, config
+    self.compiles, self.compiled_before = compiles, 0
+    self.speculator: LocalSpeculator | None = None
+
+  def run(self) -> None:
+    while True:
+      message = self.conn.receive()
+      op = message.get("op")
+      if op == "bye":
+        return
+      if op in _EXTENSIONS:
+        _EXTENSIONS[op](message, self.conn, self.pipe)
+      elif op in _PROTOCOL_OPS:
+        getattr(self, f"_{op}")(message)
+      else:
+        raise ValueError(f"unknown request {op!r}")
+
+  def _answer(self, speculation: Speculation) -> None:
+    fields = {f: getattr(speculation, f) for f in SPECULATION_FIELDS}
+    arrays = self.pipe.pack({k: v for k, v in fields.items() if v is not None}, slot="speculation")
+    self.conn.send({"op": "speculation", "arrays": arrays})
+
+  def _expand(self) -> None:
+    """Dispatch the expansion of the speculation just sent; in greedy runs, send its cache once
+    computed (the target reads it after its verification, which runs meanwhile)."""
+    cache = self.speculator.expand()
+    if self.speculator.plan.greedy:
+      fields = {f: getattr(cache, f) for f in CACHE_FIELDS}
+      self.conn.send({"op": "cache", "arrays": self.pipe.pack(fields, slot="cache")})
+
+  def _start(self, message) -> None:
+    self.compiled_before = len(self.compiles)
+    plan = DraftPlan.from_json(message["plan"], self.config)
+    self.speculator = LocalSpeculator(self.params, self.mesh, plan, NullTimer())
+    a = self.pipe.unpack(message["arrays"])
+    warp = Warp(temperature=a["temperature"], top_k=a["top_k"], top_p=a["top_p"])
+    key = jax.random.wrap_key_data(a["key"])
+    tokens, lengths = np.asarray(a["tokens"]), np.asarray(a["lengths"])
+    self.speculator.start(tokens, lengths, warp, key, message["capacity"])
+    self.speculator.ready()
+    self.conn.send({"op": "started"})
+
+  def _first(self, message) -> None:
+    self._answer(self.speculator.first())
+    self._expand()
+
+  def _next(self, message) -> None:
+    a = self.pipe.unpack(message["arrays"])
+    speculation = self.speculator.lookup(Outcome(**{f: a[f] for f in OUTCOME_FIELDS}))
+    # Greedy: where every row hit, the target has served this speculation from the cache.
+    if not (self.speculator.plan.greedy and np.asarray(speculation.hit).all()):
+      self._answer(speculation)
+    self._expand()
+
+  def _stop(self, message) -> None:  # answered with the compilations since this run's start
+    if self.speculator is not None:
+      self.speculator.close()
+    self.speculator = None
+    self.conn.send({"op": "stopped", "compiles": len(self.compiles) - self.compiled_before})
+
+
+def serve_connection(sock) -> None:
+  """A speculator's whole life with one target: the hello (load the draft it names, place it on
+  this process's first device, start the pipe), then `serve`. Any failure is sent to the target
+  as an error message before it is raised here."""
+  conn = Connection(sock)
+  pipe = None
+  try:
+    hello = conn.receive()
+    if hello.get("op") != "hello" or hello.get("protocol") != PROTOCOL:
+      raise ValueError(f"expected a protocol-{PROTOCOL} hello, got {hello!r:.80}")
+    draft = load_model(hello["draft"], dtype=jnp.dtype(hello["dtype"]))
+    device = jax.devices()[0]
+    mesh = sharding.mesh_of([device])
+    vocab = hello["draft_vocab"]
+    params = draft_params(draft, mesh, tuple(vocab) if isinstance(vocab, list) else vocab)
+    here = sock.getsockname()[0]  # where the target reaches this host
+    pipe = TransferPipe(device, here) if hello["pipe"] == "transfer" else SharedMemoryPipe()
+    ready = {
+      "op": "ready",
+      "pid": os.getpid(),
+      "config": config_to_hf(draft.config),
+      "head_size": head_size(params, draft.config),
+    }
+    if isinstance(pipe, TransferPipe):
+      pipe.connect(hello["transfer_address"])
+      ready["transfer_address"] = pipe.address
+    conn.send(ready)
+    serve(conn, pipe, params, mesh, draft.config)
+  except Exception as e:
+    with contextlib.suppress(Exception):
+      conn.send({"op": "error", "message": f"{type(e).__name__}: {e}"})
+    raise
+  finally:
+    if pipe is not None:
+      pipe.close()
+    conn.close()
