@@ -28,15 +28,18 @@ Z_MAX = 4.5
 PROMPT = [3, 1, 4, 1, 5]
 
 
-def tiny_pair(seed: int = 0, noise: float = 0.3) -> tuple[LoadedModel, LoadedModel]:
+def tiny_pair(
+  seed: int = 0, noise: float = 0.3, heads: int = 2, kv_heads: int = 1
+) -> tuple[LoadedModel, LoadedModel]:
   """A V = 8 target and a draft that is the target with noisy weights: they agree often but
-  not always, so acceptance, rejection and full acceptance all happen."""
+  not always, so acceptance, rejection and full acceptance all happen. `heads` and `kv_heads`
+  must divide by a tensor-parallel target's device count."""
   config = ModelConfig(
     vocab_size=V,
     hidden_size=16,
     num_layers=2,
-    num_heads=2,
-    num_kv_heads=1,
+    num_heads=heads,
+    num_kv_heads=kv_heads,
     head_dim=8,
     intermediate_size=32,
   )

@@ -13,7 +13,10 @@ import pytest
 from ssd_jax import Engine, Sampling
 from ssd_jax.config import SpecConfig
 from ssd_jax.decode import draft as draft_lib
+from ssd_jax.decode import sampling as sampling_lib
+from ssd_jax.decode import speculate
 from ssd_jax.decode import target as target_lib
+from ssd_jax.decode import verify as verify_lib
 from ssd_jax.decode.sampling import Warp, sample, warped_probs
 from ssd_jax.decode.verify import verify
 from ssd_jax.models.registry import LoadedModel
@@ -42,11 +45,14 @@ def decode_law(engine, spec, sampling, seed=0, tokens=TOKENS, prompt=exact.PROMP
 
 def assert_exact(observed, law):
   z = exact.fit_z(observed, law)
+  print(f"z = {z:.2f}")  # seen with -s: the margin each path passes by
   assert z < exact.Z_MAX, (z, exact.total_variation(observed, law))
 
 
 def assert_broken(observed, law):
-  assert exact.fit_z(observed, law) > 3 * exact.Z_MAX
+  z = exact.fit_z(observed, law)
+  print(f"z = {z:.2f}")
+  assert z > 3 * exact.Z_MAX, (z, exact.total_variation(observed, law))
 
 
 def sd_spec(c, lookahead=2):
@@ -75,6 +81,42 @@ def test_top_k_and_top_p_are_exact(engine, mode, sampling):
   sampling = dataclasses.replace(sampling, temperature=1.0)
   spec = SpecConfig(mode="ar", lookahead=0) if mode == "ar" else sd_spec(1.0)
   assert_exact(*decode_law(engine, spec, sampling)[:2])
+
+
+_top_k_mask, _top_p_mask = sampling_lib.top_k_mask, sampling_lib.top_p_mask
+
+
+def _top_k_one_too_few(probs, top_k):
+  """top-k cut at the (k - 1)-th most likely token, an off-by-one at the cut (k = 1 and k = 0,
+  off, unchanged). Both p and q are cut alike, so speculation stays self-consistent: only the
+  oracle's independent warp can see it."""
+  return _top_k_mask(probs, jnp.where(top_k > 1, top_k - 1, top_k))
+
+
+def _top_p_one_too_few(probs, top_p):
+  """top-p without the token that crosses top_p (as if each token's own mass were counted in the
+  mass before it): the least likely kept token dropped wherever more than one is kept."""
+  top_p = jnp.broadcast_to(top_p, probs.shape[:-1])[..., None]
+  keep = _top_p_mask(probs, top_p[..., 0])
+  least = jnp.min(jnp.where(keep, probs, jnp.inf), axis=-1, keepdims=True)
+  several = keep.sum(-1, keepdims=True) > 1
+  return keep & ~((probs == least) & several & (top_p < 1.0))
+
+
+@pytest.mark.parametrize(
+  ("sampling", "name", "mutant"),
+  [
+    (Sampling(temperature=1.0, top_k=3), "top_k_mask", _top_k_one_too_few),
+    (Sampling(temperature=1.0, top_p=0.8), "top_p_mask", _top_p_one_too_few),
+  ],
+  ids=["top-k", "top-p"],
+)
+def test_top_k_and_top_p_negative_controls_fail(engine, restore, sampling, name, mutant):
+  """The test above (sd), with a warp that keeps one token too few, where p and q both come
+  from it. Seed 0, N = 50,000: the mutants reach z = 99.1 (top-k) and z = 132.9 (top-p), the
+  correct warps z = 0.27 and z = 0.19."""
+  broken(restore, sampling_lib, name, mutant)
+  assert_broken(*decode_law(engine, sd_spec(1.0), sampling)[:2])
 
 
 def _argmax_match(key, logits, drafts, q, point_mass, warp, *, greedy):
@@ -117,6 +159,31 @@ def test_negative_controls_fail(engine, restore, mutant):
   assert_broken(*decode_law(engine, sd_spec(1.0), SAMPLED)[:2])
 
 
+_residual = verify_lib.residual
+LEAK = 0.1  # a bias this test sees with a margin (its power by LEAK: see below)
+
+
+def _residual_leaking_p(p, q):
+  """A small bias: after a rejection, a fraction LEAK of the bonus tokens drawn from p instead
+  of the residual norm(max(0, p - q)) (a residual mixed with its fallback). Acceptance stays
+  correct, so the emitted law is off by only LEAK * P(reject) * (p - residual)."""
+  return (1 - LEAK) * _residual(p, q) + LEAK * p
+
+
+def test_a_small_residual_bias_is_caught(engine, restore):
+  """The test's power against a subtle mutant: sync sd at T = 1, C = 1, lookahead 2, 3 tokens,
+  seed 0, N = 50,000 (`test_sync_sd_is_exact[1.0-1.0]`, where the correct residual reaches
+  z = -0.86). The z the same decode reaches by LEAK, measured once: 0.02 -> -0.25,
+  0.05 -> 1.43, 0.075 -> 4.51, 0.1 -> 7.69, 0.15 -> 14.51, 0.2 -> 21.62, 0.3 -> 35.26. So a
+  bias of 5% of the bonus tokens after a rejection passes unseen at this sample size, 7.5% is
+  at the threshold (Z_MAX = 4.5), and 10% is caught with a margin."""
+  broken(restore, verify_lib, "residual", _residual_leaking_p)
+  observed, law, _ = decode_law(engine, sd_spec(1.0), SAMPLED)
+  z = exact.fit_z(observed, law)
+  print(f"z = {z:.2f}")
+  assert z > exact.Z_MAX, z
+
+
 # (spec, check on the metrics that the intended path carried most rounds)
 SSD_PATHS = {
   # F covers every token that can be a bonus (V - 1 at depth 0, V after full acceptance):
@@ -136,11 +203,34 @@ def test_ssd_paths_are_exact(engine, path, temperature):
   assert_exact(observed, law)
 
 
-@pytest.mark.parametrize("c", [1.0, 0.5, 0.0])
-def test_ssd_saguaro_is_exact(engine, c):
-  observed, law, metrics = decode_law(engine, ssd_spec((4, 4), c=c), SAMPLED)
-  assert metrics.later_hit_rate > 0.3  # partial coverage: hits and misses both frequent
+@pytest.mark.parametrize(
+  ("backup", "c"), [("neural", 1.0), ("neural", 0.5), ("neural", 0.0), ("fast", 0.5), ("fast", 0.0)]
+)
+def test_ssd_saguaro_is_exact(engine, backup, c):
+  """Saguaro's scaled q on the cached branches, beside each backup's misses (the fast backup's
+  point masses next to scaled cached q in one batch)."""
+  observed, law, metrics = decode_law(engine, ssd_spec((4, 4), backup=backup, c=c), SAMPLED)
+  assert 0.3 < metrics.later_hit_rate < 0.9  # partial coverage: hits and misses both frequent
   assert_exact(observed, law)
+
+
+_backup = speculate._backup
+
+
+def _backup_q_of_another_row(params, state, outcome, need, key, *, plan):
+  """The neural backup's tokens verified against the previous row's q: a backup that drafts
+  for the rows that missed and scatters its q back with a shifted row index."""
+  tokens, probs, point_mass, cache = _backup(params, state, outcome, need, key, plan=plan)
+  return tokens, None if probs is None else jnp.roll(probs, 1, axis=0), point_mass, cache
+
+
+def test_neural_backup_negative_control_fails(engine, restore):
+  """`test_ssd_paths_are_exact` on the neural-miss path (T = 1) with the mutant above: seed 0,
+  N = 50,000, the mutant reaches z = 198.7, the correct backup z = -0.09."""
+  broken(restore, speculate, "_backup", _backup_q_of_another_row)
+  observed, law, metrics = decode_law(engine, SSD_PATHS["neural miss"][0], SAMPLED)
+  assert metrics.later_hit_rate < 0.5
+  assert_broken(observed, law)
 
 
 # Lookahead 2 and four tokens: second-round speculations (hits and backups) are verified at
@@ -169,27 +259,52 @@ MIXED = [
 ]
 
 
-@pytest.mark.parametrize("spec", [sd_spec(1.0), ssd_spec((2, 2, 2)), ssd_spec((1, 1, 1), "fast")])
-def test_mixed_per_row_settings_in_one_batch_are_exact(engine, spec):
-  """Each row its own temperature / top-k / top-p (a greedy row among them), ragged prompts:
-  every group of rows follows its own law."""
+def mixed_z(engine, spec) -> dict[tuple[int, int], float]:
+  """Each row its own temperature / top-k / top-p (a greedy row among them), ragged prompts, in
+  one batch: the z of every group of rows (setting, prompt) against its own law."""
   prompts = [exact.PROMPT, [2, 7, 0]]
-  rows = [(MIXED[i % 4], prompts[i // 4 % 2]) for i in range(2 * N)]
+  rows = [(i % 4, i // 4 % 2) for i in range(2 * N)]
   out = engine.generate(
-    [p for _, p in rows],
+    [prompts[p] for _, p in rows],
     spec=spec,
-    sampling=[s for s, _ in rows],
+    sampling=[MIXED[s] for s, _ in rows],
     max_new_tokens=TOKENS,
     seed=3,
     capacity=24,
   )
-  for sampling in MIXED:
-    for prompt in prompts:
-      group = [
-        t for t, (s, p) in zip(out.tokens, rows, strict=True) if (s, p) == (sampling, prompt)
-      ]
-      law = exact.exact_law(engine.target, prompt, TOKENS, sampling)
-      assert_exact(exact.counts(group, TOKENS), law)
+  z = {}
+  for group in sorted(set(rows)):
+    tokens = [t for t, row in zip(out.tokens, rows, strict=True) if row == group]
+    law = exact.exact_law(engine.target, prompts[group[1]], TOKENS, MIXED[group[0]])
+    z[group] = exact.fit_z(exact.counts(tokens, TOKENS), law)
+  print({g: round(v, 2) for g, v in z.items()})
+  return z
+
+
+@pytest.mark.parametrize("spec", [sd_spec(1.0), ssd_spec((2, 2, 2)), ssd_spec((1, 1, 1), "fast")])
+def test_mixed_per_row_settings_in_one_batch_are_exact(engine, spec):
+  """Every group of rows follows its own law."""
+  z = mixed_z(engine, spec)
+  assert max(z.values()) < exact.Z_MAX, z
+
+
+def _row_0_temperature(logits, warp):
+  """Every row warped at row 0's temperature (its top-k and top-p stay its own): a per-row
+  setting taken from the first row, as a scalar would be."""
+  temperature = jnp.broadcast_to(warp.temperature[:1], warp.temperature.shape)
+  return warped_probs(logits, dataclasses.replace(warp, temperature=temperature))
+
+
+def test_mixed_per_row_settings_negative_control_fails(engine, restore):
+  """The sd case above with row 0's temperature (1.0) applied to every row, target and draft
+  alike. Seed 3, 25,000 rows per group (setting, prompt): the groups at T = 0.4 (top-k 3) reach
+  z = 146.8 and 107.7, those at T = 1.3 (top-p 0.75) z = 48.3 and 59.3, where the correct code
+  reaches at most z = 1.65. Row 0's own setting is untouched, and the greedy rows stay exact
+  (their verification is greedy whatever p is)."""
+  restore.setattr(draft_lib, "warped_probs", _row_0_temperature)
+  broken(restore, verify_lib, "warped_probs", _row_0_temperature)
+  z = mixed_z(engine, sd_spec(1.0))
+  assert all(min(z[1, p], z[2, p]) > 3 * exact.Z_MAX for p in (0, 1)), z
 
 
 @pytest.fixture(scope="module")
@@ -212,6 +327,23 @@ def test_eos_is_exact(stopping, spec):
   early = law[(cells[:, :3] == eos).any(axis=1)].sum()  # P(stop before the 4th token)
   assert 0.05 < early < 0.8, early
   assert_exact(observed, law)
+
+
+_emit = target_lib._emit
+
+
+def _eos_not_absorbing(state, drafts, accepted, bonus, eos_ids):
+  """EOS emitted like any other token: a row goes on after it, to its budget."""
+  del eos_ids
+  return _emit(state, drafts, accepted, bonus, ())
+
+
+def test_eos_negative_control_fails(stopping, restore):
+  """`test_eos_is_exact` (sd) with EOS not absorbing: seed 0, N = 50,000, z = inf (tokens after
+  an EOS, which the law gives probability 0); the correct code reaches z = -0.16."""
+  engine, eos = stopping
+  broken(restore, target_lib, "_emit", _eos_not_absorbing)
+  assert_broken(*decode_law(engine, sd_spec(1.0), SAMPLED, tokens=4, eos=eos)[:2])
 
 
 def test_ssd_negative_control_fails(engine, restore):
@@ -241,6 +373,27 @@ def test_saguaro_negative_control_fails(engine, restore):
   broken(restore, draft_lib, "draw", unscaled)
   observed, law, _ = decode_law(engine, ssd_spec((4, 4), c=0.0), SAMPLED)
   assert_broken(observed, law)
+
+
+@pytest.fixture(scope="module")
+def tensor_parallel():
+  """The tiny pair with 4 query and 4 KV heads, the target's split over 4 devices (the draft on
+  a fifth)."""
+  target, draft = exact.tiny_pair(heads=4, kv_heads=4)
+  return Engine(target, draft, target_devices=4)
+
+
+@pytest.mark.parametrize("spec", [sd_spec(1.0), ssd_spec((2, 2, 2))], ids=["sd", "ssd"])
+def test_tensor_parallel_target_is_exact(tensor_parallel, spec):
+  """p from a target whose heads and MLP are split over 4 devices (logits all-reduced), at
+  T > 0 with top-p: the sampled law, not only the argmax, is the single-device target's."""
+  sampling = Sampling(temperature=0.8, top_p=0.9)
+  observed, law, metrics = decode_law(tensor_parallel, spec, sampling)
+  assert {d for x in jax.tree.leaves(tensor_parallel.target_params) for d in x.devices()} == set(
+    jax.devices()[:4]
+  )
+  assert 0.05 < metrics.acceptance_per_position[0] < 0.95
+  assert_exact(observed, law)
 
 
 # A draft whose head scores 5 of the 8 tokens, in an order unlike the ids': q is zero on the
