@@ -23,7 +23,6 @@ atexit.register(shutil.rmtree, _TMP, ignore_errors=True)
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
-jax.config.update("jax_platforms", "cpu")
 
 # A compilation cache for this test process only (a fresh directory, removed at exit; nothing is
 # carried between runs): programs recompiled after `jax.clear_caches()` in the negative controls,
@@ -38,17 +37,42 @@ import glob  # noqa: E402
 import time  # noqa: E402
 
 import pytest  # noqa: E402
+from _pytest.mark.expression import Expression  # noqa: E402 (how pytest itself reads -m)
+
+
+def gpu_tests_asked(config: pytest.Config) -> bool:
+  """Whether this run asks for the GPU tests alone: its -m expression selects a test marked
+  `gpu` and no unmarked test (`-m gpu`, not `-m "not slow"` nor no -m at all)."""
+  expression = config.getoption("markexpr")
+  if not expression:
+    return False
+  compiled = Expression.compile(expression)
+  return compiled.evaluate(lambda name, **_: name == "gpu") and not compiled.evaluate(
+    lambda name, **_: False
+  )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+  """Every run but one of the GPU tests alone runs on the CPU, whatever the machine has: the
+  suite's device layouts assume the 8 virtual CPU devices above. A `-m gpu` run leaves JAX its
+  default backend (a GPU where one is present; else its tests are skipped). No JAX backend has
+  started yet at this point, so the choice still takes effect."""
+  if not gpu_tests_asked(config):
+    jax.config.update("jax_platforms", "cpu")
+
 
 _SPECULATOR_LOGS = os.path.join(_TMP, "ssd_jax-speculator-*.log")
+HANG = 120  # seconds to wait for an event before calling it a hang (nothing here is timed)
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _no_speculator_log_left_behind():
   """A module's speculators, stopped however they stopped, leave no log behind: each one's log
-  goes with it (the parent removes it, or the speculator when its parent is gone first)."""
+  goes with it (the parent removes it, or the speculator when its parent is gone first, which
+  it checks every 0.5 s). Waited for, up to a bound that only a hang reaches."""
   before = set(glob.glob(_SPECULATOR_LOGS))
   yield
-  deadline = time.monotonic() + 3  # a speculator whose parent died removes its log within 0.5 s
+  deadline = time.monotonic() + HANG
   while (left := set(glob.glob(_SPECULATOR_LOGS)) - before) and time.monotonic() < deadline:
     time.sleep(0.1)
   assert not left, f"speculator logs left behind: {sorted(left)}"

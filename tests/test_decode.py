@@ -1,7 +1,11 @@
 """Decoding loops: greedy equality across modes, EOS and budgets, determinism, the API."""
 
 import dataclasses
+import threading
+import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -104,12 +108,18 @@ def test_mixed_greedy_and_sampled_rows(models):
 
 
 def test_metrics_are_consistent(models):
-  out = Engine(models["tiny-llama"], models["tiny-llama"]).generate(
+  engine = Engine(models["tiny-llama"], models["tiny-llama"])
+  t0 = time.perf_counter()
+  out = engine.generate(
     PROMPTS, spec=SpecConfig(mode="sd", lookahead=4), max_new_tokens=20, ignore_eos=True
   )
+  call_seconds = time.perf_counter() - t0
   m = out.metrics
   assert m.generated_tokens == sum(len(t) for t in out.tokens) == 60
-  assert m.tokens_per_second == pytest.approx(m.generated_tokens / m.decode_seconds)
+  # Prefill and decode are two spans inside the call, in seconds (no speed is claimed: a wrong
+  # unit or a span that starts before the call fails whatever the machine's speed).
+  assert m.prefill_seconds > 0 and m.decode_seconds > 0
+  assert m.prefill_seconds + m.decode_seconds <= call_seconds
   assert m.mean_accepted == 5.0
   summary = m.summary()
   assert summary["accepted_histogram"][-1] == m.rounds
@@ -205,3 +215,33 @@ def test_new_sampling_settings_compile_nothing(models, mode):
       run(sampling=sampling, seed=seed)
     run(sampling=Sampling(temperature=0.7), temperatures=[0.2, 1.1])
   assert compiles == []
+
+
+def test_count_compiles_counts_a_fresh_compile(models):
+  """The positive control of every "nothing compiles" assertion (here, in test_ssd, test_run
+  and test_speculator): a program compiled inside the block is counted once, in this thread or
+  another; a warm one is not; and a warm engine's run that needs a program it lacks (a prompt
+  in a longer bucket) is counted too."""
+  x = jnp.arange(3.0)
+  fresh = jax.jit(lambda x: x * 3 + 1)  # a function of its own: no program cached for it yet
+  with count_compiles() as compiles:
+    fresh(x)
+  assert len(compiles) == 1, compiles
+  with count_compiles() as compiles:
+    fresh(x)
+  assert compiles == []
+  with count_compiles() as compiles:
+    thread = threading.Thread(target=lambda: jax.jit(lambda x: x - 7)(x))
+    thread.start()
+    thread.join()
+  assert len(compiles) == 1, compiles
+
+  engine = Engine(models["tiny-llama"])
+  run = lambda prompt: engine.generate([prompt], max_new_tokens=4, capacity=64)
+  run([1, 2, 3])  # warm for prompts of up to 16 tokens
+  with count_compiles() as compiles:
+    run([4, 5, 6, 7])
+  assert compiles == []
+  with count_compiles() as compiles:
+    run([4] * 20)  # the prefill of a 32-token bucket: compiled now
+  assert len(compiles) >= 1

@@ -2,10 +2,12 @@
 
 import io
 import json
+import math
 import os
 import re
 import subprocess
 import sys
+import time
 from dataclasses import fields
 
 import numpy as np
@@ -80,8 +82,8 @@ def test_json_has_every_mode_and_field(result):
       "generated_token_ids",
     ):
       assert field in m, (mode, field)
-    assert m["tokens_per_second"] == pytest.approx(m["generated_tokens"] / m["decode_seconds"])
     assert len(m["generated_token_ids"]) == 3
+    assert m["generated_tokens"] == sum(map(len, m["generated_token_ids"])), mode
     assert m["compiles_after_warmup"] == 0, mode  # every timed program was warm
   ssd = result["modes"]["ssd"]
   assert 0.0 <= ssd["cache_hit_rate"] <= 1.0
@@ -283,12 +285,15 @@ def test_modes_are_interleaved_batch_by_batch_and_decode_as_they_would_alone():
   by i, so host drift slows every mode alike; each mode's tokens (seeds included) are those of
   running it alone, and nothing compiles after the warm-up."""
   engine = Engine(load_model("tiny-llama"), load_model("tiny-llama-draft"))
-  calls = []
+  calls, spans = [], []
 
-  class Spy:  # the engine, logging which mode decodes and whether warm-up or timed
+  class Spy:  # the engine, logging which mode decodes, whether warm-up or timed, and when
     def generate(self, prompts, *, spec, max_new_tokens, **kw):
       calls.append((spec.mode, "timed" if isinstance(max_new_tokens, list) else "warm"))
-      return engine.generate(prompts, spec=spec, max_new_tokens=max_new_tokens, **kw)
+      start = time.perf_counter()
+      out = engine.generate(prompts, spec=spec, max_new_tokens=max_new_tokens, **kw)
+      spans.append((start, time.perf_counter()))
+      return out
 
   specs = {
     "ar": SpecConfig(mode="ar", lookahead=0),
@@ -308,7 +313,12 @@ def test_modes_are_interleaved_batch_by_batch_and_decode_as_they_would_alone():
     )
     assert results[mode].tokens == alone.tokens, mode
     assert len(results[mode].metrics) == 3 and results[mode].compiles == 0, mode
-    assert results[mode].warmup_seconds > 0
+    # The warm-up time spans this mode's warm-up calls and nothing of the calls around them.
+    mine = [i for i, (m, kind) in enumerate(calls) if (m, kind) == (mode, "warm")]
+    before = spans[mine[0] - 1][1] if mine[0] else -math.inf
+    after = spans[mine[-1] + 1][0]
+    inside = sum(spans[i][1] - spans[i][0] for i in mine)
+    assert inside <= results[mode].warmup_seconds <= after - before, mode
 
 
 def test_chat_loop_answers_each_line():
@@ -447,15 +457,17 @@ def test_bench_overlap_reports_the_machine_share(tmp_path):
     assert [p["work"] for p in processes] == ["compute", "memory"]
     for pinned in processes:
       assert pinned["layout"] == "processes on cores 0,1"
-      assert 0.5 < pinned["independence"] < 3 and pinned["pair_ms"] > 0
-  for key in ("verify_ms", "expand_ms", "together_ms", "pair_ms"):
+      assert pinned["alone_ms"] > 0 and pinned["pair_ms"] > 0
+      assert pinned["independence"] == pytest.approx(2 * pinned["alone_ms"] / pinned["pair_ms"])
+  for key in ("verify_ms", "expand_ms", "together_ms", "alone_ms", "pair_ms"):
     assert row[key] > 0, key
-  # Two programs at once take at least as long as the longer one alone and at most as long as
-  # both one after the other, so these ratios lie in [1, 2]; the margin is for timer noise on
-  # sub-millisecond tiny-model programs.
-  assert 0.5 < row["efficiency"] < 3
-  assert 0.5 < row["independence"] < 3
-  assert 0 < row["verify_cores"] <= len(os.sched_getaffinity(0)) + 0.5
+  # The ratios from the times the row records (what they come to on this machine is the
+  # benchmark's to say, not a test's).
+  assert row["efficiency"] == pytest.approx(
+    (row["verify_ms"] + row["expand_ms"]) / row["together_ms"]
+  )
+  assert row["independence"] == pytest.approx(2 * row["alone_ms"] / row["pair_ms"])
+  assert math.isfinite(row["verify_cores"]) and row["verify_cores"] > 0
 
 
 def test_work_kinds_run_and_an_unknown_one_is_refused():

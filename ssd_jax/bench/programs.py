@@ -240,7 +240,7 @@ def _machine_share(setup: Setup, on_target, prompt_len: int, reps: int) -> dict[
   single = engine.target_mesh.size == 1 and engine.draft_mesh.size == 1
   if not single or engine.target_mesh.devices.flat[0].platform != "cpu":
     # An accelerator's draft device need not hold the target (nor is the answer in doubt there).
-    return out | {"pair_ms": float("nan"), "independence": float("nan")}
+    return out | {"alone_ms": float("nan"), "pair_ms": float("nan"), "independence": float("nan")}
   # A replica of the target on the draft's (virtual CPU) device, verifying the same speculation.
   mesh = engine.draft_mesh
   replica = placement.place_params(engine.target.params, plan.config, mesh)
@@ -267,4 +267,4 @@ def _machine_share(setup: Setup, on_target, prompt_len: int, reps: int) -> dict[
       alone.append(t1 - t)
       together.append(t2 - t1)
   alone_ms, pair_ms = float(np.median(alone) * 1e3), float(np.median(together) * 1e3)
-  return out | {"pair_ms": pair_ms, "independence": 2 * alone_ms / pair_ms}
+  return out | {"alone_ms": alone_ms, "pair_ms": pair_ms, "independence": 2 * alone_ms / pair_ms}

@@ -23,6 +23,7 @@ from ssd_jax.speculator.channel import (
   ChannelError,
   Connection,
   Pipe,
+  TransferPipe,
 )
 from ssd_jax.timing import Timer
 
@@ -95,9 +96,19 @@ class RemoteSpeculator:
     if speculation is None:
       speculation = self._speculation()
     else:
+      speculation = self._as_answered(speculation)
       self.served_here += 1
     self.timer.when_ready("draft", "lookup_done", speculation)
     return speculation, report
+
+  def _as_answered(self, speculation: Speculation) -> Speculation:
+    """A speculation served here, in the form the pipe delivers the speculator's answers in
+    (host arrays from shared memory, arrays on this process's device from a transfer): the
+    target's program then sees one kind of argument either way and is compiled once, where a
+    served round after a warm-up that had none compiled it again inside a timed run."""
+    if isinstance(self.pipe, TransferPipe):
+      return jax.device_put(speculation, self.pipe.device)
+    return speculation
 
   def close(self) -> SpeculatorStats:
     """End the run; the speculator's XLA compilations during it (None if it cannot say)."""
