@@ -547,3 +547,28 @@ def test_bench_ab_configuration_defaults_are_runs():
   saguaro = parse_config("ssd::3:2:0.25")
   assert (saguaro.fan_out, saguaro.spec().saguaro_c) == (2, 0.25)
   assert saguaro.label.endswith("F=2, C=0.25")
+
+
+def test_bench_serving_writes_the_curve_and_compiles_nothing_after_warm_up(tmp_path):
+  """Every mode at two concurrencies and a Poisson rate, tiny models: JSON with each point's
+  tokens/s and latency percentiles, the static batches beside them, no compilation after the
+  sessions' warm-up in this process, memory marks after the soak, and the plot."""
+  from ssd_jax.bench import cli  # noqa: PLC0415
+
+  argv = ["serving", "--target", "tiny-llama", "--draft", "tiny-llama-draft"]
+  argv += ["--concurrencies", "1", "2", "--rates", "4", "--requests", "3", "--max-batch-size", "2"]
+  argv += ["--prompt-sets", "bundled", "--num-prompts", "2", "--max-new-tokens", "6"]
+  argv += ["--temperatures", "0", "0.8", "--soak", "4", "--draft-placement", "device"]
+  assert cli.main([*argv, "--out", str(tmp_path)]) == 0
+  result = json.loads((tmp_path / "serving.json").read_text())
+  points = {(p["mode"], p["load"]) for p in result["points"]}
+  loads = {"concurrency 1", "concurrency 2", "rate 4"}
+  assert points == {(m, load) for m in ("ar", "sd", "ssd") for load in loads}
+  for p in result["points"]:
+    assert p["requests"] == 3 and p["tokens"] > 0 and p["tokens_per_second"] > 0
+    assert 0 <= p["ttft_ms_p50"] <= p["ttft_ms_p99"]
+    assert sum(p["occupancy"].values()) > 0
+  assert result["compiles_after_warmup"]["this process"] == 0
+  assert {s["batch_size"] for s in result["static"]} == {1, 2}
+  assert set(result["memory"]["ssd"]) == {"rss_mib_after_4"}
+  assert (tmp_path / "serving.png").read_bytes()[:4] == b"\x89PNG"

@@ -34,7 +34,7 @@ import numpy as np
 from ssd_jax.decode.plan import DraftPlan
 from ssd_jax.models.registry import LoadedModel
 from ssd_jax.speculator import layout
-from ssd_jax.speculator.base import Placement
+from ssd_jax.speculator.base import Placement, PlanKey
 from ssd_jax.speculator.channel import (
   PROTOCOL,
   ChannelError,
@@ -241,9 +241,9 @@ class ProcessSite:
   def start(self) -> None:
     self.process()
 
-  def speculator(self, plan: DraftPlan, timer: Timer) -> RemoteSpeculator:
+  def speculator(self, plans: dict[PlanKey, DraftPlan], timer: Timer) -> RemoteSpeculator:
     link = self.process()
-    return RemoteSpeculator(link.conn, link.pipe, plan, timer)
+    return RemoteSpeculator(link.conn, link.pipe, plans, timer)
 
   @property
   def startup(self) -> dict[str, float] | None:
