@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import exact
@@ -22,6 +23,7 @@ from ssd_jax import ChannelError, Engine, Placement, Sampling
 from ssd_jax.config import SpecConfig
 from ssd_jax.models.registry import LoadedModel, load_model
 from ssd_jax.models.weights import save_hf
+from ssd_jax.speculator.channel import Connection
 from ssd_jax.speculator.process import _stop
 
 pytestmark = pytest.mark.skipif(
@@ -324,6 +326,44 @@ def test_a_speculator_another_host_runs(models, ar):
   finally:
     server.kill()
     server.wait()
+
+
+def _tcp_pair() -> tuple[socket.socket, socket.socket]:
+  with socket.create_server(("127.0.0.1", 0)) as listener:
+    there = socket.create_connection(listener.getsockname())
+    here, _ = listener.accept()
+  return here, there
+
+
+def test_a_connection_ends_on_what_is_not_a_message():
+  """A line over the limit, one that trickles in past the timeout, invalid JSON and JSON that is
+  not an object each end the connection's receive with a ChannelError (never a hang)."""
+  cases = [
+    (b"x" * 5000, {"limit": 4096}, "longer than 4096 bytes"),
+    (b"y" * 5000 + b"\n", {"limit": 4096}, "longer than 4096 bytes"),
+    (b"{not json\n", {}, "not JSON"),
+    (b"\xff\xfe\n", {}, "not JSON"),
+    (b"[1]\n", {}, "not an object"),
+    (b'{"op": "hel', {"timeout": 1.0}, "no answer from the peer within 1 s"),
+  ]
+  for data, kwargs, message in cases:
+    here, there = _tcp_pair()
+    with here, there:
+      there.sendall(data)
+      with pytest.raises(ChannelError, match=message):
+        Connection(here).receive(**kwargs)
+  here, there = _tcp_pair()
+  with here, there:  # a byte now and then does not keep a receiver past its timeout
+
+    def trickle():
+      with contextlib.suppress(OSError):
+        for _ in range(30):
+          there.sendall(b" ")
+          time.sleep(0.1)
+
+    threading.Thread(target=trickle, daemon=True).start()
+    with pytest.raises(ChannelError, match="no answer from the peer within 1 s"):
+      Connection(here).receive(timeout=1.0)
 
 
 def test_the_cli_default_layout_pins_and_reports(tmp_path):
