@@ -25,6 +25,7 @@ process) and hands out one per run; `Placement` says which site ssd gets.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Literal, Protocol
 
 import jax
@@ -116,12 +117,16 @@ class Placement:
       --listen`); implies the process kind.
     pipe: how arrays cross to the process: "shm" (shared memory, one host; the default for a
       child) or "transfer" (`jax.experimental.transfer`; the default with an address).
+    token_file: the file holding the token of the speculator at `address` (its `--token-file`);
+      None: the environment variable SSD_JAX_SPECULATOR_TOKEN if set, else no token. A
+      speculator process the engine starts itself gets a fresh token of its own.
   """
 
   kind: PlacementKind = "auto"
   cores: tuple[int, ...] | None = None
   address: str | None = None
   pipe: Literal["shm", "transfer"] | None = None
+  token_file: str | None = None
 
   def __post_init__(self):
     if self.kind not in ("auto", "device", "process"):
@@ -140,6 +145,13 @@ class Placement:
         raise ValueError(f"shared memory cannot reach {self.address}: use the transfer pipe")
     if self.cores is not None:
       object.__setattr__(self, "cores", tuple(int(c) for c in self.cores))
+    if self.token_file is not None:
+      if self.address is None:
+        raise ValueError(
+          "a token file is for a speculator at an address: give the placement its address (a "
+          "speculator the engine starts gets a token of its own)"
+        )
+      object.__setattr__(self, "token_file", os.fspath(self.token_file))
 
   @classmethod
   def of(cls, value: Placement | str) -> Placement:

@@ -37,7 +37,7 @@ import numpy as np
 
 from ssd_jax.decode.state import Outcome, Speculation
 
-PROTOCOL = 2  # the hello's version: both ends must speak the same
+PROTOCOL = 3  # the hello's version: both ends must speak the same (3: the token handshake)
 
 # The longest control message: the largest real one is a start or a load request naming an
 # explicit head (a token id list), far below this; a peer that sends more is not this protocol.
@@ -52,6 +52,11 @@ CACHE_FIELDS = ("keys", "depth", "tokens", "valid")
 
 class ChannelError(RuntimeError):
   """The peer is gone, timed out or broke the protocol; the message says which."""
+
+
+class RefusedError(ChannelError):
+  """The peer was not let in (or would not let this side in): the message says why and what to
+  do. Sent as a `refused` message, received as this error."""
 
 
 class Connection:
@@ -108,6 +113,8 @@ class Connection:
     message = _parse(line)
     if message.get("op") == "error":
       raise ChannelError(f"the peer failed: {message.get('message')}")
+    if message.get("op") == "refused":
+      raise RefusedError(str(message.get("message")))
     return message
 
   def _why_closed(self, default: str) -> str:
@@ -131,6 +138,16 @@ def _parse(line: bytes) -> dict[str, Any]:
   if not isinstance(message, dict):
     raise ChannelError(f"the peer sent JSON that is not an object: {line[:60]!r}")
   return message
+
+
+def keep_alive(sock: socket.socket, idle: int = 30, interval: int = 10, probes: int = 3) -> None:
+  """Have the kernel probe an idle connection, so that a peer whose host vanished without
+  closing it (a network cut) breaks it within about `idle + interval * probes` seconds instead
+  of holding this side for ever."""
+  sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+  for name, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", interval), ("TCP_KEEPCNT", probes)):
+    if hasattr(socket, name):  # Linux names; elsewhere the system's defaults apply
+      sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
 
 
 class SharedMemoryPipe:
