@@ -4,6 +4,7 @@ import io
 import json
 import os
 import re
+import secrets
 import subprocess
 import sys
 from dataclasses import fields
@@ -183,6 +184,14 @@ def test_another_target_needs_a_draft(capsys):
     (["--mode", "sdd"], "invalid choice: 'sdd'"),
     (["--mode", "sd", "--speculator", "127.0.0.1:7100"], "--speculator applies only to ssd"),
     (["--speculator", "nowhere"], "must be HOST:PORT"),
+    (
+      ["--speculator", "127.0.0.1:7100", "--speculator-token-file", "/no/such/token"],
+      "--speculator-token-file: token file /no/such/token: cannot read it .*secrets.token_hex",
+    ),
+    (
+      ["--speculator-token-file", "tests/fixtures"],
+      "--speculator-token-file: token file tests/fixtures: cannot read it",
+    ),
     (["--prompts", "missing.jsonl"], "missing.jsonl"),
     (["--fan-out", "2", "--geometric"], "not allowed with argument"),
     (["--draft-vocab", "100"], "has no token ranking"),
@@ -229,6 +238,17 @@ def _exit_2(capsys, argv) -> str:
     run.main([*TINY, *argv])
   assert exit_info.value.code == 2
   return capsys.readouterr().err
+
+
+def test_a_speculator_token_file_is_checked_before_anything_loads(capsys, tmp_path):
+  token = tmp_path / "token"
+  token.write_text("short\n")
+  token.chmod(0o600)
+  err = _exit_2(capsys, ["--speculator", "127.0.0.1:7100", "--speculator-token-file", str(token)])
+  assert "a token needs at least 32 characters, it has 5" in err and "token_hex(32)" in err
+  token.write_text(secrets.token_hex(32))
+  err = _exit_2(capsys, ["--speculator-token-file", str(token)])
+  assert "--speculator-token-file applies only with --speculator (a speculator process" in err
 
 
 @pytest.mark.parametrize("text", ["", "\n  \n\t\n"])

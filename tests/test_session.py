@@ -14,6 +14,7 @@ import pytest
 from ssd_jax import Engine, Sampling, SpecConfig, load_model
 from ssd_jax.decode import slots
 from ssd_jax.runtime.requests import QueueFullError, Request
+from ssd_jax.speculator.base import Join, join_arrays, joins_of, seed_data
 from ssd_jax.timing import count_compiles
 
 SPECS = {
@@ -250,3 +251,40 @@ def test_churn_negative_control_fails(pair, monkeypatch):
     monkeypatch.undo()
     jax.clear_caches()
   assert exact.fit_z(observed, law) > 3 * exact.Z_MAX
+
+
+def test_joins_cross_a_pipe_as_arrays_and_come_back_the_same():
+  """A speculator process learns of joins as arrays on the pipe (a generate call's thousands of
+  rows would not fit a control line): every field comes back as it went, each prompt in its
+  own length bucket."""
+  joins = (
+    Join(
+      slot=2,
+      tokens=np.arange(8, dtype=np.int32)[None],
+      length=5,
+      max_new=7,
+      temperature=0.5,
+      top_k=3,
+      top_p=0.75,
+      seed=seed_data(11),
+      ignore_eos=True,
+    ),
+    Join(
+      slot=0,
+      tokens=np.arange(16, dtype=np.int32)[None] + 3,
+      length=9,
+      max_new=1,
+      temperature=0.0,
+      top_k=0,
+      top_p=1.0,
+      seed=seed_data(2**32 + 2),
+    ),
+  )
+  back = joins_of(join_arrays(joins))
+  assert len(back) == 2
+  for sent, got in zip(joins, back, strict=True):
+    np.testing.assert_array_equal(got.tokens, sent.tokens)
+    np.testing.assert_array_equal(got.seed, sent.seed)
+    assert dataclasses.replace(got, tokens=None, seed=None) == dataclasses.replace(
+      sent, tokens=None, seed=None
+    )

@@ -73,7 +73,8 @@ class Engine:
     placement: where ssd's draft side runs (`Placement`, or "auto", "device", "process" or
       "host:port"). "auto", the default: a speculator process on a CPU host where this process
       leaves a core free for it (`ssd_jax.cpu_layout()`), else a device of this process. sd
-      always drafts beside the target, in this process.
+      always drafts beside the target, in this process. A speculator at an address that asks
+      for a token: `Placement(address=..., token_file=...)`, or SSD_JAX_SPECULATOR_TOKEN.
 
   An engine with a speculator process owns it: `close()` (or leaving a `with` block, or the
   interpreter's exit) stops it.

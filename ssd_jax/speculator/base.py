@@ -29,6 +29,7 @@ process) and hands out one per session; `Placement` says which site ssd gets.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Literal, Protocol
 
 import numpy as np
@@ -68,17 +69,44 @@ class Join:
   def last(self) -> int:
     return int(self.tokens[0, self.length - 1])
 
-  def to_json(self) -> dict:
-    fields = dataclasses.asdict(self)
-    return fields | {"tokens": self.tokens.tolist(), "seed": self.seed.tolist()}
 
-  @classmethod
-  def from_json(cls, fields: dict) -> Join:
-    arrays = {
-      "tokens": np.asarray(fields["tokens"], np.int32),
-      "seed": np.asarray(fields["seed"], np.uint32),
-    }
-    return cls(**(fields | arrays))
+# A Join's scalar fields and their dtypes, as columns of arrays (`join_arrays`).
+_JOIN_COLUMNS = {
+  "slot": np.int32,
+  "length": np.int32,
+  "max_new": np.int32,
+  "temperature": np.float32,
+  "top_k": np.int32,
+  "top_p": np.float32,
+  "ignore_eos": np.bool_,
+}
+
+
+def join_arrays(joins: tuple[Join, ...]) -> dict[str, np.ndarray]:
+  """Joins as a few arrays (one column per field, the prompts concatenated with their buckets'
+  lengths), for a pipe: a generate call's thousands of rows would not fit a control line."""
+  out = {
+    name: np.asarray([getattr(j, name) for j in joins], t) for name, t in _JOIN_COLUMNS.items()
+  }
+  return out | {
+    "seed": np.stack([np.asarray(j.seed, np.uint32) for j in joins]),
+    "bucket": np.asarray([j.tokens.shape[1] for j in joins], np.int32),
+    "tokens": np.concatenate([j.tokens[0] for j in joins]).astype(np.int32),
+  }
+
+
+def joins_of(arrays: dict[str, np.ndarray]) -> tuple[Join, ...]:
+  """The joins `join_arrays` made (host arrays)."""
+  a = {k: np.asarray(v) for k, v in arrays.items()}
+  ends = np.cumsum(a["bucket"])
+  return tuple(
+    Join(
+      **{name: a[name][i].item() for name in _JOIN_COLUMNS},
+      tokens=a["tokens"][end - a["bucket"][i] : end][None],
+      seed=a["seed"][i],
+    )
+    for i, end in enumerate(ends.tolist())
+  )
 
 
 def seed_data(seed: int) -> np.ndarray:
@@ -222,12 +250,16 @@ class Placement:
       --listen`); implies the process kind.
     pipe: how arrays cross to the process: "shm" (shared memory, one host; the default for a
       child) or "transfer" (`jax.experimental.transfer`; the default with an address).
+    token_file: the file holding the token of the speculator at `address` (its `--token-file`);
+      None: the environment variable SSD_JAX_SPECULATOR_TOKEN if set, else no token. A
+      speculator process the engine starts itself gets a fresh token of its own.
   """
 
   kind: PlacementKind = "auto"
   cores: tuple[int, ...] | None = None
   address: str | None = None
   pipe: Literal["shm", "transfer"] | None = None
+  token_file: str | None = None
 
   def __post_init__(self):
     if self.kind not in ("auto", "device", "process"):
@@ -246,6 +278,13 @@ class Placement:
         raise ValueError(f"shared memory cannot reach {self.address}: use the transfer pipe")
     if self.cores is not None:
       object.__setattr__(self, "cores", tuple(int(c) for c in self.cores))
+    if self.token_file is not None:
+      if self.address is None:
+        raise ValueError(
+          "a token file is for a speculator at an address: give the placement its address (a "
+          "speculator the engine starts gets a token of its own)"
+        )
+      object.__setattr__(self, "token_file", os.fspath(self.token_file))
 
   @classmethod
   def of(cls, value: Placement | str) -> Placement:

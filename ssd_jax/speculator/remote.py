@@ -15,7 +15,7 @@ import numpy as np
 
 from ssd_jax.decode.plan import DraftPlan
 from ssd_jax.decode.state import Outcome, Report, Speculation
-from ssd_jax.speculator.base import PlanKey, Reshape, SpeculatorStats
+from ssd_jax.speculator.base import PlanKey, Reshape, SpeculatorStats, join_arrays
 from ssd_jax.speculator.channel import (
   OUTCOME_FIELDS,
   SPECULATION_FIELDS,
@@ -80,15 +80,11 @@ class RemoteSpeculator:
     """The speculator applies the change, answers with the pending speculation (joined rows'
     first proposals in it) and expands it again; the expansion's cache it sent before the
     change is stale and skipped."""
-    message = {
-      "op": "reshape",
-      "greedy": change.greedy,
-      "joins": [j.to_json() for j in change.joins],
-    }
+    message = {"op": "reshape", "greedy": change.greedy, "bulk": change.bulk}
     if change.index is not None:
       message |= {"index": change.index.tolist(), "free": change.free.tolist()}
       self.batch_size = len(change.index)
-    self._call(message)
+    self._call(message, join_arrays(change.joins) if change.joins else None)
     self.greedy = change.greedy
     return self._speculation("reshaped", skip=("cache",))
 

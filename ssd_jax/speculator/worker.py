@@ -1,5 +1,6 @@
-"""A speculator process's side of the channel: the hello (load the draft the target names),
-then its calls answered by a `LocalSpeculator` on this process's device.
+"""A speculator process's side of the channel: the handshake (`handshake.admit`: the target
+proves the token and names a draft served here), the draft loaded, then the target's calls
+answered by a `LocalSpeculator` on this process's device.
 
   open     a session: its plans (per batch size, greedy or sampled), an empty batch
   warm     compile the between-rounds programs at every shape (the session's warm-up)
@@ -34,16 +35,18 @@ from ssd_jax.decode.state import Outcome, Speculation
 from ssd_jax.models.registry import load_model
 from ssd_jax.models.transformer import Params
 from ssd_jax.models.weights import config_to_hf
-from ssd_jax.speculator.base import Join, Reshape
+from ssd_jax.speculator import handshake
+from ssd_jax.speculator.auth import Drafts
+from ssd_jax.speculator.base import Reshape, joins_of
 from ssd_jax.speculator.channel import (
   CACHE_FIELDS,
   OUTCOME_FIELDS,
-  PROTOCOL,
   SPECULATION_FIELDS,
   Connection,
   Pipe,
   SharedMemoryPipe,
   TransferPipe,
+  keep_alive,
 )
 from ssd_jax.speculator.local import LocalSpeculator, draft_params, head_size
 from ssd_jax.timing import NullTimer, count_compiles
@@ -126,8 +129,9 @@ class _Session:
     change = Reshape(
       index=None if index is None else np.asarray(index, np.int32),
       free=None if index is None else np.asarray(message["free"], bool),
-      joins=tuple(Join.from_json(j) for j in message["joins"]),
+      joins=joins_of(self.pipe.unpack(message["arrays"])) if "arrays" in message else (),
       greedy=message["greedy"],
+      bulk=message["bulk"],
     )
     self._answer("reshaped", self.speculator.reshape(change))
     self._expand()  # (again: the rows changed since the last expansion)
@@ -147,23 +151,34 @@ class _Session:
     self.conn.send({"op": "stopped", "compiles": len(self.compiles) - self.compiled_before})
 
 
-def serve_connection(sock) -> None:
-  """A speculator's whole life with one target: the hello (load the draft it names, place it on
-  this process's first device, start the pipe), then `serve`. Any failure is sent to the target
-  as an error message before it is raised here."""
+def accept(sock, token: str | None, drafts: Drafts) -> tuple[Connection, handshake.Request]:
+  """The handshake on a new connection (`handshake.admit`): the connection and what its target
+  asked for, once admitted; else the socket is closed and RefusedError or ChannelError raised."""
+  # A peer that stops reading cannot hold a send of the handshake either.
+  sock.settimeout(handshake.HANDSHAKE_SECONDS)
   conn = Connection(sock)
+  try:
+    request = handshake.admit(conn, token, drafts, peer=sock.getpeername()[0])
+  except BaseException:
+    conn.close()
+    raise
+  sock.settimeout(None)  # an admitted target's calls come when its run needs them
+  keep_alive(sock)
+  return conn, request
+
+
+def serve_request(conn: Connection, request: handshake.Request) -> None:
+  """The rest of a speculator's life with an admitted target: load the draft it asked for, place
+  it on this process's first device, start the pipe, answer `ready`, then `serve`. Any failure is
+  sent to the target as an error message before it is raised here."""
   pipe = None
   try:
-    hello = conn.receive()
-    if hello.get("op") != "hello" or hello.get("protocol") != PROTOCOL:
-      raise ValueError(f"expected a protocol-{PROTOCOL} hello, got {hello!r:.80}")
-    draft = load_model(hello["draft"], dtype=jnp.dtype(hello["dtype"]))
+    draft = load_model(request.draft, dtype=jnp.dtype(request.dtype))
     device = jax.devices()[0]
     mesh = sharding.mesh_of([device])
-    vocab = hello["draft_vocab"]
-    params = draft_params(draft, mesh, tuple(vocab) if isinstance(vocab, list) else vocab)
-    here = sock.getsockname()[0]  # where the target reaches this host
-    pipe = TransferPipe(device, here) if hello["pipe"] == "transfer" else SharedMemoryPipe()
+    params = draft_params(draft, mesh, request.draft_vocab)
+    here = conn.sock.getsockname()[0]  # where the target reaches this host
+    pipe = TransferPipe(device, here) if request.pipe == "transfer" else SharedMemoryPipe()
     ready = {
       "op": "ready",
       "pid": os.getpid(),
@@ -171,7 +186,7 @@ def serve_connection(sock) -> None:
       "head_size": head_size(params, draft.config),
     }
     if isinstance(pipe, TransferPipe):
-      pipe.connect(hello["transfer_address"])
+      pipe.connect(request.transfer_address)  # checked: on the target's own host
       ready["transfer_address"] = pipe.address
     conn.send(ready)
     serve(conn, pipe, params, mesh, draft.config)
@@ -183,3 +198,8 @@ def serve_connection(sock) -> None:
     if pipe is not None:
       pipe.close()
     conn.close()
+
+
+def serve_connection(sock, token: str | None, drafts: Drafts) -> None:
+  """A speculator's whole life with one target: `accept`, then `serve_request`."""
+  serve_request(*accept(sock, token, drafts))
