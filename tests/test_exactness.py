@@ -17,7 +17,7 @@ from ssd_jax.decode import sampling as sampling_lib
 from ssd_jax.decode import speculate
 from ssd_jax.decode import target as target_lib
 from ssd_jax.decode import verify as verify_lib
-from ssd_jax.decode.sampling import Warp, sample, warped_probs
+from ssd_jax.decode.sampling import Warp, fold_rows, sample, warped_probs
 from ssd_jax.decode.verify import verify
 from ssd_jax.models.registry import LoadedModel
 
@@ -131,7 +131,7 @@ def _bonus_from_p(key, logits, drafts, q, point_mass, warp, *, greedy):
   """Correct acceptance, but the bonus after a rejection is drawn from p, not the residual."""
   accepted, _ = verify(key, logits, drafts, q, point_mass, warp, greedy=greedy)
   p = warped_probs(logits, warp)
-  return accepted, sample(jax.random.fold_in(key, 1), p[jnp.arange(logits.shape[0]), accepted])
+  return accepted, sample(fold_rows(key, 1), p[jnp.arange(logits.shape[0]), accepted])
 
 
 def _ignores_point_mass(key, logits, drafts, q, point_mass, warp, *, greedy):

@@ -120,10 +120,11 @@ def test_the_inference_package_never_imports_optax():
 
 def test_the_check_sees_lazy_imports():
   """A function-level import is an edge like any other (tree_attention imports the Pallas
-  kernel only when asked for it)."""
+  kernel only when asked for it; the speculator's entry point imports its worker after pinning
+  its cores)."""
   assert "ssd_jax.kernels.pallas_tree_attention" in GRAPH["ssd_jax.kernels.tree_attention"]
-  assert "ssd_jax.runtime.loops" in GRAPH["ssd_jax.runtime.engine"]
-  assert "ssd_jax.runtime.engine" not in GRAPH["ssd_jax.runtime.loops"]
+  assert "ssd_jax.speculator.worker" in GRAPH["ssd_jax.speculator.__main__"]
+  assert "ssd_jax.speculator.__main__" not in GRAPH["ssd_jax.speculator.worker"]
 
 
 def stdlib_imports(path: pathlib.Path) -> set[str]:

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import secrets
 import subprocess
 import sys
 import time
@@ -185,6 +186,14 @@ def test_another_target_needs_a_draft(capsys):
     (["--mode", "sdd"], "invalid choice: 'sdd'"),
     (["--mode", "sd", "--speculator", "127.0.0.1:7100"], "--speculator applies only to ssd"),
     (["--speculator", "nowhere"], "must be HOST:PORT"),
+    (
+      ["--speculator", "127.0.0.1:7100", "--speculator-token-file", "/no/such/token"],
+      "--speculator-token-file: token file /no/such/token: cannot read it .*secrets.token_hex",
+    ),
+    (
+      ["--speculator-token-file", "tests/fixtures"],
+      "--speculator-token-file: token file tests/fixtures: cannot read it",
+    ),
     (["--prompts", "missing.jsonl"], "missing.jsonl"),
     (["--fan-out", "2", "--geometric"], "not allowed with argument"),
     (["--draft-vocab", "100"], "has no token ranking"),
@@ -231,6 +240,17 @@ def _exit_2(capsys, argv) -> str:
     run.main([*TINY, *argv])
   assert exit_info.value.code == 2
   return capsys.readouterr().err
+
+
+def test_a_speculator_token_file_is_checked_before_anything_loads(capsys, tmp_path):
+  token = tmp_path / "token"
+  token.write_text("short\n")
+  token.chmod(0o600)
+  err = _exit_2(capsys, ["--speculator", "127.0.0.1:7100", "--speculator-token-file", str(token)])
+  assert "a token needs at least 32 characters, it has 5" in err and "token_hex(32)" in err
+  token.write_text(secrets.token_hex(32))
+  err = _exit_2(capsys, ["--speculator-token-file", str(token)])
+  assert "--speculator-token-file applies only with --speculator (a speculator process" in err
 
 
 @pytest.mark.parametrize("text", ["", "\n  \n\t\n"])
@@ -559,3 +579,28 @@ def test_bench_ab_configuration_defaults_are_runs():
   saguaro = parse_config("ssd::3:2:0.25")
   assert (saguaro.fan_out, saguaro.spec().saguaro_c) == (2, 0.25)
   assert saguaro.label.endswith("F=2, C=0.25")
+
+
+def test_bench_serving_writes_the_curve_and_compiles_nothing_after_warm_up(tmp_path):
+  """Every mode at two concurrencies and a Poisson rate, tiny models: JSON with each point's
+  tokens/s and latency percentiles, the static batches beside them, no compilation after the
+  sessions' warm-up in this process, memory marks after the soak, and the plot."""
+  from ssd_jax.bench import cli  # noqa: PLC0415
+
+  argv = ["serving", "--target", "tiny-llama", "--draft", "tiny-llama-draft"]
+  argv += ["--concurrencies", "1", "2", "--rates", "4", "--requests", "3", "--max-batch-size", "2"]
+  argv += ["--prompt-sets", "bundled", "--num-prompts", "2", "--max-new-tokens", "6"]
+  argv += ["--temperatures", "0", "0.8", "--soak", "4", "--draft-placement", "device"]
+  assert cli.main([*argv, "--out", str(tmp_path)]) == 0
+  result = json.loads((tmp_path / "serving.json").read_text())
+  points = {(p["mode"], p["load"]) for p in result["points"]}
+  loads = {"concurrency 1", "concurrency 2", "rate 4"}
+  assert points == {(m, load) for m in ("ar", "sd", "ssd") for load in loads}
+  for p in result["points"]:
+    assert p["requests"] == 3 and p["tokens"] > 0 and p["tokens_per_second"] > 0
+    assert 0 <= p["ttft_ms_p50"] <= p["ttft_ms_p99"]
+    assert sum(p["occupancy"].values()) > 0
+  assert result["compiles_after_warmup"]["this process"] == 0
+  assert {s["batch_size"] for s in result["static"]} == {1, 2}
+  assert set(result["memory"]["ssd"]) == {"rss_mib_after_4"}
+  assert (tmp_path / "serving.png").read_bytes()[:4] == b"\x89PNG"

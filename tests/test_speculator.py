@@ -7,10 +7,12 @@ import contextlib
 import dataclasses
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import exact
@@ -22,7 +24,8 @@ from ssd_jax import ChannelError, Engine, Placement, Sampling
 from ssd_jax.config import SpecConfig
 from ssd_jax.models.registry import LoadedModel, load_model
 from ssd_jax.models.weights import save_hf
-from ssd_jax.speculator.channel import SharedMemoryPipe
+from ssd_jax.speculator import auth, handshake
+from ssd_jax.speculator.channel import PROTOCOL, Connection, RefusedError, SharedMemoryPipe
 from ssd_jax.speculator.process import _stop
 from ssd_jax.timing import count_compiles
 
@@ -370,46 +373,386 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+def _token_file(folder, name: str = "token") -> str:
+  path = folder / name
+  path.write_text(secrets.token_hex(32) + "\n")
+  path.chmod(0o600)
+  return str(path)
+
+
+class _Listener:
+  """A `python -m ssd_jax.speculator --listen 127.0.0.1:PORT` and its log (stdout and stderr)."""
+
+  def __init__(self, process: subprocess.Popen, address: str, log, token: str | None = None):
+    self.process, self.address, self.log, self.token = process, address, log, token
+
+  def output(self, since: int = 0) -> str:
+    """The log from character `since` on (`mark()`: what one test made it say)."""
+    return self.log.read_text(errors="replace")[since:]
+
+  def mark(self) -> int:
+    return len(self.output())
+
+  def wait_for(self, text: str, count: int = 1, since: int = 0, within: float = 60) -> str:
+    """The log (from `since`) once `text` appears `count` times in it (a hang guard only, not a
+    speed bound)."""
+    deadline = time.monotonic() + within
+    while (out := self.output(since)).count(text) < count:
+      assert self.process.poll() is None, f"the speculator exited:\n{out}"
+      assert time.monotonic() < deadline, f"no {text!r} x{count} in the speculator's log:\n{out}"
+      time.sleep(0.1)
+    return out
+
+
 @contextlib.contextmanager
-def listening_speculator():
-  """A speculator another "host" runs: `python -m ssd_jax.speculator --listen` on 127.0.0.1,
-  serving one target (--once). Yields its address and process; stopped however the test ends."""
+def _listening(folder, *flags: str):
+  """A listening speculator on a free loopback port with `flags`, killed at the end (also when
+  the test fails). Its environment has no token but what the flags give it."""
   port = _free_port()
-  server = subprocess.Popen(
-    [sys.executable, "-m", "ssd_jax.speculator", "--listen", f"127.0.0.1:{port}", "--once"],
-    stdout=subprocess.PIPE,
-    stderr=subprocess.STDOUT,
-    text=True,
-  )
+  log = folder / f"speculator-{port}.log"
+  env = {k: v for k, v in os.environ.items() if k != auth.TOKEN_ENV}
+  with log.open("w") as out:
+    process = subprocess.Popen(
+      [sys.executable, "-m", "ssd_jax.speculator", "--listen", f"127.0.0.1:{port}", *flags],
+      stdin=subprocess.DEVNULL,
+      stdout=out,
+      stderr=subprocess.STDOUT,
+      env=env,
+    )
   try:
-    assert "listening" in server.stdout.readline()
-    yield f"127.0.0.1:{port}", server
+    listener = _Listener(process, f"127.0.0.1:{port}", log, token=_flag(flags, "--token-file"))
+    listener.wait_for("listening", within=300)
+    yield listener
   finally:
-    server.kill()
-    server.wait()
+    process.kill()
+    process.wait()
 
 
-def test_a_speculator_another_host_runs(models, ar):
-  """Two local processes on 127.0.0.1: one listens (python -m ssd_jax.speculator --listen), the
-  target connects to it; arrays move on jax.experimental.transfer."""
-  with listening_speculator() as (address, server):
-    target, draft = models["tiny-llama"], models["tiny-llama-draft"]
-    spec = SpecConfig(mode="ssd", lookahead=3, fan_out=(2, 2, 1, 1))
-    with Engine(target, draft, placement=address) as engine:
+def _flag(flags, name: str) -> str | None:
+  return flags[flags.index(name) + 1] if name in flags else None
+
+
+def _remote(models, address: str, token_file: str | None = None, draft: str = "tiny-llama-draft"):
+  draft_model = models[draft] if draft in models else load_model(draft)
+  placement = Placement(address=address, token_file=token_file)
+  return Engine(models["tiny-llama"], draft_model, placement=placement)
+
+
+def _local_tokens(models) -> list[list[int]]:
+  """Greedy ssd with the draft on a device of this process: what a speculator must reproduce."""
+  engine = Engine(models["tiny-llama"], models["tiny-llama-draft"], placement="device")
+  return engine.generate(PROMPTS, spec=REMOTE_SPEC, max_new_tokens=20, ignore_eos=True).tokens
+
+
+REMOTE_SPEC = SpecConfig(mode="ssd", lookahead=3, fan_out=(2, 2, 1, 1))
+
+
+def test_a_speculator_another_host_runs(models, ar, tmp_path):
+  """Two local processes on 127.0.0.1: one listens (python -m ssd_jax.speculator --listen, with
+  a token and one draft), the target connects to it with the same token; arrays move on
+  jax.experimental.transfer. It decodes exactly as the draft on a device of this process."""
+  token = _token_file(tmp_path)
+  flags = ("--draft", "tiny-llama-draft", "--token-file", token, "--once")
+  with _listening(tmp_path, *flags) as server:
+    with _remote(models, server.address, token) as engine:
       assert engine.site.options.pipe == "transfer"
-      out = engine.generate(PROMPTS, spec=spec, max_new_tokens=20, ignore_eos=True)
-    assert out.tokens == ar
-    assert server.wait(timeout=HANG) == 0  # --once: it exits after its target said bye
+      out = engine.generate(PROMPTS, spec=REMOTE_SPEC, max_new_tokens=20, ignore_eos=True)
+    assert out.tokens == _local_tokens(models) == ar
+    assert server.process.wait(timeout=60) == 0  # --once: it exits after its target said bye
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory):
+  """One listening speculator for the tests of what it lets in: a token, one draft."""
+  folder = tmp_path_factory.mktemp("guarded")
+  token = _token_file(folder)
+  with _listening(folder, "--draft", "tiny-llama-draft", "--token-file", token) as server:
+    yield server
+
+
+def _closed_by_peer(sock: socket.socket, within: float = 30) -> bytes:
+  """What the speculator sent before closing `sock` (a hang guard: fails if it stays open)."""
+  sock.settimeout(within)
+  received = b""
+  with contextlib.suppress(ConnectionResetError):
+    while chunk := sock.recv(1 << 16):
+      received += chunk
+  return received
+
+
+def test_a_wrong_or_missing_token_is_refused_by_the_speculator(models, guarded):
+  """Nothing is loaded for a target that does not prove the token: each is refused, saying so on
+  both ends, and the listener goes on."""
+  mark = guarded.mark()
+  with pytest.raises(RefusedError, match="asks for a token and the target sent none: give the"):
+    _remote(models, guarded.address).start_speculator()
+  other = _token_file(guarded.log.parent, "another-token")
+  with pytest.raises(RefusedError, match="the target's token is not this speculator's"):
+    _remote(models, guarded.address, other).start_speculator()
+  out = guarded.wait_for("refused", count=2, since=mark)
+  assert "sent none" in out and "is not this speculator's" in out
+  assert "serving" not in out  # no draft loaded for either
+
+
+def test_a_draft_the_speculator_does_not_serve_is_refused(models, guarded, tmp_path):
+  """A target with the token that asks for another draft (a registry name, or a path) is refused
+  by name, and nothing is loaded."""
+  mark = guarded.mark()
+  with pytest.raises(RefusedError, match="draft 'tiny-llama' is not served here: this speculator "):
+    _remote(models, guarded.address, guarded.token, draft="tiny-llama").start_speculator()
+  draft = models["tiny-llama-draft"]
+  save_hf(tmp_path / "copy", draft.config, draft.params)  # the same weights, not a served path
+  with pytest.raises(RefusedError, match="copy' is not served here: this speculator serves tiny"):
+    _remote(models, guarded.address, guarded.token, draft=str(tmp_path / "copy")).start_speculator()
+  assert "serving" not in guarded.wait_for("is not served here", count=2, since=mark)
+
+
+def test_the_target_refuses_a_speculator_without_its_token(models, tmp_path):
+  """A target that holds a token refuses a speculator that runs without one."""
+  token = _token_file(tmp_path)
+  with _listening(tmp_path, "--draft", "tiny-llama-draft") as server:
+    server.wait_for("no token: any process that reaches")
+    with pytest.raises(RefusedError, match="runs without a token but this target holds one"):
+      _remote(models, server.address, token).start_speculator()
+    out = server.wait_for("dropped")
+    assert "the peer closed the connection" in out and "serving" not in out
+
+
+def test_the_target_refuses_a_speculator_that_cannot_prove_the_token(models, tmp_path):
+  """A peer that says it holds a token, and takes the target's proof, but cannot prove its own:
+  the target sends it nothing more (no draft, no transfer address)."""
+  listener = socket.create_server(("127.0.0.1", 0))
+  received = []
+
+  def pose_as_a_speculator():
+    sock, _ = listener.accept()
+    conn = Connection(sock)
+    try:
+      received.append(conn.receive(timeout=60))
+      challenge = {"op": "challenge", "protocol": PROTOCOL, "token": True}
+      conn.send(challenge | {"challenge": auth.new_challenge()})
+      received.append(conn.receive(timeout=60))
+      conn.send({"op": "proof", "proof": "0" * 64})
+      while True:
+        received.append(conn.receive(timeout=60))
+    except ChannelError as e:
+      received.append(e)
+    finally:
+      conn.close()
+
+  thread = threading.Thread(target=pose_as_a_speculator, daemon=True)
+  thread.start()
+  address = f"127.0.0.1:{listener.getsockname()[1]}"
+  try:
+    with pytest.raises(RefusedError, match="did not prove it holds this target's token"):
+      _remote(models, address, _token_file(tmp_path)).start_speculator()
+    thread.join(timeout=60)
+  finally:
+    listener.close()
+  hello, proof, *after = received
+  assert hello["op"] == "hello" and hello["token"] is True and proof["op"] == "proof"
+  assert len(after) == 1 and isinstance(after[0], ChannelError), after  # hung up: no load
+
+
+def test_a_listener_drops_what_is_not_a_target_and_serves_the_next(models, guarded):
+  """Garbage, a line over the size limit, invalid JSON, another operation, a half-sent hello and
+  a silent connection each end with a log line; the next good target decodes exactly, while the
+  silent and half-sent ones are still open, and those are dropped within seconds."""
+  address = ("127.0.0.1", int(guarded.address.rpartition(":")[2]))
+  silent, half = socket.create_connection(address), socket.create_connection(address)
+  half.sendall(b'{"op": "hello", "proto')
+  mark = guarded.mark()
+  try:
+    sent = [
+      bytes(range(256)) * 4 + b"\n",
+      b"x" * (1 << 16),
+      b"{not json\n",
+      b"[1, 2, 3]\n",
+      b'{"op": "shutdown"}\n',
+    ]
+    for data in sent:
+      with socket.create_connection(address) as sock:
+        with contextlib.suppress(ConnectionError):  # it may close before all is sent
+          sock.sendall(data)
+        answer = _closed_by_peer(sock)
+        assert data != sent[-1] or b"expected the target's hello" in answer, answer
+    with _remote(models, guarded.address, guarded.token) as engine:
+      out = engine.generate(PROMPTS, spec=REMOTE_SPEC, max_new_tokens=20, ignore_eos=True)
+    assert out.tokens == _local_tokens(models)
+    assert _closed_by_peer(silent) == b"" and _closed_by_peer(half) == b""
+  finally:
+    silent.close()
+    half.close()
+  log = guarded.wait_for("is done", since=mark)
+  assert log.count("dropped") + log.count("refused") == len(sent) + 2, log
+  assert "longer than 4096 bytes" in log and "not JSON" in log and "not an object" in log
+  assert log.count("the handshake did not complete within 5 s") == 2, log
+
+
+def test_listening_beyond_loopback_needs_a_token(tmp_path):
+  """Refused at start-up, before anything listens, with how to make a token."""
+  env = {k: v for k, v in os.environ.items() if k != auth.TOKEN_ENV}
+  speculator = [sys.executable, "-m", "ssd_jax.speculator", "--draft", "tiny-llama-draft"]
+  port = str(_free_port())
+  proc = subprocess.run(
+    [*speculator, "--listen", f"0.0.0.0:{port}"],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env=env,
+  )
+  assert proc.returncode == 2, proc.stderr
+  assert "refusing to listen on 0.0.0.0:" in proc.stderr and "without a token" in proc.stderr
+  assert "secrets.token_hex(32)" in proc.stderr and "--token-file" in proc.stderr
+  short = tmp_path / "short"
+  short.write_text("secret")
+  proc = subprocess.run(
+    [*speculator, "--listen", f"0.0.0.0:{port}", "--token-file", str(short)],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env=env,
+  )
+  assert proc.returncode == 2 and "a token needs at least 32 characters" in proc.stderr
+
+
+def test_the_engines_own_speculator_gets_a_fresh_token_off_its_command_line(process_engine):
+  """A child speculator: a secret of its own through its environment (`ps` shows a command line,
+  which names only its one draft)."""
+  link = process_engine.site.process()
+  with open(f"/proc/{link.pid}/cmdline", "rb") as f:
+    command = f.read().split(b"\0")
+  with open(f"/proc/{link.pid}/environ", "rb") as f:
+    environment = f.read().split(b"\0")
+  assert link.token and all(link.token.encode() not in part for part in command)
+  assert f"{auth.TOKEN_ENV}={link.token}".encode() in environment
+  assert command[command.index(b"--draft") + 1] == b"tiny-llama-draft"
+
+
+def _tcp_pair() -> tuple[socket.socket, socket.socket]:
+  with socket.create_server(("127.0.0.1", 0)) as listener:
+    there = socket.create_connection(listener.getsockname())
+    here, _ = listener.accept()
+  return here, there
+
+
+def test_a_connection_ends_on_what_is_not_a_message():
+  """A line over the limit, one that trickles in past the timeout, invalid JSON and JSON that is
+  not an object each end the connection's receive with a ChannelError (never a hang)."""
+  cases = [
+    (b"x" * 5000, {"limit": 4096}, "longer than 4096 bytes"),
+    (b"y" * 5000 + b"\n", {"limit": 4096}, "longer than 4096 bytes"),
+    (b"{not json\n", {}, "not JSON"),
+    (b"\xff\xfe\n", {}, "not JSON"),
+    (b"[1]\n", {}, "not an object"),
+    (b'{"op": "hel', {"timeout": 1.0}, "no answer from the peer within 1 s"),
+  ]
+  for data, kwargs, message in cases:
+    here, there = _tcp_pair()
+    with here, there:
+      there.sendall(data)
+      with pytest.raises(ChannelError, match=message):
+        Connection(here).receive(**kwargs)
+  here, there = _tcp_pair()
+  with here, there:  # a byte now and then does not keep a receiver past its timeout
+
+    def trickle():
+      with contextlib.suppress(OSError):
+        for _ in range(30):
+          there.sendall(b" ")
+          time.sleep(0.1)
+
+    threading.Thread(target=trickle, daemon=True).start()
+    with pytest.raises(ChannelError, match="no answer from the peer within 1 s"):
+      Connection(here).receive(timeout=1.0)
+
+
+def test_proofs_bind_the_token_the_role_and_both_challenges():
+  token, other = secrets.token_hex(32), secrets.token_hex(32)
+  sc, tc = auth.new_challenge(), auth.new_challenge()
+  proof = auth.prove(token, "target", sc, tc)
+  assert auth.verify(token, "target", sc, tc, proof)
+  assert token not in proof and len(proof) == 64
+  assert not auth.verify(other, "target", sc, tc, proof)
+  assert not auth.verify(token, "speculator", sc, tc, proof)  # not reflected as the other end's
+  assert not auth.verify(token, "target", auth.new_challenge(), tc, proof)  # nor replayed
+  assert not auth.verify(token, "target", sc, tc, None)
+  assert not auth.verify(token, "target", sc, tc, "é" * 64)
+
+
+def test_a_speculator_serves_names_and_resolved_paths_only(tmp_path):
+  served, other = tmp_path / "served", tmp_path / "other"
+  served.mkdir()
+  other.mkdir()
+  (tmp_path / "link").symlink_to(served)
+  known = ["tiny-llama", "tiny-llama-draft"]
+  drafts = auth.Drafts.of(["tiny-llama-draft", str(served)], known=known)
+  assert drafts.find("tiny-llama-draft") == "tiny-llama-draft"
+  for spelling in (served, tmp_path / "link", other / ".." / "served"):
+    assert drafts.find(str(spelling)) == str(served.resolve())
+  for refused in ("tiny-llama", str(other), "", None, 7, "a\0b", "x" * 5000):
+    assert drafts.find(refused) is None, refused
+  with pytest.raises(ValueError, match="neither a registry name nor a path that exists"):
+    auth.Drafts.of([str(tmp_path / "missing")], known=[])
+
+
+def test_a_load_request_is_checked_field_by_field():
+  drafts = auth.Drafts.of(["tiny-llama-draft"], known=["tiny-llama-draft"])
+  good = {"draft": "tiny-llama-draft", "dtype": "float32", "draft_vocab": 8, "pipe": "shm"}
+  assert handshake.request(good, drafts, "127.0.0.1").draft == "tiny-llama-draft"
+  transfer = good | {"pipe": "transfer", "transfer_address": "127.0.0.1:4000"}
+  assert handshake.request(transfer, drafts, "127.0.0.1").transfer_address == "127.0.0.1:4000"
+  for change, peer, message in [
+    ({"transfer_address": "10.1.2.3:4000"}, "127.0.0.1", "not the target's own address"),
+    ({"transfer_address": "127.0.0.1:0"}, "127.0.0.1", "not the target's own address"),
+    ({"transfer_address": None}, "127.0.0.1", "not the target's own address"),
+    ({"pipe": "shm"}, "10.1.2.3", "shared memory needs the target on this host"),
+    ({"dtype": "int8"}, "127.0.0.1", "dtype must be one of"),
+    ({"draft_vocab": [1, "2"]}, "127.0.0.1", "draft_vocab must be"),
+    ({"pipe": "carrier pigeon"}, "127.0.0.1", "pipe must be shm or transfer"),
+  ]:
+    with pytest.raises(ValueError, match=message):
+      handshake.request(transfer | change, drafts, peer)
+
+
+def test_a_token_needs_an_address_and_a_listener_beyond_loopback_needs_a_token(tmp_path):
+  with pytest.raises(ValueError, match="a token file is for a speculator at an address"):
+    Placement(kind="process", token_file=str(tmp_path / "token"))
+  assert all(auth.is_loopback(h) for h in ("127.0.0.1", "127.0.0.2", "localhost", "[::1]", "::1"))
+  assert not any(auth.is_loopback(h) for h in ("0.0.0.0", "", "10.0.0.1", "::", "example.org"))
+  with pytest.raises(ValueError, match="cannot read it"):
+    auth.read_token(tmp_path / "missing")
+
+
+def test_a_target_takes_its_token_from_a_file_or_the_environment(models, tmp_path, monkeypatch):
+  """Read when the engine is built (a missing or short token fails then, before any run); a file
+  others may read is warned about; never part of the options' repr."""
+  token = secrets.token_hex(32)
+  monkeypatch.setenv(auth.TOKEN_ENV, f"  {token}\n")
+  engine = Engine(models["tiny-llama"], models["tiny-llama-draft"], placement="127.0.0.1:7100")
+  assert engine.site.options.token == token and token not in repr(engine.site.options)
+  loose = tmp_path / "loose"
+  loose.write_text(token)
+  loose.chmod(0o644)
+  with pytest.warns(UserWarning, match=f"can be read by other users: chmod 600 {loose}"):
+    assert auth.read_token(loose) == token
+  monkeypatch.setenv(auth.TOKEN_ENV, "short")
+  with pytest.raises(ValueError, match="SSD_JAX_SPECULATOR_TOKEN: a token needs at least 32"):
+    _remote(models, "127.0.0.1:7100")
 
 
 @pytest.mark.statistical
-def test_a_speculator_another_host_runs_is_exact(exact_pair):
+def test_a_speculator_another_host_runs_is_exact(exact_pair, tmp_path):
   """The remote path at T > 0 with top-k: q crosses on jax.experimental.transfer (the process
   tests' shared memory is not on this path), hits and neural backups both frequent."""
-  with listening_speculator() as (address, server):
+  target, draft = exact_pair
+  token = _token_file(tmp_path)
+  flags = ("--draft", draft.source, "--token-file", token, "--once")
+  with _listening(tmp_path, *flags) as server:
+    placement = Placement(address=server.address, token_file=token)
     spec = ssd_spec((2, 2, 2))
-    z, hit_rate = exact_z(*exact_pair, address, spec, Sampling(temperature=0.8, top_k=5))
-    assert server.wait(timeout=HANG) == 0
+    z, hit_rate = exact_z(target, draft, placement, spec, Sampling(temperature=0.8, top_k=5))
+    assert server.process.wait(timeout=HANG) == 0
   assert z < exact.Z_MAX, z
   assert 0 < hit_rate < 1
 
@@ -418,11 +761,15 @@ def test_the_cli_runs_with_a_speculator_another_host_runs(tmp_path):
   """`python -m ssd_jax.run --speculator HOST:PORT` against a listening speculator: ssd's
   rounds go through it (it serves this one target, then exits), greedy outputs equal ar's and
   sd's, and nothing compiles after the warm-up on either side."""
-  out = tmp_path / "run.json"
-  with listening_speculator() as (address, server):
+  out, token = tmp_path / "run.json", _token_file(tmp_path)
+  with _listening(
+    tmp_path, "--draft", "tiny-llama-draft", "--token-file", token, "--once"
+  ) as server:
+    address = server.address
     proc = subprocess.run(
       [
         *(sys.executable, "-m", "ssd_jax.run", "--speculator", address, "--json", str(out)),
+        *("--speculator-token-file", token),
         *("--target", "tiny-llama", "--draft", "tiny-llama-draft", "--target-cores", "1"),
         *("--max-new-tokens", "12", "--ignore-eos", "--num-prompts", "2", "--no-progress"),
       ],
@@ -431,8 +778,8 @@ def test_the_cli_runs_with_a_speculator_another_host_runs(tmp_path):
       timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
-    assert server.wait(timeout=HANG) == 0, server.stdout.read()
-    served = server.stdout.read()
+    assert server.process.wait(timeout=HANG) == 0, server.output()
+    served = server.output()
   assert "serving 127.0.0.1:" in served, served
   result = json.loads(out.read_text())
   assert address in result["layout"]["ssd"]["ran_on"], result["layout"]

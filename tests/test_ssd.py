@@ -11,12 +11,14 @@ import pytest
 
 from ssd_jax import Engine, Sampling
 from ssd_jax.config import SpecConfig
-from ssd_jax.decode import Warp, speculate, tree
 from ssd_jax.decode import draft as draft_lib
+from ssd_jax.decode import slots, speculate, tree
 from ssd_jax.decode.plan import DraftPlan
 from ssd_jax.decode.state import Outcome, Speculation, SpeculationCache
 from ssd_jax.models import KVCache, placement
+from ssd_jax.models.prefill import prefill_window
 from ssd_jax.models.registry import load_model
+from ssd_jax.speculator.base import Join, admissions
 from ssd_jax.speculator.remote import served_from
 from ssd_jax.timing import count_compiles
 
@@ -197,16 +199,25 @@ def draft_state(draft, plan, B, mesh=None):
     else placement.init_cache(draft.config, mesh, B, 32, jnp.float32)
   )
   params = draft.params if mesh is None else put(draft.params)
-  warp = Warp.of([Sampling()] * B)
-  return draft_lib.start(
-    params,
-    put(jnp.ones((B, 4), jnp.int32)),
-    put(jnp.full((B,), 4)),
-    cache,
-    put(warp),
-    put(jax.random.key(0)),
-    plan=plan,
+  rows = put(dataclasses.replace(slots.empty_draft(cache), cache=None))
+  state = dataclasses.replace(rows, cache=cache)
+  tokens = np.ones((1, 16), np.int32)
+  joins = tuple(
+    Join(
+      slot=b,
+      tokens=tokens,
+      length=4,
+      max_new=8,
+      temperature=0.0,
+      top_k=0,
+      top_p=1.0,
+      seed=np.asarray([0, b], np.uint32),
+    )
+    for b in range(B)
   )
+  ((padded, admission),) = admissions(joins, bulk=True)
+  window = prefill_window(params, put(padded), config=plan.config)
+  return slots.admit_draft(state, window, put(admission))
 
 
 def test_lookup_hit_miss_partial_batch_and_all_accepted(models):
@@ -239,7 +250,9 @@ def test_lookup_hit_miss_partial_batch_and_all_accepted(models):
     draft.params, draft_state(draft, neural, B), cache, outcome, plan=neural
   )
   state = draft_state(draft, neural, B)
-  _, fresh = draft_lib.propose(draft.params, state, outcome, outcome.bonus, plan=neural)
+  _, fresh = draft_lib.propose(
+    draft.params, state, outcome, outcome.bonus, jnp.zeros(B, bool), plan=neural
+  )
   np.testing.assert_array_equal(spec.tokens[1], fresh.tokens[1])
   assert not spec.point_mass.any()
 
@@ -257,7 +270,12 @@ def test_an_expanded_proposal_leaves_its_last_key_to_the_glue(models):
   before, after = [], []
   for plan in plans:
     state, speculation = draft_lib.propose(
-      draft.params, draft_state(draft, plan, B), None, jnp.asarray([5, 9]), plan=plan
+      draft.params,
+      draft_state(draft, plan, B),
+      None,
+      jnp.asarray([5, 9]),
+      jnp.ones(B, bool),
+      plan=plan,
     )
     before.append(np.asarray(state.cache.k))
     after.append(speculate.expand(draft.params, state, speculation, plan=plan))
@@ -344,8 +362,8 @@ def test_programs_run_on_disjoint_devices(models):
   plan = draft_plan(draft.config, 3, fan_out=(2, 2, 2, 2))
   dstate = draft_state(draft, plan, 1, mesh=engine.draft_mesh)
   (device,) = d_devices
-  last = jax.device_put(jnp.ones((1,), jnp.int32), device)
-  dstate, proposal = draft_lib.propose(engine.draft_params, dstate, None, last, plan=plan)
+  last, fresh = jax.device_put((jnp.ones((1,), jnp.int32), jnp.ones((1,), bool)), device)
+  dstate, proposal = draft_lib.propose(engine.draft_params, dstate, None, last, fresh, plan=plan)
   _, speculations = speculate.expand(engine.draft_params, dstate, proposal, plan=plan)
   assert {d for x in jax.tree.leaves(speculations) for d in x.devices()} == d_devices
 

@@ -30,7 +30,7 @@ def run(logits, drafts, q=None, point_mass=None, temperature=1.0, seed=0, greedy
   q = None if q is None else jnp.asarray([q], jnp.float32)
   pm = None if point_mass is None else jnp.asarray(point_mass)
   accepted, bonus = verify(
-    jax.random.key(seed), logits, drafts, q, pm, warp(temperature), greedy=greedy
+    jax.random.key(seed)[None], logits, drafts, q, pm, warp(temperature), greedy=greedy
   )
   return int(accepted[0]), int(bonus[0])
 
@@ -66,7 +66,7 @@ def test_point_mass_acceptance_rate_is_p_of_x():
   B = 20000
   logits = jnp.log(jnp.asarray([[0.1, 0.6, 0.3, 1e-30], [0.25] * 4]))[None].repeat(B, 0)
   accepted, bonus = verify(
-    jax.random.key(1),
+    jax.random.split(jax.random.key(1), B),  # one key per row
     logits,
     jnp.ones((B, 1), jnp.int32),
     None,
@@ -151,7 +151,10 @@ def test_properties(seed, lookahead, B, temperature, point):
   logits = jax.random.normal(k1, (B, lookahead + 1, V)) * 3
   q = warped_probs(jax.random.normal(k2, (B, lookahead, V)) * 3, warp(*[1.0] * B))
   drafts = jax.random.categorical(k3, jnp.log(q)).astype(jnp.int32)
-  accepted, bonus = _verify(k4, logits, drafts, q, jnp.full((B,), point), warp(*[temperature] * B))
+  keys = jax.random.split(k4, B)
+  accepted, bonus = _verify(
+    keys, logits, drafts, q, jnp.full((B,), point), warp(*[temperature] * B)
+  )
   chex.assert_shape([accepted, bonus], (B,))
   chex.assert_type([accepted, bonus], jnp.int32)
   assert ((accepted >= 0) & (accepted <= lookahead)).all()

@@ -14,6 +14,9 @@
             speculator's core is, for compute-bound and for memory-bound (decode-like) work.
   forward   the forward's cost against new tokens T, with and without logits, at several cache
             fills, for the target and the draft; tree steps over N branches; the products alone.
+  serving   continuous batching's throughput-latency curve: requests at fixed concurrencies and
+            Poisson rates through a session per mode; tokens/s, TTFT and TPOT p50/p99,
+            acceptance and hit rate by occupancy; beside static batches through generate.
 
 Speed is compared as ratios measured side by side in one run: the machine may be shared. Check
 it is idle first (`uptime`), and never time while tests run.
@@ -44,7 +47,8 @@ _EXAMPLES = """examples:
   python -m ssd_jax.bench models --hf
   python -m ssd_jax.bench ab --configs sd:smollm2-135m-draft:3 ssd:smollm2-135m-draft-wide:5:4
   python -m ssd_jax.bench forward --fills 256 --new-tokens 1 4 8
-  python -m ssd_jax.bench exchange --pipes shm --batch-sizes 1"""
+  python -m ssd_jax.bench exchange --pipes shm --batch-sizes 1
+  python -m ssd_jax.bench serving --concurrencies 1 2 4 8 --rates 0.5 1 --requests 16"""
 
 _DRAFT_VOCAB = (
   "score only the draft's N most frequent tokens (as in python -m ssd_jax.run: default 8192 "
@@ -201,6 +205,42 @@ def build_parser() -> Parser:
   x.add_argument(
     "--speculator-cores", type=core_list, default=[1], help="the speculator's (default 1)"
   )
+  v = _sub(sub, "serving")
+  v.add_argument(
+    "--target", default="smollm2-135m", help="model name or path (default %(default)s)"
+  )
+  v.add_argument("--draft", help="one draft for sd and ssd (default: each mode's own)")
+  v.add_argument(
+    "--modes", nargs="+", choices=MODES, default=list(MODES), help="default %(default)s"
+  )
+  v.add_argument(
+    "--prompt-sets", nargs="+", default=["humaneval", "sharegpt"], help="default %(default)s"
+  )
+  v.add_argument("--num-prompts", type=int, default=16, help="per set (default %(default)s)")
+  v.add_argument("--max-new-tokens", type=int, default=64, help="per request (default %(default)s)")
+  v.add_argument(
+    "--concurrencies", type=int, nargs="+", default=[1, 2, 4, 8], help="default %(default)s"
+  )
+  v.add_argument(
+    "--rates", type=finite_float, nargs="*", default=[], help="Poisson arrivals, requests/s"
+  )
+  v.add_argument("--requests", type=int, default=16, help="per load point (default %(default)s)")
+  v.add_argument("--max-batch-size", type=int, default=8, help="slots (default %(default)s)")
+  v.add_argument(
+    "--temperatures",
+    type=finite_float,
+    nargs="+",
+    default=[0.0],
+    help="requests cycle through them (default %(default)s)",
+  )
+  v.add_argument("--seed", type=int, default=0, help="default %(default)s")
+  v.add_argument(
+    "--no-static", action="store_true", help="skip the static batches through generate"
+  )
+  v.add_argument(
+    "--soak", type=int, default=0, help="then N short requests per mode: memory after 100 and N"
+  )
+  _layout(v)
   f = _sub(sub, "forward")
   f.add_argument(
     "--models",
@@ -297,16 +337,18 @@ def main(argv: list[str] | None = None) -> int:
   if getattr(args, "target_cores", None):
     pin_cores(args.target_cores)  # before JAX starts: sizes its thread pool
   layout = None
-  if args.command in ("sweep", "ab"):
+  if args.command in ("sweep", "ab", "serving"):
     try:
-      ssd = args.command == "sweep" or any(c.mode == "ssd" for c in args.configs)
+      ssd = {"sweep": True, "serving": "ssd" in getattr(args, "modes", ())}.get(
+        args.command, any(c.mode == "ssd" for c in getattr(args, "configs", ()))
+      )
       layout = apply_layout(resolve_layout(args.draft_placement, args.layout_cores, ssd=ssd))
     except ValueError as e:
       parser.error(str(e))
   set_cpu_devices(getattr(args, "target_devices", 1))
   args.out.mkdir(parents=True, exist_ok=True)
   # After the device set-up: these import JAX's programs.
-  from ssd_jax.bench import ab, exchange, forward, sweep  # noqa: PLC0415
+  from ssd_jax.bench import ab, exchange, forward, serving, sweep  # noqa: PLC0415
 
   commands = {
     "sweep": (sweep.sweep, sweep.SweepOptions),
@@ -315,11 +357,14 @@ def main(argv: list[str] | None = None) -> int:
     "forward": (forward.forward_costs, forward.ForwardOptions),
     "exchange": (exchange.exchange, exchange.ExchangeOptions),
     "ab": (ab.ab, ab.AbOptions),
+    "serving": (serving.serving, serving.ServingOptions),
   }
   run, kind = commands[args.command]
   given = {} if layout is None else {"layout": layout}
   if args.command == "sweep":
     given["geometric"] = not args.no_geometric
+  if args.command == "serving":
+    given["static"] = not args.no_static
   try:
     config = options(kind, args, **given)
     if args.command == "sweep" and args.quick:
@@ -339,4 +384,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {report} and its plots")
   if args.command == "ab":
     print(result["table"])
+  if args.command == "serving":
+    print(f"wrote {serving.plot(result, args.out)}")
   return 0

@@ -24,13 +24,14 @@ import numpy as np
 from ssd_jax import sharding
 from ssd_jax.config import SpecConfig
 from ssd_jax.decode import draft as draft_lib
-from ssd_jax.decode import speculate
+from ssd_jax.decode import slots, speculate
 from ssd_jax.decode import target as target_lib
 from ssd_jax.decode.plan import Plan
-from ssd_jax.decode.sampling import Sampling, Warp
+from ssd_jax.decode.sampling import Sampling
 from ssd_jax.decode.state import Outcome, Speculation
 from ssd_jax.models import placement
-from ssd_jax.models.prefill import pad_prompts
+from ssd_jax.models.prefill import pad_prompts, prefill_window
+from ssd_jax.speculator.base import Join, admissions
 
 FOREVER = 10**6  # a budget no timing loop exhausts
 
@@ -43,40 +44,66 @@ class Setup:
   plan: Plan
   tokens: np.ndarray  # i32[B, P]
   lengths: np.ndarray  # i32[B]
-  warp: Warp
+  sampling: Sampling
   capacity: int
 
   @classmethod
   def make(cls, engine, prompt, spec: SpecConfig, sampling: Sampling, capacity, batch_size=1):
     plan = engine.plan(spec, greedy=sampling.greedy, ignore_eos=True, batch_size=batch_size)
     tokens, lengths = pad_prompts([prompt] * batch_size, capacity)
-    return cls(engine, plan, tokens, lengths, Warp.of([sampling] * batch_size), capacity)
+    return cls(engine, plan, tokens, lengths, sampling, capacity)
 
   @property
   def batch_size(self) -> int:
     return self.tokens.shape[0]
 
-  def target_state(self, lookahead: int | None = None, params=None, mesh=None):
+  def joins(self) -> list[Join]:
+    """Every row's request: the prompt, a budget no timing exhausts, the sampling settings."""
+    s = self.sampling
+    return [
+      Join(
+        slot=b,
+        tokens=self.tokens[b : b + 1],
+        length=int(self.lengths[b]),
+        max_new=FOREVER,
+        temperature=s.temperature,
+        top_k=s.top_k,
+        top_p=s.top_p,
+        seed=np.asarray([0, b], np.uint32),
+        ignore_eos=True,
+      )
+      for b in range(self.batch_size)
+    ]
+
+  def target_state(self, params=None, mesh=None):
     """A prefilled TargetState (on `mesh` with `params`; default: the engine's target)."""
     e = self.engine
     params, mesh = params or e.target_params, mesh or e.target_mesh
     plan = self.plan.target
-    if lookahead is not None:
-      plan = dataclasses.replace(plan, lookahead=lookahead)
-    B = self.batch_size
     put = lambda x: jax.device_put(x, sharding.replicated(mesh))
-    cache = placement.init_cache(plan.config, mesh, B, self.capacity, params["embed"].dtype)
-    budgets = np.full(B, FOREVER, np.int32)
-    args = put((self.tokens, self.lengths, budgets, self.warp, jax.random.key(0)))
-    return target_lib.start(params, *args[:2], cache, *args[2:], plan=plan)
+    cache = placement.init_cache(
+      plan.config, mesh, self.batch_size, self.capacity, params["embed"].dtype
+    )
+    state = put(slots.empty_target(cache))
+    for join in self.joins():
+      window = prefill_window(
+        params, put(join.tokens), config=plan.config, attention_impl=plan.attention_impl
+      )
+      state = slots.admit_target(state, window, put(admissions((join,), False)[0][1]))
+    return state
 
   def draft_state(self):
-    e, plan, B = self.engine, self.plan.draft, self.batch_size
+    e, plan = self.engine, self.plan.draft
     put = lambda x: jax.device_put(x, sharding.replicated(e.draft_mesh))
     dtype = e.draft_params["embed"].dtype
-    cache = placement.init_cache(plan.config, e.draft_mesh, B, self.capacity, dtype)
-    tokens, lengths, warp, key = put((self.tokens, self.lengths, self.warp, jax.random.key(1)))
-    return draft_lib.start(e.draft_params, tokens, lengths, cache, warp, key, plan=plan)
+    cache = placement.init_cache(plan.config, e.draft_mesh, self.batch_size, self.capacity, dtype)
+    state = put(slots.empty_draft(cache))
+    for join in self.joins():
+      window = prefill_window(
+        e.draft_params, put(join.tokens), config=plan.config, attention_impl=plan.attention_impl
+      )
+      state = slots.admit_draft(state, window, put(admissions((join,), False)[0][1]))
+    return state
 
   def last(self):
     """The pending tokens, on the draft mesh."""
@@ -127,16 +154,14 @@ def time_programs(
   setup = Setup.make(engine, prompt, spec, sampling, capacity, batch_size)
   params, plan = engine.draft_params, setup.plan.draft
   out = {}
-  dstate, proposal, out["propose"] = _median_ms(
-    lambda s: draft_lib.propose(params, s, None, setup.last(), plan=plan), setup.draft_state(), reps
-  )
+  fresh = jax.device_put(np.ones(batch_size, bool), sharding.replicated(engine.draft_mesh))
+  propose = lambda s: draft_lib.propose(params, s, None, setup.last(), fresh, plan=plan)
+  dstate, proposal, out["propose"] = _median_ms(propose, setup.draft_state(), reps)
   on_target = setup.to_target(proposal)
   tstate, _, out["verify"] = _median_ms(_verifier(setup, on_target), setup.target_state(), reps)
   ar_plan = dataclasses.replace(setup.plan.target, lookahead=0)
   no_draft = setup.to_target(Speculation.empty(batch_size))
-  _, _, out["ar_step"] = _median_ms(
-    _verifier(setup, no_draft, ar_plan), setup.target_state(lookahead=0), reps
-  )
+  _, _, out["ar_step"] = _median_ms(_verifier(setup, no_draft, ar_plan), setup.target_state(), reps)
   if spec.mode == "ssd":
     out |= _time_ssd(setup, tstate, dstate, proposal, on_target, reps)
   return out
@@ -198,7 +223,10 @@ def overlap(
   setup = Setup.make(engine, prompt, spec, sampling, capacity)
   lookahead = spec.lookahead
   params, plan = engine.draft_params, setup.plan.draft
-  dstate, proposal = draft_lib.propose(params, setup.draft_state(), None, setup.last(), plan=plan)
+  fresh = jax.device_put(np.ones(1, bool), sharding.replicated(engine.draft_mesh))
+  dstate, proposal = draft_lib.propose(
+    params, setup.draft_state(), None, setup.last(), fresh, plan=plan
+  )
   on_target = setup.to_target(proposal)
   verify = _verifier(setup, on_target)
   expand = lambda d: speculate.expand(params, d, proposal, plan=plan)

@@ -23,6 +23,7 @@ from ssd_jax.harness.config import (
   Speculation,
 )
 from ssd_jax.models.registry import DEFAULT_DRAFTS
+from ssd_jax.speculator import auth
 from ssd_jax.speculator.local import DEFAULT_DRAFT_VOCAB
 
 
@@ -76,7 +77,8 @@ table then adds ar and sd on all cores (--no-all-cores skips them): the best use
 machine's cores without SSD. A run without ssd keeps every core. With --draft-placement device
 the draft gets a virtual device of this process: placement, not compute (all CPU devices of one
 process share one thread pool). --speculator HOST:PORT uses a speculator another host runs
-(python -m ssd_jax.speculator --listen HOST:PORT).
+(python -m ssd_jax.speculator --listen HOST:PORT --draft NAME --token-file token), with
+--speculator-token-file token (the same secret; or SSD_JAX_SPECULATOR_TOKEN on both).
 
 devices: the target uses --target-devices (tensor parallel), the draft --draft-devices of its
 own. On CPU that many virtual devices are created (at least twice the target mesh, which keeps
@@ -263,6 +265,12 @@ def _layout(g) -> None:
   )
   g.add_argument("--speculator", metavar="HOST:PORT", help="ssd: a speculator another host runs")
   g.add_argument(
+    "--speculator-token-file",
+    metavar="PATH",
+    help="with --speculator: the file holding its token (default: $SSD_JAX_SPECULATOR_TOKEN, "
+    "else none)",
+  )
+  g.add_argument(
     "--speculator-pipe",
     choices=("shm", "transfer"),
     help="ssd: how arrays reach the speculator: shared memory (default on one host) or "
@@ -319,6 +327,8 @@ def run_config(args: argparse.Namespace) -> RunConfig:
     raise ValueError(_as_flag(str(e), ("temperature", "top_k", "top_p"))) from None
   if args.json is not None:
     check_writable(args.json)
+  if args.speculator_token_file is not None:
+    check_token_file(args.speculator_token_file)
   return RunConfig(
     modes=MODES if args.mode == "all" else (args.mode,),
     models=Models(
@@ -355,6 +365,7 @@ def run_config(args: argparse.Namespace) -> RunConfig:
       draft_placement=args.draft_placement,
       target_cores=args.target_cores,
       speculator=args.speculator,
+      speculator_token_file=args.speculator_token_file,
       speculator_pipe=args.speculator_pipe,
       attention_impl=args.attention_impl,
     ),
@@ -370,6 +381,15 @@ def _as_flag(message: str, fields) -> str:
     if message.startswith(field + " "):
       return "--" + field.replace("_", "-") + message[len(field) :]
   return message
+
+
+def check_token_file(path: str) -> None:
+  """Fail now, not after the models load, when the token file cannot serve (read again, and
+  kept out of the configuration, which the JSON prints, when the speculator is reached)."""
+  try:
+    auth.read_token(path)
+  except ValueError as e:
+    raise ValueError(f"--speculator-token-file: {e}") from None
 
 
 def check_writable(path: Path) -> None:

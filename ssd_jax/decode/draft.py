@@ -1,12 +1,13 @@
 """Jitted programs of the draft for synchronous drafting (sync SD, SSD's first proposal and its
 neural backup), and the per-step drawing both they and SSD's expansion use.
 
-start      prefill the prompts into the draft cache.
-propose    draft `lookahead` tokens from the pending token in one program (a scan over
+propose    draft `lookahead` tokens from each row's pending token in one program (a scan over
            single-token steps), then (sd) write the last draft token's key/value too, so that
            the draft cache covers every token the target may accept; in ssd the expansion that
            follows every proposal writes them all (its glue), so that step is left out.
 fast_tokens  the fast backup: random tokens proposed as point masses.
+
+Every draw comes from the row's own key at its position (`sampling.row_keys`).
 
 A draft whose head is restricted to a token subset (`transformer.head_subset`) produces logits
 over the subset's columns: `to_tokens` maps sampled columns to token ids, `to_vocab` spreads a
@@ -22,34 +23,18 @@ import jax
 import jax.numpy as jnp
 
 from ssd_jax.decode.plan import DraftPlan
-from ssd_jax.decode.sampling import Warp, saguaro, sample, warped_probs
+from ssd_jax.decode.sampling import (
+  PROPOSE,
+  Warp,
+  fold_rows,
+  row_keys,
+  saguaro,
+  sample,
+  warped_probs,
+)
 from ssd_jax.decode.state import DraftState, Outcome, Speculation
 from ssd_jax.models.kv_cache import KVCache
-from ssd_jax.models.prefill import prefill
 from ssd_jax.models.transformer import Params, forward
-
-
-@functools.partial(jax.jit, static_argnames="plan", donate_argnames="cache")
-def start(
-  params: Params,
-  tokens: jax.Array,
-  prompt_lengths: jax.Array,
-  cache: KVCache,
-  warp: Warp,
-  key: jax.Array,
-  *,
-  plan: DraftPlan,
-) -> DraftState:
-  """Prefill all but the pending last prompt token. `cache` is donated."""
-  cache = prefill.__wrapped__(
-    params,
-    tokens,
-    prompt_lengths - 1,
-    cache,
-    config=plan.config,
-    attention_impl=plan.attention_impl,
-  )
-  return DraftState(cache=cache, warp=warp, key=key)
 
 
 def to_tokens(params: Params, columns: jax.Array) -> jax.Array:
@@ -71,13 +56,14 @@ def draw(
   logits: jax.Array,
   warp: Warp,
   depth: jax.Array,
-  key: jax.Array,
+  keys: jax.Array,
   *,
   plan: DraftPlan,
   fan_out: tuple[int, ...],
 ) -> tuple[jax.Array, jax.Array | None]:
   """Draw the draft tokens i32[B, ...] at speculation depth `depth` from logits [B, ..., V'],
-  with the distribution f32[B, ..., V] they were drawn from (None when every row is greedy).
+  row b with keys[b], with the distribution f32[B, ..., V] they were drawn from (None when
+  every row is greedy).
 
   The distribution is warped like the target's p, then Saguaro-scaled with `fan_out[depth]`,
   the fan-out the next expansion will fork at that depth (C < 1 only).
@@ -88,7 +74,7 @@ def draw(
   if plan.saguaro_c < 1.0:
     f = jnp.asarray(fan_out, jnp.int32)[depth]
     probs = saguaro(probs, f, plan.saguaro_c, max_fan_out=max(max(fan_out), 1))
-  return to_tokens(params, sample(key, probs)), to_vocab(params, probs, plan.config.vocab_size)
+  return to_tokens(params, sample(keys, probs)), to_vocab(params, probs, plan.config.vocab_size)
 
 
 def decode_steps(
@@ -96,7 +82,7 @@ def decode_steps(
   cache: KVCache,
   first: jax.Array,
   warp: Warp,
-  key: jax.Array,
+  keys: jax.Array,
   *,
   plan: DraftPlan,
 ):
@@ -111,14 +97,14 @@ def decode_steps(
   fwd = functools.partial(forward, params, config=plan.config, attention_impl=plan.attention_impl)
 
   def body(carry, j):
-    token, cache, key = carry
+    token, cache = carry
     logits, cache = fwd(token[:, None], cache.with_lengths(base + j))
-    key, sub = jax.random.split(key)
+    sub = fold_rows(keys, j)
     token, probs = draw(params, logits[:, 0], warp, j, sub, plan=plan, fan_out=plan.fan_out_miss)
-    return (token, cache, key), (token, probs)
+    return (token, cache), (token, probs)
 
   steps = jnp.arange(plan.lookahead)
-  (last, cache, _), (tokens, probs) = jax.lax.scan(body, (first, cache, key), steps)
+  (last, cache), (tokens, probs) = jax.lax.scan(body, (first, cache), steps)
   if not plan.expands:
     _, cache = fwd(last[:, None], cache.with_lengths(base + plan.lookahead), return_logits=False)
   probs = None if probs is None else probs.transpose(1, 0, 2)
@@ -130,18 +116,24 @@ def propose(
   params: Params,
   state: DraftState,
   outcome: Outcome | None,
-  last: jax.Array,
+  pending: jax.Array,
+  fresh: jax.Array,
   *,
   plan: DraftPlan,
 ) -> tuple[DraftState, Speculation]:
-  """Commit the previous outcome (if any), then draft from the pending token `last` (i32[B]).
-
-  `state` is donated.
+  """Commit the previous outcome (if any), then draft from each row's pending token: the
+  outcome's bonus, or `pending` (i32[B]) for `fresh` rows (bool[B]: requests that entered their
+  slot since, whose outcome belongs to the slot's previous occupant; all rows without an
+  outcome). `state` is donated.
   """
-  if outcome is not None:
+  if outcome is None:
+    last = pending
+  else:
+    outcome = dataclasses.replace(outcome, committed=jnp.where(fresh, 0, outcome.committed))
     state = state.advance(outcome)
-  key, sub = jax.random.split(state.key)
-  tokens, probs, cache = decode_steps(params, state.cache, last, state.warp, sub, plan=plan)
+    last = jnp.where(fresh, pending, outcome.bonus)
+  keys = row_keys(state.seed, state.cache.lengths, PROPOSE)
+  tokens, probs, cache = decode_steps(params, state.cache, last, state.warp, keys, plan=plan)
   B = last.shape[0]
   speculation = Speculation(
     tokens=jnp.concatenate([last[:, None], tokens], axis=1),
@@ -149,9 +141,11 @@ def propose(
     point_mass=jnp.zeros((B,), bool),
     hit=jnp.zeros((B,), bool),
   )
-  return dataclasses.replace(state, cache=cache, key=key), speculation
+  return dataclasses.replace(state, cache=cache), speculation
 
 
-def fast_tokens(key: jax.Array, batch_size: int, lookahead: int, vocab_size: int) -> jax.Array:
-  """The fast backup's proposal: uniformly random ids i32[B, lookahead] (point masses)."""
-  return jax.random.randint(key, (batch_size, lookahead), 0, vocab_size, jnp.int32)
+def fast_tokens(keys: jax.Array, lookahead: int, vocab_size: int) -> jax.Array:
+  """The fast backup's proposal: uniformly random ids i32[B, lookahead] (point masses), row b
+  drawn with keys[b]."""
+  draw = lambda k: jax.random.randint(k, (lookahead,), 0, vocab_size, jnp.int32)
+  return jax.vmap(draw)(keys)

@@ -107,9 +107,10 @@ class Plan:
     eos_ids: tuple[int, ...],
     attention_impl: str,
     batch_size: int = 1,
+    adapt: bool = False,
   ) -> Plan:
     """The plan for decoding `batch_size` rows with `spec` ("auto" backup resolved for that
-    many rows: `policy.resolve_backup`)."""
+    many rows: `policy.resolve_backup`; with `adapt`, the fan-out too: `policy.fan_out_for`)."""
     target_plan = TargetPlan(
       config=target,
       lookahead=spec.lookahead,
@@ -121,12 +122,15 @@ class Plan:
       return cls(mode="ar", target=target_plan, draft=None)
     if draft is None:
       raise ValueError(f"mode {spec.mode!r} needs a draft model")
+    fan_out, fan_out_miss = spec.fan_out, spec.fan_out_miss or spec.fan_out
+    if adapt and spec.mode == "ssd":
+      fan_out, fan_out_miss = policy.fan_out_for(spec, batch_size)
     draft_plan = DraftPlan(
       config=draft,
       head_size=head_size or draft.vocab_size,
       lookahead=spec.lookahead,
-      fan_out=spec.fan_out,
-      fan_out_miss=spec.fan_out_miss or spec.fan_out,
+      fan_out=fan_out,
+      fan_out_miss=fan_out_miss,
       saguaro_c=spec.saguaro_c,
       backup=policy.resolve_backup(spec, batch_size, target, draft)
       if spec.mode == "ssd"

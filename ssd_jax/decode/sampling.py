@@ -184,6 +184,28 @@ def saguaro(probs: jax.Array, fan_out: jax.Array, c: float, max_fan_out: int) ->
   return jnp.where(total > 0, scaled / jnp.where(total > 0, total, 1.0), probs)
 
 
-def sample(key: jax.Array, probs: jax.Array) -> jax.Array:
-  """Draw token ids i32[...] from f32[..., V] distributions (exact: Gumbel-max on log p)."""
-  return jax.random.categorical(key, jnp.log(probs), axis=-1).astype(jnp.int32)
+# What each per-row key is for (`row_keys`): a row's draws for one use never reuse another's.
+VERIFY, PROPOSE, EXPAND, BACKUP = 1, 2, 3, 4
+
+
+def row_keys(seeds: jax.Array, positions: jax.Array, use: int) -> jax.Array:
+  """One key per row, key[B], for one `use` at each row's position i32[B].
+
+  Every random draw of a row comes from its own seed (its request's) and the position it decodes
+  at, never from a key shared by the batch or split per round: a request's tokens are then the
+  same whatever other requests share its rounds, whichever slot it sits in, and however often a
+  program that draws for it runs (a speculator re-expanding after a join draws the same again).
+  """
+  return jax.vmap(lambda k, p: jax.random.fold_in(jax.random.fold_in(k, use), p))(seeds, positions)
+
+
+def fold_rows(keys: jax.Array, i) -> jax.Array:
+  """key[B] -> key[B] for sub-step `i` (an i32 scalar) of the same use."""
+  return jax.vmap(lambda k: jax.random.fold_in(k, i))(keys)
+
+
+def sample(keys: jax.Array, probs: jax.Array) -> jax.Array:
+  """Draw token ids i32[B, ...] from f32[B, ..., V] distributions, row b with keys[b] (exact:
+  Gumbel-max on log p; the draws of a row's several distributions are independent)."""
+  draw = lambda k, p: jax.random.categorical(k, jnp.log(p), axis=-1)
+  return jax.vmap(draw)(keys, probs).astype(jnp.int32)

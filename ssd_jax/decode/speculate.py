@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from ssd_jax.decode import draft as draft_lib
 from ssd_jax.decode import tree
 from ssd_jax.decode.plan import DraftPlan
+from ssd_jax.decode.sampling import BACKUP, EXPAND, fold_rows, row_keys
 from ssd_jax.decode.state import DraftState, Outcome, Speculation, SpeculationCache
 from ssd_jax.models.kv_cache import KVCache, TreeKV
 from ssd_jax.models.transformer import Params, forward, tree_forward
@@ -64,9 +65,9 @@ def tree_decode(
   params: Params,
   state: DraftState,
   cache: KVCache,
-  keys: jax.Array,
+  forks: jax.Array,
   depth: jax.Array,
-  key: jax.Array,
+  keys: jax.Array,
   *,
   plan: DraftPlan,
 ) -> tuple[jax.Array, jax.Array | None]:
@@ -76,7 +77,7 @@ def tree_decode(
   when greedy). The branch's token i sits at depth i of the speculation it would become, which
   is verified after a hit: Saguaro uses the hit fan-out there.
   """
-  B, N = keys.shape
+  B, N = forks.shape
   step = functools.partial(
     tree_forward,
     params,
@@ -87,17 +88,16 @@ def tree_decode(
   )
 
   def body(carry, i):
-    tokens, scratch, key = carry
+    tokens, scratch = carry
     logits, scratch = step(tokens, tree=scratch, step=i)  # f32[B, N, V']
-    key, sub = jax.random.split(key)
     tokens, probs = draft_lib.draw(
-      params, logits, state.warp, i, sub, plan=plan, fan_out=plan.fan_out
+      params, logits, state.warp, i, fold_rows(keys, i), plan=plan, fan_out=plan.fan_out
     )
-    return (tokens, scratch, key), (tokens, probs)
+    return (tokens, scratch), (tokens, probs)
 
   scratch = TreeKV.init(plan.config, B, plan.lookahead, N, cache.k.dtype)
   steps = jnp.arange(plan.lookahead)
-  _, (tokens, probs) = jax.lax.scan(body, (keys, scratch, key), steps)
+  _, (tokens, probs) = jax.lax.scan(body, (forks, scratch), steps)
   return jnp.moveaxis(tokens, 0, -1), None if probs is None else jnp.moveaxis(probs, 0, 2)
 
 
@@ -114,11 +114,11 @@ def expand(
     params, speculation.tokens, state.cache, config=plan.config, attention_impl=plan.attention_impl
   )
   column_ids = params.get("head_ids")
-  keys, depth, valid = fork(glue_logits, speculation, plan.fan_out, plan.fan_out_miss, column_ids)
-  key, sub = jax.random.split(state.key)
-  tokens, probs = tree_decode(params, state, cache, keys, depth, sub, plan=plan)
-  speculations = SpeculationCache(keys=keys, depth=depth, tokens=tokens, probs=probs, valid=valid)
-  return dataclasses.replace(state, cache=cache, key=key), speculations
+  forks, depth, valid = fork(glue_logits, speculation, plan.fan_out, plan.fan_out_miss, column_ids)
+  keys = row_keys(state.seed, state.cache.lengths, EXPAND)
+  tokens, probs = tree_decode(params, state, cache, forks, depth, keys, plan=plan)
+  speculations = SpeculationCache(keys=forks, depth=depth, tokens=tokens, probs=probs, valid=valid)
+  return dataclasses.replace(state, cache=cache), speculations
 
 
 def find(speculations: SpeculationCache, outcome: Outcome) -> tuple[jax.Array, jax.Array]:
@@ -131,7 +131,7 @@ def find(speculations: SpeculationCache, outcome: Outcome) -> tuple[jax.Array, j
   return match.any(axis=1), jnp.argmax(match, axis=1)
 
 
-def _backup(params, state: DraftState, outcome: Outcome, need: jax.Array, key, *, plan):
+def _backup(params, state: DraftState, outcome: Outcome, need: jax.Array, keys, *, plan):
   """Tokens, q and point-mass flags of the backup for the rows in `need`, and the draft cache.
 
   The neural backup drafts for the whole batch (one program for every row), so it runs only
@@ -139,11 +139,11 @@ def _backup(params, state: DraftState, outcome: Outcome, need: jax.Array, key, *
   """
   B = need.shape[0]
   if plan.backup == "fast":
-    tokens = draft_lib.fast_tokens(key, B, plan.lookahead, plan.config.vocab_size)
+    tokens = draft_lib.fast_tokens(keys, plan.lookahead, plan.config.vocab_size)
     return tokens, None, jnp.ones((B,), bool), state.cache
 
   def neural(cache):
-    return draft_lib.decode_steps(params, cache, outcome.bonus, state.warp, key, plan=plan)
+    return draft_lib.decode_steps(params, cache, outcome.bonus, state.warp, keys, plan=plan)
 
   def skip(cache):
     tokens = jnp.zeros((B, plan.lookahead), jnp.int32)
@@ -172,9 +172,9 @@ def lookup(
   state = state.advance(outcome)
   hit, index = find(speculations, outcome)
   rows = jnp.arange(hit.shape[0])
-  key, sub = jax.random.split(state.key)
+  keys = row_keys(state.seed, state.cache.lengths, BACKUP)
   tokens, probs, point_mass, cache = _backup(
-    params, state, outcome, ~hit & ~outcome.done, sub, plan=plan
+    params, state, outcome, ~hit & ~outcome.done, keys, plan=plan
   )
   tokens = jnp.where(hit[:, None], speculations.tokens[rows, index], tokens)
   if speculations.probs is not None:
@@ -186,4 +186,4 @@ def lookup(
     point_mass=point_mass & ~hit,
     hit=hit,
   )
-  return dataclasses.replace(state, cache=cache, key=key), speculation
+  return dataclasses.replace(state, cache=cache), speculation

@@ -13,12 +13,13 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import jax.numpy as jnp
+import numpy as np
 
 from ssd_jax.decode.sampling import Warp
 from ssd_jax.models.kv_cache import KVCache
 
 __all__ = [
+  "Admission",
   "DraftState",
   "Outcome",
   "Report",
@@ -52,10 +53,10 @@ class Speculation:
   def empty(cls, batch_size: int) -> Speculation:
     """No draft tokens: what autoregressive decoding verifies (only the pending token)."""
     return cls(
-      tokens=jnp.zeros((batch_size, 1), jnp.int32),
+      tokens=np.zeros((batch_size, 1), np.int32),
       probs=None,
-      point_mass=jnp.zeros((batch_size,), bool),
-      hit=jnp.zeros((batch_size,), bool),
+      point_mass=np.zeros(batch_size, bool),
+      hit=np.zeros(batch_size, bool),
     )
 
 
@@ -82,7 +83,8 @@ class Outcome:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TargetState:
-  """The target's side of decoding: its cache, the output so far and per-row bookkeeping.
+  """The target's side of decoding: a fixed number of rows (slots), each holding one request's
+  cache row, pending token, budget and sampling settings; a free slot is a finished row.
 
   Attributes:
     cache: the target KVCache (donated through every round).
@@ -90,10 +92,10 @@ class TargetState:
     num_out: i32[B], generated tokens so far.
     max_new: i32[B], per-row generation budget.
     warp: per-row sampling settings.
-    done: bool[B], rows that emitted EOS or exhausted their budget.
-    key: PRNG key for verification.
-    accept_hist: i32[B, 2, lookahead + 1], rounds by (speculation was a cache hit, accepted
-      count), counted while a row is active; rounds = its sum.
+    done: bool[B], rows that emitted EOS, exhausted their budget or hold no request.
+    seed: key[B], each row's own PRNG key (its request's seed): every draw of the row comes
+      from it and the row's position (`sampling.row_keys`).
+    ignore_eos: bool[B], rows that keep generating past EOS.
   """
 
   cache: KVCache
@@ -102,8 +104,33 @@ class TargetState:
   max_new: jax.Array  # i32[B]
   warp: Warp
   done: jax.Array  # bool[B]
-  key: jax.Array  # key<fry>[]
-  accept_hist: jax.Array  # i32[B, 2, lookahead + 1]
+  seed: jax.Array  # key<fry>[B]
+  ignore_eos: jax.Array  # bool[B]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Admission:
+  """Requests entering slots between rounds: what both sides write into their rows (one entry
+  per request, k of them).
+
+  Attributes:
+    slot: i32[k], each request's row.
+    length: i32[k], prompt tokens (all but the last are prefilled; the last is pending).
+    last: i32[k], the prompt's last token.
+    max_new: i32[k], the generation budget.
+    warp: the sampling settings (fields [k]).
+    seed: u32[k, 2], the PRNG key data (`jax.random.key(seed)`'s for an int seed).
+    ignore_eos: bool[k], keep generating past EOS.
+  """
+
+  slot: jax.Array  # i32[k]
+  length: jax.Array  # i32[k]
+  last: jax.Array  # i32[k]
+  max_new: jax.Array  # i32[k]
+  warp: Warp
+  seed: jax.Array  # u32[k, 2]
+  ignore_eos: jax.Array  # bool[k]
 
 
 @jax.tree_util.register_dataclass
@@ -133,18 +160,18 @@ class Report:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DraftState:
-  """The draft's side: its cache (same committed lengths as the target's), the rows' sampling
-  settings (the target's) and its PRNG key.
+  """The draft's side: its cache rows (same committed lengths as the target's), and each row's
+  sampling settings and PRNG key (the target's).
 
   Attributes:
     cache: the draft KVCache.
     warp: per-row sampling settings, the same as the target's.
-    key: PRNG key for drafting.
+    seed: key[B], each row's PRNG key (drafting draws at its own use, `sampling.row_keys`).
   """
 
   cache: KVCache
   warp: Warp
-  key: jax.Array
+  seed: jax.Array  # key<fry>[B]
 
   def advance(self, outcome: Outcome) -> DraftState:
     """Commit what the target committed (its keys/values are already written)."""
@@ -174,7 +201,3 @@ class SpeculationCache:
   tokens: jax.Array  # i32[B, N, lookahead]
   probs: jax.Array | None  # f32[B, N, lookahead, V]
   valid: jax.Array  # bool[B, N]
-
-
-def initial_hist(batch_size: int, lookahead: int) -> jax.Array:
-  return jnp.zeros((batch_size, 2, lookahead + 1), jnp.int32)

@@ -1,10 +1,10 @@
 """Jitted programs of the target (verifier), run on the target mesh.
 
-  start   prefill the prompts and build the TargetState.
   step    one round: forward [pending, draft tokens], verify, commit lengths, update per-row
-          budgets, done flags and acceptance counts; report the emitted tokens to the host.
+          budgets and done flags; report the emitted tokens and the outcome to the host.
 Autoregressive decoding is `step` with lookahead 0 (no draft tokens: the bonus is sampled from p).
-Both are compiled for a `TargetPlan` (their only static argument).
+It is compiled for a `TargetPlan` (its only static argument) and a batch size; requests enter
+and leave its rows between rounds (`slots.py`).
 """
 
 from __future__ import annotations
@@ -16,52 +16,10 @@ import jax
 import jax.numpy as jnp
 
 from ssd_jax.decode.plan import TargetPlan
-from ssd_jax.decode.sampling import Warp
-from ssd_jax.decode.state import Outcome, Report, Speculation, TargetState, initial_hist
+from ssd_jax.decode.sampling import VERIFY, row_keys
+from ssd_jax.decode.state import Outcome, Report, Speculation, TargetState
 from ssd_jax.decode.verify import verify
-from ssd_jax.models.kv_cache import KVCache
-from ssd_jax.models.prefill import prefill
 from ssd_jax.models.transformer import Params, forward
-
-
-@functools.partial(jax.jit, static_argnames="plan", donate_argnames="cache")
-def start(
-  params: Params,
-  tokens: jax.Array,
-  prompt_lengths: jax.Array,
-  cache: KVCache,
-  max_new: jax.Array,
-  warp: Warp,
-  key: jax.Array,
-  *,
-  plan: TargetPlan,
-) -> TargetState:
-  """Prefill all but the last prompt token (it is pending) and build the state.
-
-  Args:
-    tokens: i32[B, P] right-padded prompts; prompt_lengths: i32[B].
-    cache: an empty cache, donated.
-    max_new: i32[B] per-row budgets; warp: per-row sampling settings.
-  """
-  B = tokens.shape[0]
-  cache = prefill.__wrapped__(
-    params,
-    tokens,
-    prompt_lengths - 1,
-    cache,
-    config=plan.config,
-    attention_impl=plan.attention_impl,
-  )
-  return TargetState(
-    cache=cache,
-    last=tokens[jnp.arange(B), prompt_lengths - 1],
-    num_out=jnp.zeros((B,), jnp.int32),
-    max_new=max_new.astype(jnp.int32),
-    warp=warp,
-    done=max_new <= 0,
-    key=key,
-    accept_hist=initial_hist(B, plan.lookahead),
-  )
 
 
 def _emit(
@@ -84,6 +42,7 @@ def _emit(
   hit_eos = jnp.zeros_like(state.done)
   if eos_ids:  # static: runs that ignore EOS skip this
     is_eos = jnp.isin(emitted, jnp.asarray(eos_ids, jnp.int32)) & (j < count[:, None])
+    is_eos &= ~state.ignore_eos[:, None]
     hit_eos = is_eos.any(axis=1)
     count = jnp.where(hit_eos, jnp.argmax(is_eos, axis=1) + 1, count)
   count = jnp.minimum(count, state.max_new - state.num_out)
@@ -105,9 +64,8 @@ def step(
   logits, cache = forward(
     params, inputs, state.cache, config=plan.config, attention_impl=plan.attention_impl
   )
-  key, key_verify = jax.random.split(state.key)
   accepted, bonus = verify(
-    key_verify,
+    row_keys(state.seed, state.cache.lengths, VERIFY),
     logits,
     inputs[:, 1:],
     speculation.probs,
@@ -117,11 +75,7 @@ def step(
   )
   emitted, count, finished = _emit(state, inputs[:, 1:], accepted, bonus, plan.eos_ids)
   active = ~state.done
-  B = active.shape[0]
   committed = jnp.where(active, accepted + 1, 0)
-  hist = state.accept_hist.at[jnp.arange(B), speculation.hit.astype(jnp.int32), accepted].add(
-    active.astype(jnp.int32)
-  )
   done = state.done | (active & finished)
   new_state = dataclasses.replace(
     state,
@@ -129,8 +83,6 @@ def step(
     last=jnp.where(active, bonus, state.last),
     num_out=state.num_out + count,
     done=done,
-    key=key,
-    accept_hist=hist,
   )
   report = Report(
     tokens=emitted,

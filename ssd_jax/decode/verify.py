@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ssd_jax.decode.sampling import Warp, sample, warped_probs
+from ssd_jax.decode.sampling import Warp, fold_rows, sample, warped_probs
 
 
 def leading_true(mask: jax.Array) -> jax.Array:
@@ -38,7 +38,7 @@ def residual(p: jax.Array, q: jax.Array) -> jax.Array:
 
 
 def verify(
-  key: jax.Array,
+  keys: jax.Array,  # key[B]
   target_logits: jax.Array,  # f32[B, lookahead + 1, V]
   draft_tokens: jax.Array,  # i32[B, lookahead]
   draft_probs: jax.Array | None,  # f32[B, lookahead, V]
@@ -50,7 +50,7 @@ def verify(
   """Accept/reject `draft_tokens` against the target and sample the bonus token.
 
   Args:
-    key: PRNG key for the acceptance uniforms and the bonus draw.
+    keys: one PRNG key per row for its acceptance uniforms and bonus draw (`row_keys`).
     target_logits: target logits at the positions of [previous bonus, x_1..x_lookahead].
     draft_tokens: the proposed tokens x_1..x_lookahead.
     draft_probs: the distributions q_j that produced them (warped like p), or None when every
@@ -81,8 +81,8 @@ def verify(
     q = jnp.where(point_mass[:, None, None], delta, draft_probs)
   p_x = jnp.take_along_axis(p[:, :lookahead], draft_tokens[..., None], axis=-1)[..., 0]
   q_x = jnp.take_along_axis(q, draft_tokens[..., None], axis=-1)[..., 0]
-  key_accept, key_bonus = jax.random.split(key)
-  u = jax.random.uniform(key_accept, (B, lookahead))
+  key_accept, key_bonus = fold_rows(keys, 0), fold_rows(keys, 1)
+  u = jax.vmap(lambda k: jax.random.uniform(k, (lookahead,)))(key_accept)  # f32[B, lookahead]
   accepted = leading_true(u < acceptance_probability(p_x, q_x))
   # Residual at the first rejection; after full acceptance q is "zero" so the residual is p.
   q_next = jnp.concatenate([q, jnp.zeros((B, 1, V), q.dtype)], axis=1)[rows, accepted]

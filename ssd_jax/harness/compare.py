@@ -145,7 +145,12 @@ def all_cores_config(config: RunConfig) -> RunConfig:
     models=dataclasses.replace(config.models, draft=config.models.draft_for("sd")),
     speculation=dataclasses.replace(config.speculation, **_ssd_only_unset()),
     layout=dataclasses.replace(
-      config.layout, target_cores="all", draft_placement=None, speculator=None, speculator_pipe=None
+      config.layout,
+      target_cores="all",
+      draft_placement=None,
+      speculator=None,
+      speculator_token_file=None,
+      speculator_pipe=None,
     ),
     output=dataclasses.replace(config.output, json=None, progress=False, all_cores=False),
   )

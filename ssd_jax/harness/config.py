@@ -197,6 +197,8 @@ class Layout:
     target_cores: this process's cores on a CPU host: N (cores [0, N)) or "all"; None: all but
       one with a speculator process, else every core.
     speculator: "host:port" of a speculator another host runs.
+    speculator_token_file: the file holding that speculator's token (None: the environment
+      variable SSD_JAX_SPECULATOR_TOKEN if set, else no token).
     speculator_pipe: how arrays reach a speculator process: "shm" or "transfer".
     attention_impl: "reference", "xla" or "pallas" (None: the platform's default).
   """
@@ -206,14 +208,20 @@ class Layout:
   draft_placement: Literal["auto", "device", "process"] | None = None
   target_cores: str | None = None
   speculator: str | None = None
+  speculator_token_file: str | None = None
   speculator_pipe: str | None = None
   attention_impl: str | None = None
 
-  SSD_ONLY = ("draft_placement", "speculator", "speculator_pipe")
+  SSD_ONLY = ("draft_placement", "speculator", "speculator_token_file", "speculator_pipe")
 
   def __post_init__(self):
     if self.target_devices < 1 or self.draft_devices < 1:
       raise ValueError("--target-devices and --draft-devices must be >= 1")
+    if self.speculator_token_file is not None and self.speculator is None:
+      raise ValueError(
+        "--speculator-token-file applies only with --speculator (a speculator process this run "
+        "starts gets a token of its own)"
+      )
 
   def given(self, names) -> list[str]:
     return [flag(n) for n in names if getattr(self, n) is not None]

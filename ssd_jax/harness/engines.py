@@ -59,7 +59,9 @@ def _engine(config: RunConfig, target, draft, modes: list[str], layout: Layout) 
       draft_devices=lay.draft_devices,
       attention_impl=lay.attention_impl,
       draft_vocab=config.models.draft_vocab if draft is not None else None,
-      placement=layout.placement_for(lay.speculator_pipe) if "ssd" in modes else "device",
+      placement=layout.placement_for(lay.speculator_pipe, lay.speculator_token_file)
+      if "ssd" in modes
+      else "device",
     )
   try:
     engine.start_speculator()

@@ -55,6 +55,21 @@ class KVCache:
   def with_lengths(self, lengths: jax.Array) -> KVCache:
     return dataclasses.replace(self, lengths=lengths.astype(jnp.int32))
 
+  def write_rows(self, window: KVCache, rows: jax.Array, lengths: jax.Array) -> KVCache:
+    """Rows `rows` (i32[k]) holding `window`'s k rows of slots [0, P) (`prefill_window`),
+    `lengths` (i32[k]) of them committed; every other row untouched. In place when the cache
+    is donated."""
+    P = window.capacity
+    return KVCache(
+      k=self.k.at[:, rows, :P].set(window.k.astype(self.k.dtype)),
+      v=self.v.at[:, rows, :P].set(window.v.astype(self.v.dtype)),
+      lengths=self.lengths.at[rows].set(lengths),
+    )
+
+  def take_rows(self, index: jax.Array) -> KVCache:
+    """The rows `index` (i32[B']), in that order: a cache of B' rows (a resize)."""
+    return KVCache(k=self.k[:, index], v=self.v[:, index], lengths=self.lengths[index])
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -78,3 +78,24 @@ def prefill(
     kv_window=tokens.shape[1],
   )
   return cache.with_lengths(lengths)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "attention_impl"))
+def prefill_window(
+  params: Params, tokens: jax.Array, *, config: ModelConfig, attention_impl: str = "xla"
+) -> KVCache:
+  """The keys/values of k right-padded prompts (i32[k, P]) as a k-row cache of P slots, to be
+  written into slots of a larger cache (`KVCache.write_rows`). Compiled once per (k, P),
+  whatever the batch they join."""
+  k, P = tokens.shape
+  window = KVCache.init(config, k, P, params["embed"].dtype)
+  _, window = forward(
+    params,
+    tokens,
+    window,
+    config=config,
+    attention_impl=attention_impl,
+    return_logits=False,
+    kv_window=P,
+  )
+  return window

@@ -21,6 +21,7 @@ One SSD round through the files, in order:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -31,16 +32,15 @@ import numpy as np
 from ssd_jax import sharding
 from ssd_jax.config import SpecConfig
 from ssd_jax.decode import policy
-from ssd_jax.decode import target as target_lib
 from ssd_jax.decode.plan import Plan
 from ssd_jax.decode.sampling import Sampling
-from ssd_jax.decode.state import Report
 from ssd_jax.kernels import default_impl
 from ssd_jax.models import placement as placement_lib
 from ssd_jax.models.registry import LoadedModel
 from ssd_jax.runtime import inputs
-from ssd_jax.runtime.loops import LOOPS, Run
 from ssd_jax.runtime.metrics import Metrics
+from ssd_jax.runtime.requests import Event, Handle, Request
+from ssd_jax.runtime.session import Session
 from ssd_jax.speculator import LocalSite, Placement, Site, open_site
 from ssd_jax.speculator.local import default_draft_vocab, draft_params, head_size
 from ssd_jax.timing import NullTimer, RoundTimer
@@ -54,24 +54,6 @@ class Generation:
 
   tokens: list[list[int]]
   metrics: Metrics
-
-
-class _Outputs:
-  """Collects each round's report on the host: tokens per row, streamed to `on_tokens`."""
-
-  def __init__(self, batch_size: int, on_tokens: OnTokens | None):
-    self.tokens: list[list[int]] = [[] for _ in range(batch_size)]
-    self.drafted: list[bool] = []
-    self.on_tokens = on_tokens
-
-  def __call__(self, report: Report) -> bool:
-    self.drafted.append(bool(report.drafted))
-    for b in np.nonzero(report.count)[0]:
-      new = report.tokens[b, : report.count[b]].tolist()
-      self.tokens[b].extend(new)
-      if self.on_tokens is not None:
-        self.on_tokens(int(b), new)
-    return bool(report.done.all())
 
 
 class Engine:
@@ -91,7 +73,8 @@ class Engine:
     placement: where ssd's draft side runs (`Placement`, or "auto", "device", "process" or
       "host:port"). "auto", the default: a speculator process on a CPU host where this process
       leaves a core free for it (`ssd_jax.cpu_layout()`), else a device of this process. sd
-      always drafts beside the target, in this process.
+      always drafts beside the target, in this process. A speculator at an address that asks
+      for a token: `Placement(address=..., token_file=...)`, or SSD_JAX_SPECULATOR_TOKEN.
 
   An engine with a speculator process owns it: `close()` (or leaving a `with` block, or the
   interpreter's exit) stops it.
@@ -188,9 +171,16 @@ class Engine:
     return SpecConfig() if self.draft is not None else SpecConfig(mode="ar")
 
   def plan(
-    self, spec: SpecConfig, *, greedy: bool, ignore_eos: bool = False, batch_size: int = 1
+    self,
+    spec: SpecConfig,
+    *,
+    greedy: bool,
+    ignore_eos: bool = False,
+    batch_size: int = 1,
+    adapt: bool = False,
   ) -> Plan:
-    """The static plan of decoding `batch_size` rows with `spec` (see `decode/plan.py`)."""
+    """The static plan of decoding `batch_size` rows with `spec` (see `decode/plan.py`;
+    `adapt`: ssd's fan-out scaled to the rows, `policy.fan_out_for`)."""
     return Plan.make(
       spec,
       target=self.target.config,
@@ -200,6 +190,7 @@ class Engine:
       eos_ids=() if ignore_eos else self.target.config.eos_token_ids,
       attention_impl=self.attention_impl,
       batch_size=batch_size,
+      adapt=adapt,
     )
 
   def generate(
@@ -246,14 +237,47 @@ class Engine:
       ignore_eos=ignore_eos,
       capacity=capacity,
     )
-    outputs = _Outputs(batch.batch_size, on_tokens)
-    metrics = self._decode(plan, batch, jax.random.key(seed), trace, outputs)
-    extra = metrics.extra | (self._ssd_extra(spec, plan) if plan.mode == "ssd" else {})
-    backups = sum(outputs.drafted[1:]) if plan.mode == "ssd" else 0
-    metrics = dataclasses.replace(
-      metrics, round_drafted=outputs.drafted, backup_rounds=backups, extra=extra
+    B = batch.batch_size
+    timer = RoundTimer() if trace else NullTimer()
+    # One batch of B slots for the whole call, its prompts admitted in one program.
+    session = Session(
+      self,
+      spec,
+      max_batch_size=B,
+      buckets=(B,),
+      max_model_len=batch.capacity,
+      max_queue=B,
+      timer=timer,
+      bulk=True,
+      adapt=False,  # the fan-out asked for, as it is
     )
-    return Generation(tokens=outputs.tokens, metrics=metrics)
+    handles: dict[int, Handle] = {}
+    try:
+      for i, budget in enumerate(batch.budgets.tolist()):
+        if budget <= 0:  # a padding row: nothing to generate
+          continue
+        stream = None if on_tokens is None else functools.partial(_stream, on_tokens, i)
+        request = Request(
+          prompt=prompts[i],
+          sampling=batch.samplings[i],
+          max_new_tokens=budget,
+          ignore_eos=ignore_eos,
+          seed=row_seed(seed, i),
+        )
+        handles[i] = session.submit(request, on_event=stream)
+      metrics = self._decode(session, plan, batch, timer)
+    except BaseException:  # a Ctrl-C in a chat, say: the draft side must not keep this run
+      self._abandon(session, timer)
+      raise
+    tokens = [handles[i].tokens if i in handles else [] for i in range(batch.batch_size)]
+    extra = metrics.extra | (self._ssd_extra(spec, plan) if plan.mode == "ssd" else {})
+    return Generation(tokens=tokens, metrics=dataclasses.replace(metrics, extra=extra))
+
+  def session(self, spec: SpecConfig | None = None, **options) -> Session:
+    """A persistent batch of slots decoding with `spec` (default: `default_spec()`), which
+    requests enter and leave between rounds: continuous batching (see `runtime.session`;
+    `options` are `Session`'s)."""
+    return Session(self, spec or self.default_spec(), **options)
 
   def validate(
     self,
@@ -291,72 +315,55 @@ class Engine:
       extra |= {"backup": plan.draft.backup, "backup_threshold": threshold}
     return extra
 
-  def _decode(self, plan: Plan, batch: inputs.Batch, key, trace: bool, on_report) -> Metrics:
-    """Prefill both sides, run the mode's loop, and measure it."""
-    timer = RoundTimer() if trace else NullTimer()
+  def _decode(self, session: Session, plan: Plan, batch: inputs.Batch, timer) -> Metrics:
+    """Admit every request (prefill both sides), run the rounds until all end, measure."""
     t0 = time.perf_counter()
-    key_target, key_draft = jax.random.split(key)
-    state = self._start_target(plan, batch, key_target)
-    speculator = None
-    if plan.draft is not None:
-      site = self.site if plan.mode == "ssd" else self.local
-      speculator = site.speculator(plan.draft, timer)
-      speculator.start(batch.tokens, batch.lengths, batch.warp, key_draft, batch.capacity)
-      speculator.ready()
-    jax.block_until_ready(state)
+    session.admit()
+    session.ready()
     t1 = time.perf_counter()
     timer.start()
-    run = Run(plan, self.target_params, self._to_target, speculator, timer, on_report)
-    try:
-      state, rounds = LOOPS[plan.mode](run, state)
-    except BaseException:  # a Ctrl-C in a chat, say: the speculator must not keep this run
-      self._abandon(speculator, timer)
-      raise
+    session.run()
     t2 = time.perf_counter()
+    stats, speculator = session.stats, session.close()
     extra = {}
-    if speculator is not None:
-      stats = speculator.close()
-      if stats.compiles is not None:
-        extra["speculator_compiles"] = stats.compiles
-      if stats.served_by_target is not None:
-        extra["rounds_served_by_target"] = stats.served_by_target
+    if speculator is not None and speculator.compiles is not None:
+      extra["speculator_compiles"] = speculator.compiles
+    if speculator is not None and speculator.served_by_target is not None:
+      extra["rounds_served_by_target"] = speculator.served_by_target
+    drafted = list(stats.drafted)
     return Metrics(
       mode=plan.mode,
       lookahead=plan.target.lookahead,
       num_sequences=batch.batch_size,
       active_sequences=int((batch.budgets > 0).sum()),
-      generated_tokens=int(jax.device_get(state.num_out).sum()),
+      generated_tokens=stats.generated,
       decode_seconds=t2 - t1,
       prefill_seconds=t1 - t0,
-      loop_rounds=rounds,
-      accept_hist=np.asarray(jax.device_get(state.accept_hist)).sum(0),
+      loop_rounds=stats.dispatched,
+      accept_hist=stats.accept_hist.copy(),
       round_times=timer.close(),
+      round_drafted=drafted,
+      backup_rounds=sum(drafted[1:]) if plan.mode == "ssd" else 0,
       extra=extra,
     )
 
-  def _abandon(self, speculator, timer) -> None:
-    """End an interrupted run: the speculator ends it too (a speculator process that cannot,
+  def _abandon(self, session: Session, timer) -> None:
+    """End an interrupted run: the draft side ends it too (a speculator process that cannot,
     its channel cut mid-message, is stopped; the next run starts another), the timer's threads
     stop."""
     timer.close()
-    if speculator is None:
-      return
     try:
-      speculator.close()
+      session.close()
     except Exception:
       self.close()
 
-  def _start_target(self, plan: Plan, batch: inputs.Batch, key):
-    cache = placement_lib.init_cache(
-      plan.target.config,
-      self.target_mesh,
-      batch.batch_size,
-      batch.capacity,
-      self.target_params["embed"].dtype,
-    )
-    tokens, lengths, budgets, warp, key = self._to_target(
-      (batch.tokens, batch.lengths, batch.budgets, batch.warp, key)
-    )
-    return target_lib.start(
-      self.target_params, tokens, lengths, cache, budgets, warp, key, plan=plan.target
-    )
+
+def _stream(on_tokens: OnTokens, row: int, event: Event) -> None:
+  if event.tokens:
+    on_tokens(row, event.tokens)
+
+
+def row_seed(seed: int, row: int) -> int:
+  """Row `row`'s seed in a `generate(seed=seed)` call: a well-mixed 32-bit function of both, so
+  a call is deterministic per seed and no two rows share a random stream."""
+  return int(np.random.SeedSequence([seed, row]).generate_state(1)[0])

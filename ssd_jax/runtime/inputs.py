@@ -26,13 +26,14 @@ class Batch:
   Attributes:
     tokens: i32[B, P] prompts, right-padded to a length bucket; lengths: i32[B].
     budgets: i32[B] tokens to generate per row (0: a padding row that generates nothing).
-    warp: per-row sampling settings (numpy fields).
+    samplings: each row's sampling settings; warp: the same as arrays.
     capacity: KV-cache slots per sequence.
   """
 
   tokens: np.ndarray
   lengths: np.ndarray
   budgets: np.ndarray
+  samplings: list[Sampling]
   warp: Warp
   capacity: int
 
@@ -77,7 +78,7 @@ def _per_row(name: str, value, B: int) -> list:
   return [value] * B
 
 
-def _sampling(sampling, temperatures, B: int) -> Warp:
+def _sampling(sampling, temperatures, B: int) -> list[Sampling]:
   rows = _per_row("sampling", sampling if sampling is not None else Sampling(), B)
   if not all(isinstance(s, Sampling) for s in rows):
     raise ValueError("sampling must be a Sampling or one Sampling per prompt")
@@ -89,7 +90,7 @@ def _sampling(sampling, temperatures, B: int) -> Warp:
       ]
     except (TypeError, ValueError) as e:
       raise ValueError(f"temperatures: {e}") from None
-  return Warp.of(rows)
+  return rows
 
 
 def _budgets(max_new_tokens, B: int) -> np.ndarray:
@@ -116,7 +117,7 @@ def prepare(
   whose caches live on `meshes` (one per model; default: this process's first device)."""
   ids = _prompts(prompts, models[0].vocab_size)
   B = len(ids)
-  warp = _sampling(sampling, temperatures, B)
+  samplings = _sampling(sampling, temperatures, B)
   budgets = _budgets(max_new_tokens, B)
   longest, most = max(map(len, ids)), int(budgets.max())
   # Positions the longest row may write: a round that ends at its budget still writes its
@@ -138,7 +139,14 @@ def prepare(
     )
   check_memory(models, B, capacity, meshes)
   tokens, lengths = pad_prompts([p.tolist() for p in ids], capacity)
-  return Batch(tokens=tokens, lengths=lengths, budgets=budgets, warp=warp, capacity=capacity)
+  return Batch(
+    tokens=tokens,
+    lengths=lengths,
+    budgets=budgets,
+    samplings=samplings,
+    warp=Warp.of(samplings),
+    capacity=capacity,
+  )
 
 
 def cache_bytes(config: ModelConfig, batch_size: int, capacity: int, itemsize: int = 4) -> int:

@@ -1,39 +1,174 @@
-"""The draft side of a run as the host loops see it: typed contracts, whatever runs it.
+"""The draft side of a session as the host rounds see it: typed contracts, whatever runs it.
 
-sd drafts through a `Drafter`, ssd through a `Speculator`; the loops (`runtime.loops`) call
-these and nothing else of the draft, so the same loop drives a draft on a device of this process
+A session is a persistent batch of slots that requests enter and leave between rounds
+(`runtime.session`). sd drafts through a `Drafter`, ssd through a `Speculator`; the session calls
+these and nothing else of the draft, so the same rounds drive a draft on a device of this process
 (`local.LocalSpeculator`, which is both) or, for ssd, one in a speculator process on this host
 or another (`remote.RemoteSpeculator`):
 
-  start(tokens, lengths, warp, key, capacity)
-                   prefill the prompts into the draft cache (asynchronously)
-  ready()          wait for that prefill (so a run's timing starts after it)
-  propose(outcome) Drafter (sd): commit the last outcome, draft `lookahead` tokens now
-  first()          Speculator (ssd): the first speculation (the speculation cache starts
-                   empty: drafted now)
-  next(report)     Speculator (ssd): called once the target's verification of the last
-                   speculation is dispatched: expand that speculation while it is verified,
-                   then serve the speculation for its outcome (a cache hit, or a backup on a
-                   miss). Returns it with the round's report, read to the host where the
-                   speculator needed the outcome there (the loop then does not read it again)
-  close()          end the run; what the speculator counted (`SpeculatorStats`)
+  open(B, capacity)  an empty batch of B free rows
+  reshape(change)    between rounds: rows moved to another batch size, requests joined (their
+                     prompts prefilled into free rows), the plan switched between greedy and
+                     sampled; ssd returns the pending speculation with each joined row's first
+                     proposal in it (drafted now: a forced miss)
+  warm_up(...)       compile the between-rounds programs at every shape (an idle session)
+  ready()            wait for what was dispatched (a run's timing starts after the prefill)
+  propose(outcome)   Drafter (sd): commit the last outcome, draft `lookahead` tokens now
+  next(report)       Speculator (ssd): called once the target's verification of the pending
+                     speculation is dispatched: expand that speculation while it is verified,
+                     then serve the speculation for its outcome (a cache hit, or a backup on a
+                     miss). Returns it with the round's report, read to the host where the
+                     speculator needed the outcome there (the session then does not read it
+                     again)
+  close()            end the session; what the speculator counted (`SpeculatorStats`)
 
 A `Site` is where an engine's ssd speculators run (a mesh of this process, or a speculator
-process) and hands out one per run; `Placement` says which site ssd gets.
+process) and hands out one per session; `Placement` says which site ssd gets.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Literal, Protocol
 
-import jax
 import numpy as np
 
 from ssd_jax.decode.plan import DraftPlan
 from ssd_jax.decode.sampling import Warp
-from ssd_jax.decode.state import Outcome, Report, Speculation
+from ssd_jax.decode.state import Admission, Outcome, Report, Speculation
 from ssd_jax.timing import Timer
+
+PlanKey = tuple[int, bool]  # (batch size, every row greedy): which compiled plan a round runs
+
+
+@dataclasses.dataclass(frozen=True)
+class Join:
+  """A request entering a free slot between rounds (host values).
+
+  Attributes:
+    slot: its row.
+    tokens: i32[1, P], its prompt right-padded to a length bucket.
+    length: its prompt's tokens.
+    max_new: its budget; ignore_eos: whether EOS ends it.
+    temperature, top_k, top_p: its sampling settings.
+    seed: u32[2], its PRNG key's data (`seed_data`).
+  """
+
+  slot: int
+  tokens: np.ndarray
+  length: int
+  max_new: int
+  temperature: float
+  top_k: int
+  top_p: float
+  seed: np.ndarray
+  ignore_eos: bool = False
+
+  @property
+  def last(self) -> int:
+    return int(self.tokens[0, self.length - 1])
+
+
+# A Join's scalar fields and their dtypes, as columns of arrays (`join_arrays`).
+_JOIN_COLUMNS = {
+  "slot": np.int32,
+  "length": np.int32,
+  "max_new": np.int32,
+  "temperature": np.float32,
+  "top_k": np.int32,
+  "top_p": np.float32,
+  "ignore_eos": np.bool_,
+}
+
+
+def join_arrays(joins: tuple[Join, ...]) -> dict[str, np.ndarray]:
+  """Joins as a few arrays (one column per field, the prompts concatenated with their buckets'
+  lengths), for a pipe: a generate call's thousands of rows would not fit a control line."""
+  out = {
+    name: np.asarray([getattr(j, name) for j in joins], t) for name, t in _JOIN_COLUMNS.items()
+  }
+  return out | {
+    "seed": np.stack([np.asarray(j.seed, np.uint32) for j in joins]),
+    "bucket": np.asarray([j.tokens.shape[1] for j in joins], np.int32),
+    "tokens": np.concatenate([j.tokens[0] for j in joins]).astype(np.int32),
+  }
+
+
+def joins_of(arrays: dict[str, np.ndarray]) -> tuple[Join, ...]:
+  """The joins `join_arrays` made (host arrays)."""
+  a = {k: np.asarray(v) for k, v in arrays.items()}
+  ends = np.cumsum(a["bucket"])
+  return tuple(
+    Join(
+      **{name: a[name][i].item() for name in _JOIN_COLUMNS},
+      tokens=a["tokens"][end - a["bucket"][i] : end][None],
+      seed=a["seed"][i],
+    )
+    for i, end in enumerate(ends.tolist())
+  )
+
+
+def seed_data(seed: int) -> np.ndarray:
+  """The key data u32[2] of `jax.random.key(seed)` (threefry, 32-bit seeds), made on the host:
+  a request's key, without a device call per request."""
+  return np.asarray([0, seed & 0xFFFFFFFF], np.uint32)
+
+
+def admissions(
+  joins: tuple[Join, ...], bulk: bool, rows: int = 0
+) -> list[tuple[np.ndarray, Admission]]:
+  """The joins as admissions, each with its prompts i32[k, P]: one per join, or (`bulk`) all
+  in one, padded to the longest prompt bucket and to `rows` admissions (the one compiled shape
+  of a `generate` call, whatever share of its rows has a budget). The padding repeats the last
+  join: the same values written to the same slot again, which changes nothing."""
+  if not joins:
+    return []
+  if not bulk:
+    return [(j.tokens, _admission((j,))) for j in joins]
+  joins = joins + joins[-1:] * max(0, rows - len(joins))
+  P = max(j.tokens.shape[1] for j in joins)
+  tokens = np.zeros((len(joins), P), np.int32)
+  for i, j in enumerate(joins):
+    tokens[i, : j.tokens.shape[1]] = j.tokens[0]
+  return [(tokens, _admission(joins))]
+
+
+def _admission(joins: tuple[Join, ...]) -> Admission:
+  column = lambda name, dtype: np.asarray([getattr(j, name) for j in joins], dtype)
+  return Admission(
+    slot=column("slot", np.int32),
+    length=column("length", np.int32),
+    last=np.asarray([j.last for j in joins], np.int32),
+    max_new=column("max_new", np.int32),
+    warp=Warp(
+      temperature=column("temperature", np.float32),
+      top_k=column("top_k", np.int32),
+      top_p=column("top_p", np.float32),
+    ),
+    seed=np.stack([np.asarray(j.seed, np.uint32) for j in joins]),
+    ignore_eos=column("ignore_eos", bool),
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class Reshape:
+  """What changes in the batch at a boundary between rounds, both sides alike.
+
+  Attributes:
+    index: i32[B'], the old row each new row takes (None: the rows stay where they are).
+    free: bool[B'], new rows that hold no request (with `index`).
+    joins: requests entering free slots (in the new rows).
+    greedy: every row of the rounds from here on is greedy (the plan's variant).
+    bulk: admit the joins in one program (a `generate` call's batch) rather than one by one
+      (a session's, whose compiled shapes then do not depend on how many join at once).
+  """
+
+  index: np.ndarray | None
+  free: np.ndarray | None
+  joins: tuple[Join, ...]
+  greedy: bool
+  bulk: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,11 +187,11 @@ class SpeculatorStats:
 
 
 class _DraftSide(Protocol):
-  plan: DraftPlan
+  def open(self, batch_size: int, capacity: int) -> Speculation | None: ...
 
-  def start(
-    self, tokens: np.ndarray, lengths: np.ndarray, warp: Warp, key: jax.Array, capacity: int
-  ) -> None: ...
+  def reshape(self, change: Reshape) -> Speculation | None: ...
+
+  def warm_up(self, buckets: tuple[int, ...], prompt_buckets: tuple[int, ...]) -> None: ...
 
   def ready(self) -> None: ...
 
@@ -64,15 +199,13 @@ class _DraftSide(Protocol):
 
 
 class Drafter(_DraftSide, Protocol):
-  """sd's draft side for one run (see the module docstring)."""
+  """sd's draft side for one session (see the module docstring)."""
 
   def propose(self, outcome: Outcome | None) -> Speculation: ...
 
 
 class Speculator(_DraftSide, Protocol):
-  """ssd's draft side for one run (see the module docstring)."""
-
-  def first(self) -> Speculation: ...
+  """ssd's draft side for one session (see the module docstring)."""
 
   def next(self, report: Report) -> tuple[Speculation, Report]: ...
 
@@ -80,8 +213,9 @@ class Speculator(_DraftSide, Protocol):
 class Site(Protocol):
   """Where an engine's draft side runs; one speculator per run."""
 
-  def speculator(self, plan: DraftPlan, timer: Timer) -> Speculator:
-    """A speculator for one run compiled for `plan` (started, for a process, on first use)."""
+  def speculator(self, plans: dict[PlanKey, DraftPlan], timer: Timer) -> Speculator:
+    """A speculator for one session, compiled for its `plans` (a process starts on first
+    use)."""
     ...
 
   def start(self) -> None:
@@ -116,12 +250,16 @@ class Placement:
       --listen`); implies the process kind.
     pipe: how arrays cross to the process: "shm" (shared memory, one host; the default for a
       child) or "transfer" (`jax.experimental.transfer`; the default with an address).
+    token_file: the file holding the token of the speculator at `address` (its `--token-file`);
+      None: the environment variable SSD_JAX_SPECULATOR_TOKEN if set, else no token. A
+      speculator process the engine starts itself gets a fresh token of its own.
   """
 
   kind: PlacementKind = "auto"
   cores: tuple[int, ...] | None = None
   address: str | None = None
   pipe: Literal["shm", "transfer"] | None = None
+  token_file: str | None = None
 
   def __post_init__(self):
     if self.kind not in ("auto", "device", "process"):
@@ -140,6 +278,13 @@ class Placement:
         raise ValueError(f"shared memory cannot reach {self.address}: use the transfer pipe")
     if self.cores is not None:
       object.__setattr__(self, "cores", tuple(int(c) for c in self.cores))
+    if self.token_file is not None:
+      if self.address is None:
+        raise ValueError(
+          "a token file is for a speculator at an address: give the placement its address (a "
+          "speculator the engine starts gets a token of its own)"
+        )
+      object.__setattr__(self, "token_file", os.fspath(self.token_file))
 
   @classmethod
   def of(cls, value: Placement | str) -> Placement:

@@ -4,7 +4,8 @@ Two layers, both small:
 
   Connection  control messages: one JSON object per line over a TCP socket (loopback unless
               the user names another address). Receiving never hangs: it polls with a short
-              timeout and asks `alive()` (is the peer process still there?) between polls.
+              timeout and asks `alive()` (is the peer process still there?) between polls. A
+              line longer than its limit, or one that is not a JSON object, ends the connection.
   Pipe        the arrays of a message (a flat dict of arrays), moved by an existing engine:
               SharedMemoryPipe  `multiprocessing.shared_memory`, one host: the arrays are
                                 copied into a segment the peer maps (the fastest here);
@@ -36,7 +37,12 @@ import numpy as np
 
 from ssd_jax.decode.state import Outcome, Speculation
 
-PROTOCOL = 2  # the hello's version: both ends must speak the same
+# The hello's version: both ends must speak the same (3: the token handshake; 4: sessions).
+PROTOCOL = 4
+
+# The longest control message: the largest real one is a start or a load request naming an
+# explicit head (a token id list), far below this; a peer that sends more is not this protocol.
+MESSAGE_LIMIT = 1 << 20
 
 # The arrays of each round's messages, by name: an outcome, a speculation (fields that are None
 # are not sent) and, in greedy runs, an expansion's cache.
@@ -47,6 +53,11 @@ CACHE_FIELDS = ("keys", "depth", "tokens", "valid")
 
 class ChannelError(RuntimeError):
   """The peer is gone, timed out or broke the protocol; the message says which."""
+
+
+class RefusedError(ChannelError):
+  """The peer was not let in (or would not let this side in): the message says why and what to
+  do. Sent as a `refused` message, received as this error."""
 
 
 class Connection:
@@ -64,8 +75,12 @@ class Connection:
     except OSError as e:
       raise ChannelError(f"cannot send to the peer ({e}); {self.alive() or 'it closed'}") from e
 
-  def receive(self, timeout: float | None = None, spin: float = 0.0) -> dict[str, Any]:
-    """The next message; raises ChannelError when the peer closes, dies or `timeout` passes.
+  def receive(
+    self, timeout: float | None = None, spin: float = 0.0, limit: int = MESSAGE_LIMIT
+  ) -> dict[str, Any]:
+    """The next message; raises ChannelError when the peer closes, dies, sends something that is
+    not a JSON object on a line of at most `limit` bytes, or `timeout` passes (also while a
+    message trickles in: a peer cannot hold a receiver by sending a byte now and then).
 
     `spin`: seconds to poll before sleeping in `select`, for an answer due within milliseconds
     on a core with nothing else to do, which then stays awake: in alternating sd / ssd pairs
@@ -74,6 +89,10 @@ class Connection:
     deadline = None if timeout is None else time.monotonic() + timeout
     spin_until = time.monotonic() + spin
     while b"\n" not in self._buffer:
+      if len(self._buffer) > limit:
+        raise ChannelError(f"the peer sent a line longer than {limit} bytes: not this protocol")
+      if deadline is not None and time.monotonic() > deadline:  # a peer that died says so first
+        raise ChannelError(self.alive() or f"no answer from the peer within {timeout:.0f} s")
       polling = time.monotonic() < spin_until
       ready, _, _ = select.select([self.sock], [], [], 0.0 if polling else 0.5)
       if not ready and polling:
@@ -81,8 +100,6 @@ class Connection:
       if not ready:
         if (why := self.alive()) is not None:
           raise ChannelError(why)
-        if deadline is not None and time.monotonic() > deadline:
-          raise ChannelError(f"no answer from the peer within {timeout:.0f} s")
         continue
       try:
         chunk = self.sock.recv(1 << 16)
@@ -92,9 +109,13 @@ class Connection:
         raise ChannelError(self._why_closed("the peer closed the connection"))
       self._buffer += chunk
     line, self._buffer = self._buffer.split(b"\n", 1)
-    message = json.loads(line)
+    if len(line) > limit:
+      raise ChannelError(f"the peer sent a line longer than {limit} bytes: not this protocol")
+    message = _parse(line)
     if message.get("op") == "error":
       raise ChannelError(f"the peer failed: {message.get('message')}")
+    if message.get("op") == "refused":
+      raise RefusedError(str(message.get("message")))
     return message
 
   def _why_closed(self, default: str) -> str:
@@ -108,6 +129,26 @@ class Connection:
 
   def close(self) -> None:
     self.sock.close()
+
+
+def _parse(line: bytes) -> dict[str, Any]:
+  try:
+    message = json.loads(line)
+  except ValueError:  # invalid JSON or UTF-8
+    raise ChannelError(f"the peer sent something that is not JSON: {line[:60]!r}") from None
+  if not isinstance(message, dict):
+    raise ChannelError(f"the peer sent JSON that is not an object: {line[:60]!r}")
+  return message
+
+
+def keep_alive(sock: socket.socket, idle: int = 30, interval: int = 10, probes: int = 3) -> None:
+  """Have the kernel probe an idle connection, so that a peer whose host vanished without
+  closing it (a network cut) breaks it within about `idle + interval * probes` seconds instead
+  of holding this side for ever."""
+  sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+  for name, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", interval), ("TCP_KEEPCNT", probes)):
+    if hasattr(socket, name):  # Linux names; elsewhere the system's defaults apply
+      sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
 
 
 class SharedMemoryPipe:

@@ -54,10 +54,15 @@ class Layout:
     n = len(self.target_cores or os.sched_getaffinity(0))
     return n + (len(self.speculator_cores) if mode == "ssd" and self.speculator_cores else 0)
 
-  def placement_for(self, pipe: str | None = None) -> Placement:
-    """The engine's `Placement` for ssd in this layout."""
+  def placement_for(self, pipe: str | None = None, token_file: str | None = None) -> Placement:
+    """The engine's `Placement` for ssd in this layout (`token_file`: the token of the
+    speculator at `address`)."""
     return Placement(
-      kind=self.placement, cores=self.speculator_cores, address=self.address, pipe=pipe
+      kind=self.placement,
+      cores=self.speculator_cores,
+      address=self.address,
+      pipe=pipe,
+      token_file=token_file,
     )
 
 

@@ -12,21 +12,23 @@ default a draft that ships a token ranking scores its DEFAULT_DRAFT_VOCAB most f
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ssd_jax import sharding
 from ssd_jax.decode import draft as draft_lib
-from ssd_jax.decode import speculate
+from ssd_jax.decode import slots, speculate
 from ssd_jax.decode.plan import DraftPlan
-from ssd_jax.decode.sampling import Warp
-from ssd_jax.decode.state import Outcome, Report, Speculation, SpeculationCache
+from ssd_jax.decode.state import DraftState, Outcome, Report, Speculation, SpeculationCache
 from ssd_jax.models import placement
+from ssd_jax.models.prefill import prefill_window
 from ssd_jax.models.registry import LoadedModel
 from ssd_jax.models.transformer import Params, head_subset
-from ssd_jax.speculator.base import SpeculatorStats
+from ssd_jax.speculator.base import Join, PlanKey, Reshape, SpeculatorStats, admissions
 from ssd_jax.timing import Timer
 
 # The default draft head: a draft that ships a token ranking scores its N most frequent tokens
@@ -92,69 +94,151 @@ def head_size(params: Params, config) -> int:
 
 class LocalSpeculator:
   """The draft side on `mesh`, in this process: sd's `base.Drafter` and ssd's
-  `base.Speculator`."""
+  `base.Speculator`, for one session of a persistent batch.
 
-  def __init__(self, params: Params, mesh: jax.sharding.Mesh, plan: DraftPlan, timer: Timer):
-    self.params, self.mesh, self.plan, self.timer = params, mesh, plan, timer
-    self.state = self.last = None
+  Args:
+    plans: the draft plan of each (batch size, every row greedy) the session may run.
+  """
+
+  def __init__(
+    self, params: Params, mesh: jax.sharding.Mesh, plans: dict[PlanKey, DraftPlan], timer: Timer
+  ):
+    self.params, self.mesh, self.plans, self.timer = params, mesh, plans, timer
+    self.state: DraftState | None = None
+    self.pending: Speculation | None = None  # ssd: the speculation to verify (and expand) next
     self._cache: SpeculationCache | None = None
-    self._last: Speculation | None = None  # the speculation last handed out
+    self.greedy = True
+    self._fresh = self._pending_tokens = None  # sd: rows joined since the last proposal
+
+  @property
+  def plan(self) -> DraftPlan:
+    return self.plans[(self.batch_size, self.greedy)]
+
+  @property
+  def batch_size(self) -> int:
+    return self.state.cache.batch_size
 
   def put(self, tree):
     """Place a pytree (host or another mesh's arrays) on the draft mesh."""
     return sharding.place(tree, self.mesh)
 
-  def start(
-    self, tokens: np.ndarray, lengths: np.ndarray, warp: Warp, key: jax.Array, capacity: int
-  ) -> None:
-    """Prefill right-padded prompts i32[B, P] (all but each pending last token)."""
-    B = tokens.shape[0]
+  def open(self, batch_size: int, capacity: int) -> Speculation | None:
+    """An empty batch of `batch_size` free rows of `capacity` slots each; ssd: the (empty)
+    pending speculation."""
+    config = next(iter(self.plans.values())).config
     cache = placement.init_cache(
-      self.plan.config, self.mesh, B, capacity, self.params["embed"].dtype
+      config, self.mesh, batch_size, capacity, self.params["embed"].dtype
     )
-    last = np.asarray(tokens)[np.arange(B), np.asarray(lengths) - 1]  # from the host copies
-    tokens, lengths, warp, key = self.put((tokens, lengths, warp, key))
-    self.state = draft_lib.start(self.params, tokens, lengths, cache, warp, key, plan=self.plan)
-    self.last = self.put(last)
+    rows = self.put(dataclasses.replace(slots.empty_draft(cache), cache=None))
+    self.state = dataclasses.replace(rows, cache=cache)  # the cache as created, in its sharding
+    self.pending = self.put(empty_speculation(batch_size, self.plan))
+    self._fresh = np.zeros(batch_size, bool)
+    self._pending_tokens = np.zeros(batch_size, np.int32)
+    return self.pending if self.plan.expands else None
+
+  def reshape(self, change: Reshape) -> Speculation | None:
+    """Apply a boundary's change: rows moved to another batch size, requests joined, the plan
+    switched between greedy and sampled. ssd: returns the pending speculation, each joined row's
+    replaced by a first proposal drafted now (a forced miss: nothing of the slot's previous
+    occupant is ever served to it); sd: the next proposal drafts for the joined rows."""
+    if change.index is not None:
+      index = self.put(change.index)
+      self.state = slots.take_draft(self.state, index)
+      self.pending = slots.take_speculation(self.pending, index)
+      self._fresh = self._fresh[change.index] | change.free
+      self._pending_tokens = self._pending_tokens[change.index]
+    for tokens, admission in admissions(change.joins, change.bulk, self.batch_size):
+      window = prefill_window(
+        self.params,
+        self.put(tokens),
+        config=self.plan.config,
+        attention_impl=self.plan.attention_impl,
+      )
+      self.state = slots.admit_draft(self.state, window, self.put(admission))
+      self._fresh[admission.slot], self._pending_tokens[admission.slot] = True, admission.last
+    self.greedy = change.greedy
+    if not self.plan.expands:  # sd: the next proposal starts the joined rows
+      return None
+    self.pending = self.put(_as_plan(self.pending, self.plan))
+    if change.joins:
+      self.state, first = draft_lib.propose(
+        self.params,
+        self.state,
+        None,
+        self.put(self._pending_tokens),
+        self.put(np.ones(self.batch_size, bool)),
+        plan=self.plan,
+      )
+      joined = np.zeros(self.batch_size, bool)
+      joined[[j.slot for j in change.joins]] = True
+      self.pending = slots.patch_speculation(self.pending, first, self.put(joined))
+      self._fresh[:] = False
+    return self.pending
+
+  def warm_up(self, buckets: tuple[int, ...], prompt_buckets: tuple[int, ...]) -> None:
+    """Compile the draft side's between-rounds programs at every shape they may meet (its
+    rounds' programs compiled in the session's warm-up rounds): the prefill of every prompt
+    bucket, a row entering at every batch size, rows moving between batch sizes, a pending
+    speculation changing variant and taking first proposals."""
+    capacity, live = self.state.cache.capacity, (self.state, self.pending, self.greedy)
+    for b in buckets:
+      self.open(b, capacity)
+      for greedy in (True, False, True):
+        joins = tuple(
+          _warm_join(slot, P) for slot, P in zip(range(b), prompt_buckets, strict=False)
+        )
+        self.reshape(Reshape(index=None, free=None, joins=joins, greedy=greedy))
+        for P in prompt_buckets[b:]:  # prompt buckets the first joins left out
+          self.reshape(Reshape(index=None, free=None, joins=(_warm_join(0, P),), greedy=greedy))
+        for b2 in buckets:
+          self.reshape(Reshape(np.zeros(b2, np.int32), np.ones(b2, bool), (), greedy))
+          self.open(b, capacity)
+          self.greedy = greedy
+          self.pending = self.put(_as_plan(self.pending, self.plan))
+      jax.block_until_ready(self.state)
+    self.state, self.pending, self.greedy = live
+    self._fresh = np.zeros(self.batch_size, bool)
+    self._pending_tokens = np.zeros(self.batch_size, np.int32)
 
   def ready(self) -> None:
-    """Wait for the prefill (the loop's timing starts after it)."""
-    jax.block_until_ready(self.state)
+    """Wait for what was dispatched (the loop's timing starts after the prefill)."""
+    jax.block_until_ready((self.state, self.pending))
 
   def propose(self, outcome: Outcome | None) -> Speculation:
-    """sd: commit `outcome` (None in the first round) and draft from its bonus token."""
+    """sd: commit `outcome` (None before the first round) and draft from each row's bonus token
+    (a joined row's from its prompt's last token)."""
+    fresh = self._fresh if outcome is not None else np.ones(self.batch_size, bool)
     if outcome is not None:
       outcome = self.put(outcome)
-      self.last = outcome.bonus
     self.state, speculation = draft_lib.propose(
-      self.params, self.state, outcome, self.last, plan=self.plan
+      self.params,
+      self.state,
+      outcome,
+      self.put(self._pending_tokens),
+      self.put(fresh),
+      plan=self.plan,
     )
+    self._fresh = np.zeros(self.batch_size, bool)
     self.timer.when_ready("draft", "draft_done", speculation)
     return speculation
 
-  def first(self) -> Speculation:
-    """ssd: the first speculation, drafted now (the cache is empty: a miss, as in the
-    reference)."""
-    self.state, self._last = draft_lib.propose(
-      self.params, self.state, None, self.last, plan=self.plan
-    )
-    return self._last
-
   def expand(self) -> SpeculationCache:
-    """ssd: dispatch the expansion of the speculation last handed out. Called once the target's
+    """ssd: dispatch the expansion of the pending speculation. Called once the target's
     verification of it is dispatched, so both run at once (dispatched earlier, a cheap expansion
     can run inline in the dispatching thread and hold the target back)."""
-    self.state, self._cache = speculate.expand(self.params, self.state, self._last, plan=self.plan)
+    self.state, self._cache = speculate.expand(
+      self.params, self.state, self.pending, plan=self.plan
+    )
     self.timer.when_ready("draft", "expand_done", self._cache)
     return self._cache
 
   def lookup(self, outcome: Outcome) -> Speculation:
     """ssd: the speculation for `outcome`: cached on a hit, the backup's on a miss."""
-    self.state, self._last = speculate.lookup(
+    self.state, self.pending = speculate.lookup(
       self.params, self.state, self._cache, self.put(outcome), plan=self.plan
     )
-    self.timer.when_ready("draft", "lookup_done", self._last)
-    return self._last
+    self.timer.when_ready("draft", "lookup_done", self.pending)
+    return self.pending
 
   def next(self, report: Report) -> tuple[Speculation, Report]:
     """ssd: expand the speculation being verified, then look its outcome up. The outcome stays
@@ -163,9 +247,50 @@ class LocalSpeculator:
     return self.lookup(report.outcome), report
 
   def close(self) -> SpeculatorStats:
-    """End the run (its compilations happen in this process, where the caller counts them)."""
-    self.state = self._cache = self._last = None
+    """End the session (its compilations happen in this process, where the caller counts
+    them)."""
+    self.state = self._cache = self.pending = None
     return SpeculatorStats()
+
+
+def _warm_join(slot: int, prompt_bucket: int) -> Join:
+  """A request of one token in a prompt bucket (compiling, never decoded)."""
+  return Join(
+    slot=slot,
+    tokens=np.zeros((1, prompt_bucket), np.int32),
+    length=1,
+    max_new=1,
+    temperature=0.0,
+    top_k=0,
+    top_p=1.0,
+    seed=np.zeros(2, np.uint32),
+  )
+
+
+def empty_speculation(batch_size: int, plan: DraftPlan) -> Speculation:
+  """No proposal yet: what free rows carry (they are done, so nothing verifies it)."""
+  return Speculation(
+    tokens=np.zeros((batch_size, plan.lookahead + 1), np.int32),
+    probs=None,
+    point_mass=np.zeros(batch_size, bool),
+    hit=np.zeros(batch_size, bool),
+  )
+
+
+def _as_plan(speculation: Speculation, plan: DraftPlan) -> Speculation:
+  """A pending speculation in `plan`'s form: greedy plans move no distributions; a sampled plan
+  after a greedy one gets point masses (every row drafted greedily, deterministically: q is the
+  point mass on its token, which verification takes exactly)."""
+  if plan.greedy:
+    return dataclasses.replace(speculation, probs=None)
+  if speculation.probs is not None:
+    return speculation
+  B, lookahead = speculation.tokens.shape[0], plan.lookahead
+  return dataclasses.replace(
+    speculation,
+    probs=jnp.zeros((B, lookahead, plan.config.vocab_size), jnp.float32),
+    point_mass=jnp.ones((B,), bool),
+  )
 
 
 class LocalSite:
@@ -174,8 +299,8 @@ class LocalSite:
   def __init__(self, params: Params, mesh: jax.sharding.Mesh):
     self.params, self.mesh = params, mesh
 
-  def speculator(self, plan: DraftPlan, timer: Timer) -> LocalSpeculator:
-    return LocalSpeculator(self.params, self.mesh, plan, timer)
+  def speculator(self, plans: dict[PlanKey, DraftPlan], timer: Timer) -> LocalSpeculator:
+    return LocalSpeculator(self.params, self.mesh, plans, timer)
 
   def start(self) -> None:
     pass

@@ -1,8 +1,9 @@
 """A speculator in a process of its own: starting it, talking to it, stopping it.
 
 `SpeculatorProcess` starts one (a child of this process, pinned to its own cores before JAX
-starts there) or connects to one another host runs (`python -m ssd_jax.speculator --listen`),
-loads the draft there from the same name or path, and stops it. It never leaves a process
+starts there, given a fresh token and its one draft) or connects to one another host runs
+(`python -m ssd_jax.speculator --listen`), proves the token both ways (`handshake.py`), loads
+the draft there from the same name or path, and stops it. It never leaves a process
 behind: the engine closes it (also on exceptions and at interpreter exit), and the child exits
 by itself once this process is gone. A speculator that dies gives a ChannelError naming its exit
 status and the end of its log within a second, never a hang.
@@ -33,12 +34,12 @@ import numpy as np
 
 from ssd_jax.decode.plan import DraftPlan
 from ssd_jax.models.registry import LoadedModel
-from ssd_jax.speculator import layout
-from ssd_jax.speculator.base import Placement
+from ssd_jax.speculator import auth, handshake, layout
+from ssd_jax.speculator.base import Placement, PlanKey
 from ssd_jax.speculator.channel import (
-  PROTOCOL,
   ChannelError,
   Connection,
+  RefusedError,
   SharedMemoryPipe,
   TransferPipe,
 )
@@ -63,6 +64,8 @@ class SpeculatorOptions:
     pipe: "shm" (shared memory, one host) or "transfer" (`jax.experimental.transfer`).
     extensions: modules the child imports at start-up to register operations of their own
       (`worker.register`; the benchmarks' probes), beside the protocol's.
+    token: the secret of the speculator at `address` (None: it has none); a child gets a fresh
+      one of its own.
   """
 
   draft: str
@@ -73,6 +76,7 @@ class SpeculatorOptions:
   address: str | None = None
   pipe: str = "shm"
   extensions: tuple[str, ...] = ()
+  token: str | None = dataclasses.field(default=None, repr=False)  # a secret: not in logs
 
 
 class SpeculatorProcess:
@@ -82,16 +86,22 @@ class SpeculatorProcess:
     self.options, self.device = options, device
     self.process: subprocess.Popen | None = None
     self.log: Path | None = None
+    # A child gets a fresh secret: no other process on this host can pose as it, or drive it.
+    self.token = options.token if options.address else auth.new_token()
+    self.where = f"the speculator at {options.address}" if options.address else "the speculator"
     t0 = time.perf_counter()
     sock = self._connect() if options.address else self._spawn()
     self.conn = Connection(sock, alive=self.gone)
     try:
+      handshake.introduce(self.conn, self.token, self.where)
       # The transfer server listens where the peer reaches this host: the connection's address.
       here = sock.getsockname()[0]
       self.pipe = TransferPipe(device, here) if options.pipe == "transfer" else SharedMemoryPipe()
       t1 = time.perf_counter()
-      ready = self._hello()
-    except BaseException:  # a failed start (a Ctrl-C too) leaves no process, segment or log
+      ready = self._load(peer=sock.getpeername()[0])
+    except BaseException as e:  # a failed start (a Ctrl-C too) leaves no process, segment or log
+      if isinstance(e, RefusedError):  # nothing to say goodbye to: hang up
+        self.conn.close()
       self.close()
       raise
     self.startup = {"spawn_seconds": t1 - t0, "load_seconds": time.perf_counter() - t1}
@@ -103,7 +113,7 @@ class SpeculatorProcess:
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
     cmd = [sys.executable, "-m", "ssd_jax.speculator", "--connect", f"127.0.0.1:{port}"]
-    cmd += ["--parent", str(os.getpid())]
+    cmd += ["--draft", self.options.draft, "--parent", str(os.getpid())]
     for module in self.options.extensions:
       cmd += ["--extension", module]
     if self.options.cores:
@@ -112,8 +122,10 @@ class SpeculatorProcess:
     self.log = Path(log)
     cmd += ["--log", log]  # removed by the child if this process dies before it can
     # A session of its own: a Ctrl-C reaches this process, which then stops the speculator.
+    # The token goes in the environment, which only this user can read; `ps` shows a command line.
+    env = os.environ | {auth.TOKEN_ENV: self.token}
     self.process = subprocess.Popen(
-      cmd, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd, start_new_session=True
+      cmd, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd, start_new_session=True, env=env
     )
     os.close(fd)
     listener.settimeout(0.5)
@@ -137,14 +149,14 @@ class SpeculatorProcess:
     except (OSError, ValueError) as e:
       raise ChannelError(
         f"cannot reach a speculator at {self.options.address} ({e}); start one there with "
-        "python -m ssd_jax.speculator --listen HOST:PORT"
+        "python -m ssd_jax.speculator --listen HOST:PORT --draft NAME"
       ) from e
 
-  def _hello(self) -> dict[str, Any]:
+  def _load(self, peer: str) -> dict[str, Any]:
+    """Ask the admitted speculator for the draft; its ready (the pipe connected). `peer`: the
+    speculator's host as this connection sees it."""
     o = self.options
-    hello = {
-      "op": "hello",
-      "protocol": PROTOCOL,
+    load = {
       "draft": o.draft,
       "dtype": o.dtype,
       "draft_vocab": list(o.draft_vocab) if isinstance(o.draft_vocab, tuple) else o.draft_vocab,
@@ -152,10 +164,13 @@ class SpeculatorProcess:
       "pipe": o.pipe,
     }
     if isinstance(self.pipe, TransferPipe):
-      hello["transfer_address"] = self.pipe.address
-    self.conn.send(hello)
-    ready = self.conn.receive(timeout=LOAD_TIMEOUT)
+      load["transfer_address"] = self.pipe.address
+    ready = handshake.load(self.conn, load, self.where, LOAD_TIMEOUT)
     if isinstance(self.pipe, TransferPipe):
+      try:
+        handshake.check_transfer_address(ready.get("transfer_address"), peer, self.where)
+      except ValueError as e:
+        raise RefusedError(str(e)) from None
       self.pipe.connect(ready["transfer_address"])
     return ready
 
@@ -241,9 +256,9 @@ class ProcessSite:
   def start(self) -> None:
     self.process()
 
-  def speculator(self, plan: DraftPlan, timer: Timer) -> RemoteSpeculator:
+  def speculator(self, plans: dict[PlanKey, DraftPlan], timer: Timer) -> RemoteSpeculator:
     link = self.process()
-    return RemoteSpeculator(link.conn, link.pipe, plan, timer)
+    return RemoteSpeculator(link.conn, link.pipe, plans, timer)
 
   @property
   def startup(self) -> dict[str, float] | None:
@@ -268,6 +283,8 @@ def options_for(
   if placement.address is None and cores is None:
     cores = layout.spare_cores()
   pipe = placement.pipe or ("transfer" if placement.address is not None else "shm")
+  # A speculator at an address holds the token the user gave it (a file, or the environment's).
+  token = None if placement.address is None else auth.token_from(placement.token_file)
   vocab = draft_vocab if draft_vocab is None or isinstance(draft_vocab, int) else tuple(draft_vocab)
   return SpeculatorOptions(
     draft=draft.source,
@@ -277,6 +294,7 @@ def options_for(
     cores=cores,
     address=placement.address,
     pipe=pipe,
+    token=token,
   )
 
 

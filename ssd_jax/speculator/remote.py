@@ -14,9 +14,8 @@ import jax
 import numpy as np
 
 from ssd_jax.decode.plan import DraftPlan
-from ssd_jax.decode.sampling import Warp
 from ssd_jax.decode.state import Outcome, Report, Speculation
-from ssd_jax.speculator.base import SpeculatorStats
+from ssd_jax.speculator.base import PlanKey, Reshape, SpeculatorStats, join_arrays
 from ssd_jax.speculator.channel import (
   OUTCOME_FIELDS,
   SPECULATION_FIELDS,
@@ -25,6 +24,7 @@ from ssd_jax.speculator.channel import (
   Pipe,
   TransferPipe,
 )
+from ssd_jax.speculator.local import empty_speculation
 from ssd_jax.timing import Timer
 
 STEP_TIMEOUT = 600.0  # seconds for one answer (the first ones compile)
@@ -32,65 +32,84 @@ ANSWER_SPIN = 0.05  # seconds the target polls for a speculation before it sleep
 
 
 class RemoteSpeculator:
-  """The draft side of one run, in a speculator process. Speculations arrive on the host (shared
-  memory) or on this process's device (transfer); the loop places them on the target mesh
-  either way.
+  """The draft side of one session, in a speculator process. Speculations arrive on the host
+  (shared memory) or on this process's device (transfer); the session places them on the target
+  mesh either way.
 
-  In greedy runs the speculator also sends each expansion's cache (keys, depths, tokens, a few
+  In greedy rounds the speculator also sends each expansion's cache (keys, depths, tokens, a few
   ints per branch) as soon as it is computed, during the verification it overlaps; a round whose
   every row hits is then served here without waiting for the speculator, which receives the
   outcome all the same (to advance its cache and expand the served speculation) and answers
   only rounds with a miss. Both ends decide hit or miss by the same test on the same arrays.
   """
 
-  def __init__(self, conn: Connection, pipe: Pipe, plan: DraftPlan, timer: Timer):
-    self.conn, self.pipe, self.plan, self.timer = conn, pipe, plan, timer
+  def __init__(self, conn: Connection, pipe: Pipe, plans: dict[PlanKey, DraftPlan], timer: Timer):
+    self.conn, self.pipe, self.plans, self.timer = conn, pipe, plans, timer
     self.served_here = 0  # rounds whose speculation came from a cache, without an answer
+    self.greedy_rounds = 0  # rounds that could take that path (sampled ones never do)
+    self.greedy, self.batch_size = True, 0
+
+  @property
+  def plan(self) -> DraftPlan:
+    return self.plans[(self.batch_size, self.greedy)]
 
   def _call(self, message: dict[str, Any], arrays: dict[str, Any] | None = None):
     if arrays is not None:
       message["arrays"] = self.pipe.pack(arrays)
     self.conn.send(message)
 
-  def _receive(self, op: str) -> dict[str, np.ndarray]:
+  def _receive(self, op: str, skip: tuple[str, ...] = ()) -> dict[str, Any]:
     # Due in a few ms (a lookup, or a backup on a miss); the target's core waits for it anyway.
-    message = self.conn.receive(timeout=STEP_TIMEOUT, spin=ANSWER_SPIN)
+    while (message := self.conn.receive(timeout=STEP_TIMEOUT, spin=ANSWER_SPIN))["op"] in skip:
+      pass
     if message.get("op") != op:
       raise ChannelError(f"expected the speculator's {op}, got {message.get('op')!r}")
-    return self.pipe.unpack(message["arrays"])
+    return message
 
-  def _speculation(self) -> Speculation:
-    fields = self._receive("speculation")
+  def _speculation(self, op: str = "speculation", skip: tuple[str, ...] = ()) -> Speculation:
+    fields = self.pipe.unpack(self._receive(op, skip)["arrays"])
     return Speculation(**{name: fields.get(name) for name in SPECULATION_FIELDS})
 
-  def start(self, tokens, lengths, warp: Warp, key, capacity: int) -> None:
-    arrays = {
-      "tokens": tokens,
-      "lengths": lengths,
-      "temperature": warp.temperature,
-      "top_k": warp.top_k,
-      "top_p": warp.top_p,
-      "key": np.asarray(jax.random.key_data(key)),
-    }
-    self._call({"op": "start", "plan": self.plan.to_json(), "capacity": capacity}, arrays)
+  def open(self, batch_size: int, capacity: int) -> Speculation:
+    plans = [[b, greedy, plan.to_json()] for (b, greedy), plan in self.plans.items()]
+    self._call({"op": "open", "plans": plans, "batch_size": batch_size, "capacity": capacity})
+    self._receive("opened")
+    self.batch_size, self.greedy = batch_size, True
+    return empty_speculation(batch_size, self.plan)
+
+  def reshape(self, change: Reshape) -> Speculation:
+    """The speculator applies the change, answers with the pending speculation (joined rows'
+    first proposals in it) and expands it again; the expansion's cache it sent before the
+    change is stale and skipped."""
+    message = {"op": "reshape", "greedy": change.greedy, "bulk": change.bulk}
+    if change.index is not None:
+      message |= {"index": change.index.tolist(), "free": change.free.tolist()}
+      self.batch_size = len(change.index)
+    self._call(message, join_arrays(change.joins) if change.joins else None)
+    self.greedy = change.greedy
+    return self._speculation("reshaped", skip=("cache",))
+
+  def warm_up(self, buckets: tuple[int, ...], prompt_buckets: tuple[int, ...]) -> None:
+    """The speculator compiles its between-rounds programs (an idle session: the last
+    expansion's cache, which no round needs any more, is skipped)."""
+    message = {"op": "warm", "buckets": list(buckets), "prompt_buckets": list(prompt_buckets)}
+    self._call(message)
+    self._receive("warmed", skip=("cache",))
 
   def ready(self) -> None:
-    """Wait for the speculator's prefill (its first start compiles there)."""
-    self.conn.receive(timeout=STEP_TIMEOUT)
-
-  def first(self) -> Speculation:
-    self._call({"op": "first"})
-    return self._speculation()
+    """Nothing to wait for: every answer comes once its programs ran."""
 
   def next(self, report: Report) -> tuple[Speculation, Report]:
     """The speculator expands each speculation right after sending it, so only the outcome is
     left to send: the round's report (which carries it) is read to the host now, the round's
-    one host read, and returned so the loop does not read it again."""
+    one host read, and returned so the session does not read it again."""
     report = jax.device_get(report)
     outcome = report.outcome
     # The cache of the speculation just verified (greedy), copied out before the speculator
     # may write the next one: it writes that only after this outcome.
-    cache = _on_host(self._receive("cache")) if self.plan.greedy else None
+    greedy = self.plan.greedy
+    self.greedy_rounds += greedy
+    cache = _on_host(self.pipe.unpack(self._receive("cache")["arrays"])) if greedy else None
     self._call({"op": "next"}, {name: getattr(outcome, name) for name in OUTCOME_FIELDS})
     speculation = None if cache is None else served_from(cache, outcome)
     if speculation is None:
@@ -111,8 +130,8 @@ class RemoteSpeculator:
     return speculation
 
   def close(self) -> SpeculatorStats:
-    """End the run; the speculator's XLA compilations during it (None if it cannot say)."""
-    served = self.served_here if self.plan.greedy else None
+    """End the session; the speculator's XLA compilations during it (None if it cannot say)."""
+    served = self.served_here if self.greedy_rounds else None  # None: no round could
     with contextlib.suppress(ChannelError):
       self._call({"op": "stop"})
       while (message := self.conn.receive(timeout=STEP_TIMEOUT))["op"] != "stopped":

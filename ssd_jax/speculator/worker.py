@@ -1,12 +1,16 @@
-"""A speculator process's side of the channel: the hello (load the draft the target names),
-then its calls answered by a `LocalSpeculator` on this process's device.
+"""A speculator process's side of the channel: the handshake (`handshake.admit`: the target
+proves the token and names a draft served here), the draft loaded, then the target's calls
+answered by a `LocalSpeculator` on this process's device.
 
-  start   prefill (answered once done, so the target's timing starts after it)
-  first   the first speculation, sent; then its expansion dispatched
-  next    lookup for the outcome (a hit, or the backup), sent; then its expansion dispatched
-          (greedy runs: the speculation is sent only when some row missed, and each expansion's
-          cache is sent once computed: the target serves every-row hits from it itself)
-  stop    the run is over;  bye: the target is done with this speculator
+  open     a session: its plans (per batch size, greedy or sampled), an empty batch
+  warm     compile the between-rounds programs at every shape (the session's warm-up)
+  reshape  a boundary between rounds: rows moved to another batch size, requests joined (their
+           prompts prefilled, their first proposals drafted now), the plan's variant; answered
+           with the pending speculation; then its expansion dispatched
+  next     lookup for the outcome (a hit, or the backup), sent; then its expansion dispatched
+           (greedy rounds: the speculation is sent only when some row missed, and each
+           expansion's cache is sent once computed: the target serves every-row hits itself)
+  stop     the session is over;  bye: the target is done with this speculator
 
 Every answer crosses on the pipe; expansions run while the target verifies what was just sent.
 Other operations (the benchmarks' probes, say) are not part of the protocol: a module registers
@@ -27,20 +31,22 @@ import numpy as np
 
 from ssd_jax import sharding
 from ssd_jax.decode.plan import DraftPlan
-from ssd_jax.decode.sampling import Warp
 from ssd_jax.decode.state import Outcome, Speculation
 from ssd_jax.models.registry import load_model
 from ssd_jax.models.transformer import Params
 from ssd_jax.models.weights import config_to_hf
+from ssd_jax.speculator import handshake
+from ssd_jax.speculator.auth import Drafts
+from ssd_jax.speculator.base import Reshape, joins_of
 from ssd_jax.speculator.channel import (
   CACHE_FIELDS,
   OUTCOME_FIELDS,
-  PROTOCOL,
   SPECULATION_FIELDS,
   Connection,
   Pipe,
   SharedMemoryPipe,
   TransferPipe,
+  keep_alive,
 )
 from ssd_jax.speculator.local import LocalSpeculator, draft_params, head_size
 from ssd_jax.timing import NullTimer, count_compiles
@@ -49,7 +55,7 @@ from ssd_jax.timing import NullTimer, count_compiles
 # pipe). Registered by the module that uses it, imported at start-up (`--extension`).
 Handler = Callable[[dict[str, Any], Connection, Pipe], None]
 _EXTENSIONS: dict[str, Handler] = {}
-_PROTOCOL_OPS = ("start", "first", "next", "stop", "bye")
+_PROTOCOL_OPS = ("open", "warm", "reshape", "next", "stop", "bye")
 
 
 def register(op: str, handler: Handler) -> None:
@@ -90,67 +96,89 @@ class _Session:
       else:
         raise ValueError(f"unknown request {op!r}")
 
-  def _answer(self, speculation: Speculation) -> None:
+  def _answer(self, op: str, speculation: Speculation) -> None:
     fields = {f: getattr(speculation, f) for f in SPECULATION_FIELDS}
     arrays = self.pipe.pack({k: v for k, v in fields.items() if v is not None}, slot="speculation")
-    self.conn.send({"op": "speculation", "arrays": arrays})
+    self.conn.send({"op": op, "arrays": arrays})
 
   def _expand(self) -> None:
-    """Dispatch the expansion of the speculation just sent; in greedy runs, send its cache once
-    computed (the target reads it after its verification, which runs meanwhile)."""
+    """Dispatch the expansion of the speculation just sent; in greedy rounds, send its cache
+    once computed (the target reads it after its verification, which runs meanwhile)."""
     cache = self.speculator.expand()
     if self.speculator.plan.greedy:
       fields = {f: getattr(cache, f) for f in CACHE_FIELDS}
       self.conn.send({"op": "cache", "arrays": self.pipe.pack(fields, slot="cache")})
 
-  def _start(self, message) -> None:
+  def _open(self, message) -> None:
     self.compiled_before = len(self.compiles)
-    plan = DraftPlan.from_json(message["plan"], self.config)
-    self.speculator = LocalSpeculator(self.params, self.mesh, plan, NullTimer())
-    a = self.pipe.unpack(message["arrays"])
-    warp = Warp(temperature=a["temperature"], top_k=a["top_k"], top_p=a["top_p"])
-    key = jax.random.wrap_key_data(a["key"])
-    tokens, lengths = np.asarray(a["tokens"]), np.asarray(a["lengths"])
-    self.speculator.start(tokens, lengths, warp, key, message["capacity"])
-    self.speculator.ready()
-    self.conn.send({"op": "started"})
+    plans = {
+      (b, greedy): DraftPlan.from_json(fields, self.config)
+      for b, greedy, fields in message["plans"]
+    }
+    self.speculator = LocalSpeculator(self.params, self.mesh, plans, NullTimer())
+    self.speculator.open(message["batch_size"], message["capacity"])
+    self.conn.send({"op": "opened"})
 
-  def _first(self, message) -> None:
-    self._answer(self.speculator.first())
-    self._expand()
+  def _warm(self, message) -> None:
+    self.speculator.warm_up(tuple(message["buckets"]), tuple(message["prompt_buckets"]))
+    self.compiled_before = len(self.compiles)  # what `stop` reports counts from here
+    self.conn.send({"op": "warmed"})
+
+  def _reshape(self, message) -> None:
+    index = message.get("index")
+    change = Reshape(
+      index=None if index is None else np.asarray(index, np.int32),
+      free=None if index is None else np.asarray(message["free"], bool),
+      joins=joins_of(self.pipe.unpack(message["arrays"])) if "arrays" in message else (),
+      greedy=message["greedy"],
+      bulk=message["bulk"],
+    )
+    self._answer("reshaped", self.speculator.reshape(change))
+    self._expand()  # (again: the rows changed since the last expansion)
 
   def _next(self, message) -> None:
     a = self.pipe.unpack(message["arrays"])
     speculation = self.speculator.lookup(Outcome(**{f: a[f] for f in OUTCOME_FIELDS}))
     # Greedy: where every row hit, the target has served this speculation from the cache.
     if not (self.speculator.plan.greedy and np.asarray(speculation.hit).all()):
-      self._answer(speculation)
+      self._answer("speculation", speculation)
     self._expand()
 
-  def _stop(self, message) -> None:  # answered with the compilations since this run's start
+  def _stop(self, message) -> None:  # answered with the compilations since open (or warm-up)
     if self.speculator is not None:
       self.speculator.close()
     self.speculator = None
     self.conn.send({"op": "stopped", "compiles": len(self.compiles) - self.compiled_before})
 
 
-def serve_connection(sock) -> None:
-  """A speculator's whole life with one target: the hello (load the draft it names, place it on
-  this process's first device, start the pipe), then `serve`. Any failure is sent to the target
-  as an error message before it is raised here."""
+def accept(sock, token: str | None, drafts: Drafts) -> tuple[Connection, handshake.Request]:
+  """The handshake on a new connection (`handshake.admit`): the connection and what its target
+  asked for, once admitted; else the socket is closed and RefusedError or ChannelError raised."""
+  # A peer that stops reading cannot hold a send of the handshake either.
+  sock.settimeout(handshake.HANDSHAKE_SECONDS)
   conn = Connection(sock)
+  try:
+    request = handshake.admit(conn, token, drafts, peer=sock.getpeername()[0])
+  except BaseException:
+    conn.close()
+    raise
+  sock.settimeout(None)  # an admitted target's calls come when its run needs them
+  keep_alive(sock)
+  return conn, request
+
+
+def serve_request(conn: Connection, request: handshake.Request) -> None:
+  """The rest of a speculator's life with an admitted target: load the draft it asked for, place
+  it on this process's first device, start the pipe, answer `ready`, then `serve`. Any failure is
+  sent to the target as an error message before it is raised here."""
   pipe = None
   try:
-    hello = conn.receive()
-    if hello.get("op") != "hello" or hello.get("protocol") != PROTOCOL:
-      raise ValueError(f"expected a protocol-{PROTOCOL} hello, got {hello!r:.80}")
-    draft = load_model(hello["draft"], dtype=jnp.dtype(hello["dtype"]))
+    draft = load_model(request.draft, dtype=jnp.dtype(request.dtype))
     device = jax.devices()[0]
     mesh = sharding.mesh_of([device])
-    vocab = hello["draft_vocab"]
-    params = draft_params(draft, mesh, tuple(vocab) if isinstance(vocab, list) else vocab)
-    here = sock.getsockname()[0]  # where the target reaches this host
-    pipe = TransferPipe(device, here) if hello["pipe"] == "transfer" else SharedMemoryPipe()
+    params = draft_params(draft, mesh, request.draft_vocab)
+    here = conn.sock.getsockname()[0]  # where the target reaches this host
+    pipe = TransferPipe(device, here) if request.pipe == "transfer" else SharedMemoryPipe()
     ready = {
       "op": "ready",
       "pid": os.getpid(),
@@ -158,7 +186,7 @@ def serve_connection(sock) -> None:
       "head_size": head_size(params, draft.config),
     }
     if isinstance(pipe, TransferPipe):
-      pipe.connect(hello["transfer_address"])
+      pipe.connect(request.transfer_address)  # checked: on the target's own host
       ready["transfer_address"] = pipe.address
     conn.send(ready)
     serve(conn, pipe, params, mesh, draft.config)
@@ -170,3 +198,8 @@ def serve_connection(sock) -> None:
     if pipe is not None:
       pipe.close()
     conn.close()
+
+
+def serve_connection(sock, token: str | None, drafts: Drafts) -> None:
+  """A speculator's whole life with one target: `accept`, then `serve_request`."""
+  serve_request(*accept(sock, token, drafts))
