@@ -20,6 +20,7 @@ from ssd_jax.decode import verify as verify_lib
 from ssd_jax.decode.sampling import Warp, fold_rows, sample, warped_probs
 from ssd_jax.decode.verify import verify
 from ssd_jax.models.registry import LoadedModel
+from ssd_jax.runtime import session as session_lib
 
 pytestmark = pytest.mark.statistical
 
@@ -330,6 +331,7 @@ def test_eos_is_exact(stopping, spec):
 
 
 _emit = target_lib._emit
+_stop_reason = session_lib._stop_reason
 
 
 def _eos_not_absorbing(state, drafts, accepted, bonus, eos_ids):
@@ -338,11 +340,21 @@ def _eos_not_absorbing(state, drafts, accepted, bonus, eos_ids):
   return _emit(state, drafts, accepted, bonus, ())
 
 
+def _eos_not_stopping(handle, tokens, eos):
+  """The session's reading of a round with EOS an ordinary token (stop tokens still stop)."""
+  del eos
+  return _stop_reason(handle, tokens, set())
+
+
 def test_eos_negative_control_fails(stopping, restore):
-  """`test_eos_is_exact` (sd) with EOS not absorbing: seed 0, N = 50,000, z = inf (tokens after
-  an EOS, which the law gives probability 0); the correct code reaches z = -0.16."""
+  """`test_eos_is_exact` (sd) with EOS an ordinary token: seed 0, N = 50,000, z = inf (tokens
+  after an EOS, which the law gives probability 0); the correct code reaches z = -0.16. Two
+  layers stop a row at EOS, the round's programs on the device (so the row stops costing rounds)
+  and the session reading the round on the host (so no token after it reaches the request);
+  either alone gives the law, so the mutant breaks both."""
   engine, eos = stopping
   broken(restore, target_lib, "_emit", _eos_not_absorbing)
+  restore.setattr(session_lib, "_stop_reason", _eos_not_stopping)
   assert_broken(*decode_law(engine, sd_spec(1.0), SAMPLED, tokens=4, eos=eos)[:2])
 
 
