@@ -22,12 +22,21 @@ import pytest
 
 from ssd_jax import ChannelError, Engine, Placement, Sampling
 from ssd_jax.config import SpecConfig
+from ssd_jax.decode.state import Outcome
 from ssd_jax.models.registry import LoadedModel, load_model
 from ssd_jax.models.weights import save_hf
 from ssd_jax.speculator import auth, handshake
-from ssd_jax.speculator.channel import PROTOCOL, Connection, RefusedError, SharedMemoryPipe
+from ssd_jax.speculator.base import Join, Reshape, seed_data
+from ssd_jax.speculator.channel import (
+  OUTCOME_FIELDS,
+  PROTOCOL,
+  Connection,
+  RefusedError,
+  SharedMemoryPipe,
+)
 from ssd_jax.speculator.process import _stop
-from ssd_jax.timing import count_compiles
+from ssd_jax.speculator.remote import RemoteSpeculator
+from ssd_jax.timing import NullTimer, count_compiles
 
 pytestmark = pytest.mark.skipif(
   (os.cpu_count() or 1) < 2, reason="a speculator process needs a core of its own"
@@ -294,6 +303,78 @@ def test_a_speculator_that_dies_mid_run_is_an_error_not_a_hang(models):
     assert len(engine.generate(PROMPTS[:1], spec=spec, max_new_tokens=6).tokens[0]) == 6
   finally:
     engine.close()
+
+
+class _Wire:
+  """The target's end of a connection in one process: what it sends is kept, and what it
+  receives is queued in advance."""
+
+  def __init__(self, answers):
+    self.sent, self.answers = [], list(answers)
+
+  def send(self, message):
+    self.sent.append(message)
+
+  def receive(self, timeout=None, spin=None):
+    return self.answers.pop(0)
+
+
+def test_a_round_served_here_keeps_its_outcome_until_the_speculator_reads_it():
+  """A round whose every row hits is served on the target's side, which sends its outcome and
+  waits for no answer; a reshape's joins may then follow before the speculator has copied that
+  outcome out of shared memory. They must not overwrite it (in one segment they did: the
+  speculator read the joins as the outcome, missed, answered a speculation nobody waited for,
+  and the next call failed with "expected the speculator's reshaped, got 'speculation'")."""
+  here, there = SharedMemoryPipe(), SharedMemoryPipe()  # the target's and the speculator's
+  try:
+    cache = {  # one row, two branches; the second is the outcome's
+      "keys": np.array([[7, 8]], np.int32),
+      "depth": np.array([[2, 2]], np.int32),
+      "tokens": np.array([[[1, 2], [3, 4]]], np.int32),
+      "valid": np.ones((1, 2), bool),
+    }
+    reshaped = {
+      "tokens": np.zeros((1, 3), np.int32),
+      "point_mass": np.zeros(1, bool),
+      "hit": np.zeros(1, bool),
+    }
+    wire = _Wire(
+      [
+        {"op": "cache", "arrays": there.pack(cache, slot="cache")},
+        {"op": "reshaped", "arrays": there.pack(reshaped, slot="speculation")},
+      ]
+    )
+    plans = {(1, True): dataclasses.make_dataclass("Plan", [("greedy", bool)])(True)}
+    remote = RemoteSpeculator(wire, here, plans, NullTimer())
+    remote.batch_size, remote.greedy = 1, True
+    outcome = Outcome(
+      accepted=np.array([2], np.int32),
+      bonus=np.array([8], np.int32),
+      committed=np.array([3], np.int32),
+      done=np.array([False]),
+    )
+    report = dataclasses.make_dataclass("Report", ["outcome"])(outcome)
+    speculation, _ = remote.next(report)
+    assert remote.served_here == 1 and speculation.tokens.tolist() == [[8, 3, 4]]
+    join = Join(
+      slot=0,
+      tokens=np.full((1, 16), 99, np.int32),
+      length=16,
+      max_new=5,
+      temperature=0.5,
+      top_k=0,
+      top_p=1.0,
+      seed=seed_data(1),
+    )
+    remote.reshape(Reshape(index=None, free=None, joins=(join,), greedy=True, bulk=False))
+    # Only now does the speculator read the round's outcome.
+    assert [m["op"] for m in wire.sent] == ["next", "reshape"]
+    read = there.unpack(wire.sent[0]["arrays"])
+    for name in OUTCOME_FIELDS:
+      np.testing.assert_array_equal(read[name], getattr(outcome, name), err_msg=name)
+  finally:
+    here.close()
+    there.close()
 
 
 def test_an_interrupted_run_leaves_the_speculator_ready_for_the_next(process_engine, ar):

@@ -155,9 +155,11 @@ class SharedMemoryPipe:
   """Arrays through shared memory segments on one host.
 
   Each side writes a kind of message (`slot`) into a segment of its own (grown when a message
-  does not fit) and the peer copies the arrays out before it sends what the next message of
-  that kind answers, so nothing is overwritten while it is read: a speculator's answers and its
-  expansions' caches, sent back to back, go through two segments.
+  does not fit), and writes that kind again only once the peer has copied the last one out
+  (the peer answers it, or a later message, first), so nothing is overwritten while it is read:
+  a speculator's answers and its expansions' caches, sent back to back, go through two
+  segments; a target's outcomes and joins too (a round served on the target's side waits for
+  no answer, and a boundary's joins may follow it at once).
 
   The segments belong to the connection, not to a process: whichever side closes its pipe
   first unlinks all of them, its own and those it mapped of its peer's. A side whose peer was

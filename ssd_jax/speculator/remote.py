@@ -53,9 +53,12 @@ class RemoteSpeculator:
   def plan(self) -> DraftPlan:
     return self.plans[(self.batch_size, self.greedy)]
 
-  def _call(self, message: dict[str, Any], arrays: dict[str, Any] | None = None):
+  def _call(self, message: dict[str, Any], arrays: dict[str, Any] | None = None, slot: str = ""):
+    # Each kind of message has a segment of its own (`slot`): a round served here sends its
+    # outcome and waits for no answer, so a reshape's joins may follow before the speculator
+    # has copied that outcome out; in one segment they would overwrite it.
     if arrays is not None:
-      message["arrays"] = self.pipe.pack(arrays)
+      message["arrays"] = self.pipe.pack(arrays, slot=slot)
     self.conn.send(message)
 
   def _receive(self, op: str, skip: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -85,7 +88,7 @@ class RemoteSpeculator:
     if change.index is not None:
       message |= {"index": change.index.tolist(), "free": change.free.tolist()}
       self.batch_size = len(change.index)
-    self._call(message, join_arrays(change.joins) if change.joins else None)
+    self._call(message, join_arrays(change.joins) if change.joins else None, slot="joins")
     self.greedy = change.greedy
     return self._speculation("reshaped", skip=("cache",))
 
@@ -110,7 +113,8 @@ class RemoteSpeculator:
     greedy = self.plan.greedy
     self.greedy_rounds += greedy
     cache = _on_host(self.pipe.unpack(self._receive("cache")["arrays"])) if greedy else None
-    self._call({"op": "next"}, {name: getattr(outcome, name) for name in OUTCOME_FIELDS})
+    arrays = {name: getattr(outcome, name) for name in OUTCOME_FIELDS}
+    self._call({"op": "next"}, arrays, slot="outcome")
     speculation = None if cache is None else served_from(cache, outcome)
     if speculation is None:
       speculation = self._speculation()
