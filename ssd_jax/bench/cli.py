@@ -21,6 +21,9 @@
             4-way tensor-parallel target, a 1-device draft; virtual CPU devices, abstract
             weights), real models' shapes in bfloat16; the weights and KV cache per device;
             exits non-zero if any program fails to lower.
+  device    one bounded run on an accelerator (8 minutes by default): versions, the GPU tests,
+            ar/sd/ssd decoding, tree attention and round-program timings, theory's predictions;
+            JSON and a markdown summary. --cpu-smoke: the same at tiny shapes on this CPU.
 
 Speed is compared as ratios measured side by side in one run: the machine may be shared. Check
 it is idle first (`uptime`), and never time while tests run.
@@ -53,7 +56,9 @@ _EXAMPLES = """examples:
   python -m ssd_jax.bench forward --fills 256 --new-tokens 1 4 8
   python -m ssd_jax.bench exchange --pipes shm --batch-sizes 1
   python -m ssd_jax.bench serving --concurrencies 1 2 4 8 --rates 0.5 1 --requests 16
-  python -m ssd_jax.bench lower --pairs llama-70b/1b --batch-sizes 16 --platforms tpu"""
+  python -m ssd_jax.bench lower --pairs llama-70b/1b --batch-sizes 16 --platforms tpu
+  python -m ssd_jax.bench device --out runs/device                 # on a GPU machine
+  python -m ssd_jax.bench device --cpu-smoke --out runs/device-smoke"""
 
 _DRAFT_VOCAB = (
   "score only the draft's N most frequent tokens (as in python -m ssd_jax.run: default 8192 "
@@ -268,6 +273,11 @@ def build_parser() -> Parser:
   )
   f.add_argument("--reps", type=int, default=12, help="default %(default)s")
   _lower_flags(_sub(sub, "lower"))
+  d = _sub(sub, "device")
+  d.add_argument(
+    "--minutes", type=finite_float, default=8.0, help="the run's time limit (default %(default)s)"
+  )
+  d.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU (the suite's)")
   return p
 
 
@@ -377,6 +387,12 @@ def main(argv: list[str] | None = None) -> int:
       return lower_command(args)
     except ValueError as e:
       parser.error(str(e))
+  if args.command == "device":
+    if args.minutes <= 0:
+      parser.error("--minutes must be > 0")
+    from ssd_jax.bench import device  # noqa: PLC0415
+
+    return device.command(args)
   if getattr(args, "target_cores", None):
     pin_cores(args.target_cores)  # before JAX starts: sizes its thread pool
   layout = None
