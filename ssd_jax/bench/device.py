@@ -1,9 +1,10 @@
 """One bounded run on an accelerator: the figures a few minutes on one GPU can give.
 
 On a GPU machine (its own jax / jaxlib with CUDA, flax, chex, orbax, safetensors, tokenizers;
-no package registry), from a checkout of this repository:
+no package registry), from the root of a checkout of this repository (`python -m` finds the
+package there; `pip install --no-deps -e .` also works, with setuptools >= 77):
 
-  pip install --no-deps -e . && python -m ssd_jax.bench device --out runs/device
+  python -m ssd_jax.bench device --out runs/device
 
 It stops itself at --minutes (8 by default), checking between stages and skipping what no longer
 fits, and writes what it has: `device.json` and a short `device.md` in --out. Stages:
