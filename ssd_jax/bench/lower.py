@@ -134,9 +134,9 @@ class Program:
   mesh: object  # the mesh its arguments live on (the abstract mesh set while lowering for TPU)
 
 
-def _plans(layout: Layout) -> dict[str, Plan]:
-  """The plans of ar, sd and ssd (with each backup) at `layout`, sampled: the programs that
-  also carry distributions (an all-greedy batch runs programs that drop them)."""
+def _plans(layout: Layout, greedy: bool) -> dict[str, Plan]:
+  """The plans of ar, sd and ssd (with each backup) at `layout`: sampled (`greedy=False`), whose
+  programs also carry distributions, or for an all-greedy batch, whose programs drop them."""
   target_name, draft_name = shapes.PAIRS[layout.pair]
   tcfg, dcfg = shapes.MODELS[target_name], shapes.MODELS[draft_name]
   make = functools.partial(
@@ -144,7 +144,7 @@ def _plans(layout: Layout) -> dict[str, Plan]:
     target=tcfg,
     draft=dcfg,
     head_size=None,
-    greedy=False,
+    greedy=greedy,
     eos_ids=tcfg.eos_token_ids,
     attention_impl=layout.impl,
     batch_size=layout.batch_size,
@@ -159,6 +159,52 @@ def _plans(layout: Layout) -> dict[str, Plan]:
   }
 
 
+@dataclasses.dataclass(frozen=True)
+class _Sides:
+  """Both sides' abstract params and states at one layout."""
+
+  tmesh: object
+  dmesh: object
+  tparams: dict
+  dparams: dict
+  tstate: object  # TargetState
+  dstate: object  # DraftState
+  batch_size: int
+
+
+_EVERY, _DRAFTED, _SSD, _SD = ("ar", "sd", "ssd"), ("sd", "ssd"), ("ssd",), ("sd",)
+
+
+def _rounds(plans: dict[str, Plan], x: _Sides, suffix: str):
+  """The round programs of one sampling kind (table rows), and the proposal and outcome they
+  exchange (for the slot programs)."""
+  B, dmesh, tmesh = x.batch_size, x.dmesh, x.tmesh
+  draft_in = (x.dparams, x.dstate, None, _sds((B,), jnp.int32, dmesh), _sds((B,), bool, dmesh))
+  sd, ssd = plans["sd"], plans["ssd_neural"].draft
+  proposal = _on(jax.eval_shape(_bind(draft_lib.propose, sd.draft), *draft_in)[1], dmesh)
+  verify_in = (x.tparams, x.tstate, _on(proposal, tmesh))
+  report = jax.eval_shape(_bind(target_lib.step, sd.target), *verify_in)[1]
+  outcome = _on(report.outcome, dmesh)
+  expand_in = (x.dparams, x.dstate, proposal)
+  cache = _on(jax.eval_shape(_bind(speculate.expand, ssd), *expand_in)[1], dmesh)
+  empty = _on(jax.eval_shape(lambda: Speculation.empty(B)), tmesh)
+  rows = [  # name, program, arguments, static arguments, mesh, modes that run it
+    ("ar_step", target_lib.step, (x.tparams, x.tstate, empty), {"plan": plans["ar"].target},
+     tmesh, ("ar",)),
+    ("verify", target_lib.step, verify_in, {"plan": sd.target}, tmesh, _DRAFTED),
+    ("propose_first", draft_lib.propose, draft_in, {"plan": sd.draft}, dmesh, _DRAFTED),
+    ("propose", draft_lib.propose, (*draft_in[:2], outcome, *draft_in[3:]), {"plan": sd.draft},
+     dmesh, _SD),
+    ("expand", speculate.expand, expand_in, {"plan": ssd}, dmesh, _SSD),
+    *(
+      (f"lookup_{b}_backup", speculate.lookup, (x.dparams, x.dstate, cache, outcome),
+       {"plan": plans[f"ssd_{b}"].draft}, dmesh, _SSD)
+      for b in ("neural", "fast")
+    ),
+  ]  # fmt: skip
+  return [(name + suffix, *rest) for name, *rest in rows], proposal, outcome
+
+
 def _window(params, config, mesh, prompt: int):
   """The KV window `prefill_window` makes of one prompt, as it enters a slot."""
   fn = functools.partial(prefill_window, config=config)
@@ -167,61 +213,46 @@ def _window(params, config, mesh, prompt: int):
 
 def programs(layout: Layout, platform: str) -> list[Program]:
   """Every program of ar, sd and ssd at `layout`, with abstract arguments for `platform`: the
-  target's on the target mesh, the draft's (and what it exchanges) on the draft's."""
-  plans = _plans(layout)
-  tcfg, dcfg = plans["sd"].target.config, plans["sd"].draft.config
+  target's on the target mesh, the draft's (and what it exchanges) on the draft's. The round
+  programs twice: sampled, and for an all-greedy batch ("_greedy")."""
+  sampled = _plans(layout, greedy=False)
+  tcfg, dcfg = sampled["sd"].target.config, sampled["sd"].draft.config
   tmesh, dmesh = meshes(platform)
   B, S, P = layout.batch_size, layout.capacity, layout.prompt
   half = max(1, B // 2)  # the bucket a lightly loaded batch moves to
   tparams, dparams = shapes.abstract_params(tcfg, tmesh), shapes.abstract_params(dcfg, dmesh)
   tstate = _state(tcfg, tmesh, B, S, slots.empty_target)
   dstate = _state(dcfg, dmesh, B, S, slots.empty_draft)
+  sides = _Sides(tmesh, dmesh, tparams, dparams, tstate, dstate, B)
+  rounds, proposal, outcome = _rounds(sampled, sides, "")
+  greedy_rounds, _, _ = _rounds(_plans(layout, greedy=True), sides, "_greedy")
   i32, flags = lambda n, m: _sds((n,), jnp.int32, m), lambda n, m: _sds((n,), bool, m)
-  draft_in = (dparams, dstate, None, i32(B, dmesh), flags(B, dmesh))  # propose's first call
-  proposal = _on(jax.eval_shape(_bind(draft_lib.propose, plans["sd"].draft), *draft_in)[1], dmesh)
-  verify_in = (tparams, tstate, _on(proposal, tmesh))
-  report = jax.eval_shape(_bind(target_lib.step, plans["sd"].target), *verify_in)[1]
-  outcome = _on(report.outcome, dmesh)
-  expand_in = (dparams, dstate, proposal)
-  ssd = plans["ssd_neural"].draft
-  cache = _on(jax.eval_shape(_bind(speculate.expand, ssd), *expand_in)[1], dmesh)
   tokens = lambda n, m: _sds((n, P), jnp.int32, m)
-  empty = _on(jax.eval_shape(lambda: Speculation.empty(B)), tmesh)
   impl = {"attention_impl": layout.impl}
-  every, drafted, ssd_only, sd_only = ("ar", "sd", "ssd"), ("sd", "ssd"), ("ssd",), ("sd",)
   t_window, d_window = _window(tparams, tcfg, tmesh, P), _window(dparams, dcfg, dmesh, P)
-  table = [  # name, program, arguments, static arguments, mesh, modes that run it
+  slot_programs = [
     ("prefill", prefill, (tparams, tokens(B, tmesh), i32(B, tmesh), tstate.cache),
-     {"config": tcfg} | impl, tmesh, every),
+     {"config": tcfg} | impl, tmesh, _EVERY),
     ("prefill_window", prefill_window, (tparams, tokens(1, tmesh)), {"config": tcfg} | impl,
-     tmesh, every),
-    ("admit_target", slots.admit_target, (tstate, t_window, _admission(tmesh)), {}, tmesh, every),
-    ("retire", slots.retire, (tstate, flags(B, tmesh)), {}, tmesh, every),
+     tmesh, _EVERY),
+    ("admit_target", slots.admit_target, (tstate, t_window, _admission(tmesh)), {}, tmesh,
+     _EVERY),
+    ("retire", slots.retire, (tstate, flags(B, tmesh)), {}, tmesh, _EVERY),
     ("take_target", slots.take_target, (tstate, i32(half, tmesh), flags(half, tmesh)), {}, tmesh,
-     every),
-    ("ar_step", target_lib.step, (tparams, tstate, empty), {"plan": plans["ar"].target}, tmesh,
-     ("ar",)),
-    ("verify", target_lib.step, verify_in, {"plan": plans["sd"].target}, tmesh, drafted),
+     _EVERY),
     ("draft_prefill_window", prefill_window, (dparams, tokens(1, dmesh)),
-     {"config": dcfg} | impl, dmesh, drafted),
-    ("admit_draft", slots.admit_draft, (dstate, d_window, _admission(dmesh)), {}, dmesh, drafted),
-    ("take_draft", slots.take_draft, (dstate, i32(half, dmesh)), {}, dmesh, drafted),
-    ("propose_first", draft_lib.propose, draft_in, {"plan": plans["sd"].draft}, dmesh, drafted),
-    ("propose", draft_lib.propose, (*draft_in[:2], outcome, *draft_in[3:]),
-     {"plan": plans["sd"].draft}, dmesh, sd_only),
+     {"config": dcfg} | impl, dmesh, _DRAFTED),
+    ("admit_draft", slots.admit_draft, (dstate, d_window, _admission(dmesh)), {}, dmesh,
+     _DRAFTED),
+    ("take_draft", slots.take_draft, (dstate, i32(half, dmesh)), {}, dmesh, _DRAFTED),
     ("take_outcome", slots.take_outcome, (outcome, i32(half, dmesh), flags(half, dmesh)), {},
-     dmesh, sd_only),
+     dmesh, _SD),
     ("take_speculation", slots.take_speculation, (proposal, i32(half, dmesh)), {}, dmesh,
-     drafted),
+     _DRAFTED),
     ("patch_speculation", slots.patch_speculation, (proposal, proposal, flags(B, dmesh)), {},
-     dmesh, drafted),
-    ("expand", speculate.expand, expand_in, {"plan": ssd}, dmesh, ssd_only),
-    *(
-      (f"lookup_{b}_backup", speculate.lookup, (dparams, dstate, cache, outcome),
-       {"plan": plans[f"ssd_{b}"].draft}, dmesh, ssd_only)
-      for b in ("neural", "fast")
-    ),
+     dmesh, _DRAFTED),
   ]  # fmt: skip
+  table = slot_programs + rounds + greedy_rounds
   return [Program(n, modes, fn, args, kwargs, mesh) for n, fn, args, kwargs, mesh, modes in table]
 
 
@@ -313,7 +344,7 @@ def _table(layout: Layout, per_platform: dict[str, list[Lowered]]) -> str:
   platforms = list(per_platform)
   lines = [
     f"\n{layout.name} (KV cache {layout.capacity} slots, prompt {layout.prompt})",
-    f"  {'program':22} {'modes':11} " + " ".join(f"{p:>16}" for p in platforms),
+    f"  {'program':28} {'modes':11} " + " ".join(f"{p:>16}" for p in platforms),
   ]
   for i, first in enumerate(per_platform[platforms[0]]):
     cells = []
@@ -321,7 +352,7 @@ def _table(layout: Layout, per_platform: dict[str, list[Lowered]]) -> str:
       r = per_platform[p][i]
       mark = f"ok {r.seconds:4.1f}s" + (f" k{r.kernels}" if r.kernels else "")
       cells.append(f"{mark if r.ok else 'FAILED':>16}")
-    lines.append(f"  {first.program:22} {'/'.join(first.modes):11} " + " ".join(cells))
+    lines.append(f"  {first.program:28} {'/'.join(first.modes):11} " + " ".join(cells))
   for p in platforms:
     for r in per_platform[p]:
       if not r.ok:
