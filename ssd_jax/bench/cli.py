@@ -17,9 +17,9 @@
   serving   continuous batching's throughput-latency curve: requests at fixed concurrencies and
             Poisson rates through a session per mode; tokens/s, TTFT and TPOT p50/p99,
             acceptance and hit rate by occupancy; beside static batches through generate.
-  lower     every program of ar, sd and ssd exported for cuda and tpu at the card's layout (a
-            4-way tensor-parallel target, a 1-device draft; virtual CPU devices, abstract
-            weights), real models' shapes in bfloat16; the weights and KV cache per device;
+  lower     every program of ar, sd and ssd exported for cuda and tpu at the card's layout: a
+            4-way tensor-parallel target and a 1-device draft on virtual CPU devices, abstract
+            weights of real models' shapes in bfloat16; the weights and KV cache per device;
             exits non-zero if any program fails to lower.
   device    one bounded run on an accelerator (8 minutes by default): versions, the GPU tests,
             ar/sd/ssd decoding, tree attention and round-program timings, theory's predictions;
