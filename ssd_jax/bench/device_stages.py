@@ -66,8 +66,10 @@ def gpu_tests(done, *, deadline, smoke) -> dict:
   tests = Path(__file__).resolve().parents[2] / "tests" / "test_gpu.py"  # a checkout's
   if smoke:
     return {"skipped": "cpu smoke (the GPU tests skip on a CPU)"}
-  if importlib.util.find_spec("pytest") is None or not tests.exists():
-    return {"skipped": f"needs pytest and {tests}"}
+  # test_gpu.py borrows test_tree_attention's cases, which import hypothesis.
+  missing = [m for m in ("pytest", "hypothesis") if importlib.util.find_spec(m) is None]
+  if missing or not tests.exists():
+    return {"skipped": f"needs {tests} and pytest and hypothesis (missing: {missing})"}
   cmd = [sys.executable, "-m", "pytest", "-m", "gpu", str(tests), "-q", "-p", "no:cacheprovider"]
   timeout = max(30.0, min(100.0, deadline.left() - 330))  # the later stages keep 5.5 minutes
   try:
