@@ -272,16 +272,23 @@ def test_a_speculator_that_dies_mid_run_is_an_error_not_a_hang(models):
       os.kill(pid, signal.SIGKILL)
       killed.append(pid)
 
+  pipe = engine.site.process().pipe
   # The error is the event: a run that hung instead would end only at the channel's timeout
   # (STEP_TIMEOUT), with another message.
   try:
     with pytest.raises(
       ChannelError, match=f"speculator \\(pid {pid}\\) was killed by SIGKILL \\(exit status -9\\)"
-    ):
+    ) as error:
       engine.generate(PROMPTS[:1], spec=spec, max_new_tokens=400, on_tokens=kill_after_a_few_tokens)
+    segments = [*pipe._out.values(), *pipe._mapped.values()]
+    assert len(segments) >= 2  # the target's and the killed speculator's
   finally:
     engine.close()
   assert killed and gone(pid)
+  # Nothing of the killed process is left in /dev/shm, and its resource tracker had nothing to
+  # warn about (the error quotes the speculator's last output).
+  assert not [s.name for s in segments if os.path.exists(f"/dev/shm/{s.name}")]
+  assert "leaked" not in str(error.value)
   # The engine starts a fresh speculator for the next run.
   try:
     assert len(engine.generate(PROMPTS[:1], spec=spec, max_new_tokens=6).tokens[0]) == 6

@@ -158,6 +158,13 @@ class SharedMemoryPipe:
   does not fit) and the peer copies the arrays out before it sends what the next message of
   that kind answers, so nothing is overwritten while it is read: a speculator's answers and its
   expansions' caches, sent back to back, go through two segments.
+
+  The segments belong to the connection, not to a process: whichever side closes its pipe
+  first unlinks all of them, its own and those it mapped of its peer's. A side whose peer was
+  killed (SIGKILL runs no cleanup) so still leaves nothing behind. For the same reason neither
+  side's resource tracker knows them: a killed process's tracker would unlink segments its peer
+  still reads and warn about "leaked shared_memory objects" after the error that says what
+  happened.
   """
 
   def __init__(self):
@@ -169,8 +176,12 @@ class SharedMemoryPipe:
     size = sum(a.nbytes for a in host.values())
     out = self._out.get(slot)
     if out is None or out.size < size:
-      self._close_out(slot)
-      out = self._out[slot] = shared_memory.SharedMemory(create=True, size=max(size, 1 << 16) * 2)
+      old = self._out.pop(slot, None)
+      if old is not None:
+        _unlink(old)
+      out = self._out[slot] = _untracked(
+        shared_memory.SharedMemory(create=True, size=max(size, 1 << 16) * 2)
+      )
     fields, offset = [], 0
     for name, a in host.items():
       np.ndarray(a.shape, a.dtype, out.buf, offset)[...] = a
@@ -181,27 +192,37 @@ class SharedMemoryPipe:
   def unpack(self, header: dict[str, Any]) -> dict[str, np.ndarray]:
     segment = self._mapped.get(header["segment"])
     if segment is None:
-      segment = shared_memory.SharedMemory(name=header["segment"])
-      # The peer owns the segment: keep this process's resource tracker from unlinking it.
-      resource_tracker.unregister(segment._name, "shared_memory")
-      self._mapped[header["segment"]] = segment
+      segment = self._mapped[header["segment"]] = _untracked(
+        shared_memory.SharedMemory(name=header["segment"])
+      )
     return {
       name: np.array(np.ndarray(shape, np.dtype(dtype), segment.buf, offset))  # a copy
       for name, dtype, shape, offset in header["fields"]
     }
 
-  def _close_out(self, slot: str) -> None:
-    out = self._out.pop(slot, None)
-    if out is not None:
-      out.close()
-      out.unlink()
-
   def close(self) -> None:
-    for slot in list(self._out):
-      self._close_out(slot)
-    for segment in self._mapped.values():
-      segment.close()
+    for segment in (*self._out.values(), *self._mapped.values()):
+      _unlink(segment)
+    self._out.clear()
     self._mapped.clear()
+
+
+def _untracked(segment: shared_memory.SharedMemory) -> shared_memory.SharedMemory:
+  # Python < 3.13 registers every segment it creates or maps with the process's resource
+  # tracker (3.13 adds `track=False`); the connection unlinks them instead (see above).
+  resource_tracker.unregister(segment._name, "shared_memory")
+  return segment
+
+
+def _unlink(segment: shared_memory.SharedMemory) -> None:
+  """Unmaps `segment` and removes its name, unless the peer removed it first."""
+  segment.close()
+  # `unlink` tells the tracker to forget the name: register it first so the two balance.
+  resource_tracker.register(segment._name, "shared_memory")
+  try:
+    segment.unlink()
+  except FileNotFoundError:  # the peer closed first
+    resource_tracker.unregister(segment._name, "shared_memory")
 
 
 class TransferPipe:
