@@ -17,6 +17,13 @@
   serving   continuous batching's throughput-latency curve: requests at fixed concurrencies and
             Poisson rates through a session per mode; tokens/s, TTFT and TPOT p50/p99,
             acceptance and hit rate by occupancy; beside static batches through generate.
+  lower     every program of ar, sd and ssd exported for cuda and tpu at the card's layout: a
+            4-way tensor-parallel target and a 1-device draft on virtual CPU devices, abstract
+            weights of real models' shapes in bfloat16; the weights and KV cache per device;
+            exits non-zero if any program fails to lower.
+  device    one bounded run on an accelerator (8 minutes by default): versions, the GPU tests,
+            ar/sd/ssd decoding, tree attention and round-program timings, theory's predictions;
+            JSON and a markdown summary. --cpu-smoke: the same at tiny shapes on this CPU.
 
 Speed is compared as ratios measured side by side in one run: the machine may be shared. Check
 it is idle first (`uptime`), and never time while tests run.
@@ -48,7 +55,10 @@ _EXAMPLES = """examples:
   python -m ssd_jax.bench ab --configs sd:smollm2-135m-draft:3 ssd:smollm2-135m-draft-wide:5:4
   python -m ssd_jax.bench forward --fills 256 --new-tokens 1 4 8
   python -m ssd_jax.bench exchange --pipes shm --batch-sizes 1
-  python -m ssd_jax.bench serving --concurrencies 1 2 4 8 --rates 0.5 1 --requests 16"""
+  python -m ssd_jax.bench serving --concurrencies 1 2 4 8 --rates 0.5 1 --requests 16
+  python -m ssd_jax.bench lower --pairs llama-70b/1b --batch-sizes 16 --platforms tpu
+  python -m ssd_jax.bench device --out runs/device                 # on a GPU machine
+  python -m ssd_jax.bench device --cpu-smoke --out runs/device-smoke"""
 
 _DRAFT_VOCAB = (
   "score only the draft's N most frequent tokens (as in python -m ssd_jax.run: default 8192 "
@@ -262,7 +272,45 @@ def build_parser() -> Parser:
     "--branches", type=int, nargs="+", default=[8, 24], help="tree branches (default %(default)s)"
   )
   f.add_argument("--reps", type=int, default=12, help="default %(default)s")
+  _lower_flags(_sub(sub, "lower"))
+  d = _sub(sub, "device")
+  d.add_argument(
+    "--minutes", type=finite_float, default=8.0, help="the run's time limit (default %(default)s)"
+  )
+  d.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU (the suite's)")
   return p
+
+
+def _lower_flags(p) -> None:
+  from ssd_jax.bench.shapes import PAIRS  # noqa: PLC0415 (imports JAX; no backend starts)
+
+  p.add_argument("--pairs", nargs="+", choices=sorted(PAIRS), default=list(PAIRS))
+  p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16], help="default %(default)s")
+  p.add_argument("--impls", nargs="+", choices=["xla", "pallas"], default=["xla", "pallas"])
+  p.add_argument("--platforms", nargs="+", choices=["cuda", "tpu"], default=["cuda", "tpu"])
+  p.add_argument(
+    "--capacity", type=int, default=8192, help="KV cache slots per row (default %(default)s)"
+  )
+
+
+def lower_command(args) -> int:
+  """`lower`: on this host's CPU devices whatever accelerator it has (the meshes are virtual)."""
+  import jax  # noqa: PLC0415
+
+  jax.config.update("jax_platforms", "cpu")
+  set_cpu_devices(4)
+  from ssd_jax.bench import lower  # noqa: PLC0415
+
+  if min(args.batch_sizes) < 1 or args.capacity < 1024:
+    raise ValueError("--batch-sizes must be >= 1 and --capacity >= 1024 (the prompt bucket)")
+  layouts = lower.matrix(args.pairs, args.batch_sizes, args.impls, args.capacity)
+  result = lower.run(layouts, tuple(args.platforms))
+  result["command"] = f"{PROG} " + " ".join(sys.argv[1:])
+  args.out.mkdir(parents=True, exist_ok=True)
+  path = args.out / "lower.json"
+  path.write_text(json.dumps(result, indent=1))
+  print(f"wrote {path}")
+  return 1 if result["failed"] else 0
 
 
 def parse_config(text: str):
@@ -334,6 +382,17 @@ def main(argv: list[str] | None = None) -> int:
   parser = build_parser()
   args = parser.parse_args(argv)
   check(args, parser)
+  if args.command == "lower":
+    try:
+      return lower_command(args)
+    except ValueError as e:
+      parser.error(str(e))
+  if args.command == "device":
+    if args.minutes <= 0:
+      parser.error("--minutes must be > 0")
+    from ssd_jax.bench import device  # noqa: PLC0415
+
+    return device.command(args)
   if getattr(args, "target_cores", None):
     pin_cores(args.target_cores)  # before JAX starts: sizes its thread pool
   layout = None

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+from jax.sharding import PartitionSpec as P
 
 from ssd_jax.kernels.backend import PallasBackend, select_backend
 
@@ -252,15 +253,91 @@ def tree_attention_pallas(
 
   Args:
     block_kv: main-cache slots per step (a power of two; shrunk for short caches).
-    interpret: run in the Pallas interpreter (default: unless the default backend is GPU/TPU).
-    platform: "cuda"/"gpu" or "tpu" kernel variant (default: the default backend; in interpret
-      mode on CPU the cuda variant). Cross-lowering passes it with `interpret=False`.
+    interpret: run in the Pallas interpreter.
+    platform: "cuda"/"gpu" or "tpu" kernel variant.
+    With neither given, the platform the program is lowered for decides: compiled on cuda,
+    rocm and tpu, the cuda variant interpreted elsewhere (CPU).
 
   The main cache is never copied, except when S is below the smallest GPU block (16); query rows
   and the tree's branch axis are padded to the backend's sizes, which copies q and (when T is
   not already such a size) the tree.
   """
+  mesh = _heads_mesh(k)
+  if mesh is not None:
+    kernel = functools.partial(
+      _dispatch, scale=scale, block_kv=block_kv, interpret=interpret, platform=platform
+    )
+    return _over_heads(kernel, mesh, q, k, v, lengths, depth, tree_k, tree_v, tree_step)
+  args = (q, k, v, lengths, depth, tree_k, tree_v, tree_step)
+  return _dispatch(*args, scale=scale, block_kv=block_kv, interpret=interpret, platform=platform)
+
+
+def _dispatch(
+  q, k, v, lengths, depth, tree_k, tree_v, tree_step, *, scale, block_kv, interpret, platform
+):
+  """The kernel on one device's operands."""
+  if platform is None and interpret is None:
+    # Which kernel is decided when the program is lowered, not when it is traced: a program
+    # exported from a CPU host for "cuda" or "tpu" (`python -m ssd_jax.bench lower`) then
+    # carries that platform's compiled kernel, and elsewhere the interpreted GPU program runs,
+    # as `select_backend` would choose on each platform.
+    step = None if tree_k is None else jnp.asarray(tree_step, jnp.int32)
+    branch = lambda backend: functools.partial(_attend, backend, scale=scale, block_kv=block_kv)
+    return lax.platform_dependent(
+      q,
+      k,
+      v,
+      lengths,
+      depth,
+      tree_k,
+      tree_v,
+      step,
+      cuda=branch(select_backend("cuda", interpret=False)),
+      rocm=branch(select_backend("rocm", interpret=False)),
+      tpu=branch(select_backend("tpu", interpret=False)),
+      default=branch(select_backend("cuda", interpret=True)),
+    )
   backend = select_backend(platform, interpret)
+  args = (q, k, v, lengths, depth, tree_k, tree_v, tree_step)
+  return _attend(backend, *args, scale=scale, block_kv=block_kv)
+
+
+def _heads_mesh(k: jax.Array):
+  """The mesh of `k`'s sharding when it spans several devices (a tensor-parallel target), else
+  None. A Pallas kernel is a custom call the SPMD partitioner cannot split: Mosaic TPU refuses to
+  lower it ("cannot be automatically partitioned"), and elsewhere XLA would gather every
+  device's heads to run it whole. The caller shards it over the heads instead."""
+  sharding = getattr(jax.typeof(k), "sharding", None)
+  mesh = getattr(sharding, "mesh", None)
+  if mesh is None or mesh.empty or mesh.size == 1:
+    return None
+  return mesh
+
+
+def _over_heads(kernel, mesh, q, k, v, lengths, depth, tree_k, tree_v, tree_step):
+  """`kernel` run per device on its own query and KV heads (the placement splits both over every
+  mesh axis, heads of one group together: query head n reads KV head n // G on each device)."""
+  axes = tuple(mesh.axis_names)
+  heads = P(None, None, axes, None)  # q [B, T, N, H], k and v [B, S, K, H]
+  tree_heads = P(None, None, None, axes, None)  # [B, R, T, K, H]
+  step = None if tree_k is None else jnp.asarray(tree_step, jnp.int32)
+  tree_spec = None if tree_k is None else tree_heads
+  step_spec = None if tree_k is None else P()
+
+  def local(q, k, v, lengths, depth, tree_k, tree_v, step):
+    return kernel(q, k, v, lengths, depth, tree_k, tree_v, step)
+
+  return jax.shard_map(
+    local,
+    mesh=mesh,
+    in_specs=(heads, heads, heads, P(), P(), tree_spec, tree_spec, step_spec),
+    out_specs=heads,
+    check_vma=False,  # the kernel's outputs carry no varying-axes types
+  )(q, k, v, lengths, depth, tree_k, tree_v, step)
+
+
+def _attend(backend, q, k, v, lengths, depth, tree_k, tree_v, tree_step, *, scale, block_kv):
+  """`tree_attention_pallas` with its backend chosen."""
   _, T, N, _ = q.shape
   num_slots, K = k.shape[1], k.shape[2]
   group = N // K
