@@ -26,7 +26,10 @@ import openai
 import pytest
 
 from ssd_jax import Engine, SpecConfig, load_model
+from ssd_jax.models import tiny
 from ssd_jax.models.tokenizer import render_messages
+from ssd_jax.runtime.requests import Request
+from ssd_jax.serve.text import Detokenizer
 
 MODEL = "tiny-llama"
 KEY = "test-key"
@@ -154,7 +157,7 @@ def offline():
     spec = SpecConfig(mode="ar")
     return engine.generate(prompts, spec=spec, max_new_tokens=budgets).tokens
 
-  greedy.tokenizer = engine.target.tokenizer
+  greedy.engine, greedy.tokenizer = engine, engine.target.tokenizer
   greedy.eos = set(engine.target.config.eos_token_ids)
   return greedy
 
@@ -180,6 +183,54 @@ def metrics(server: Server) -> dict[str, float]:
     m.group(1): float(m.group(2))
     for m in re.finditer(r"^(ssd_jax_\w+(?:\{[^}]*\})?) (\S+)$", text, re.M)
   }
+
+
+# -- without a server ------------------------------------------------------------------------
+
+
+def test_a_character_split_between_rounds_comes_out_whole():
+  tokenizer = tiny.byte_tokenizer()
+  check = tokenizer.encode("✓")
+  assert len(check) == 3  # one token per byte
+  detok = Detokenizer(tokenizer, eos_ids=[257])
+  assert detok.add(tokenizer.encode("a") + check[:1], final=False) == "a"
+  assert detok.add(check[1:2], final=False) == ""
+  assert detok.add(check[2:], final=False) == "✓"
+  assert detok.add([257], final=True) == ""  # EOS: a token, not text
+  assert detok.text() == "a✓"
+
+
+def test_text_a_stop_string_may_complete_is_held_back():
+  tokenizer = tiny.byte_tokenizer()
+  detok = Detokenizer(tokenizer, eos_ids=[], stops=["END"])
+  assert detok.add(tokenizer.encode("xyEN"), final=False) == "xy"  # "EN" may become "END"
+  assert detok.add(tokenizer.encode("D"), final=True) == ""  # it did: the text ends before it
+  assert detok.text() == "xy"
+  detok = Detokenizer(tokenizer, eos_ids=[], stops=["END"])
+  assert detok.add(tokenizer.encode("xyEN"), final=False) == "xy"
+  assert detok.add(tokenizer.encode("d"), final=True) == "ENd"  # it did not
+
+
+def test_a_failed_session_thread_ends_its_requests(offline, monkeypatch):
+  """A session whose thread fails (a speculator that died, say) ends every request it holds
+  with the error and refuses new ones: nothing waits forever (a server's /health says so)."""
+  session = offline.engine.session(SpecConfig(mode="ar"), max_batch_size=1, max_model_len=64)
+
+  def fail():
+    raise RuntimeError("boom")
+
+  monkeypatch.setattr(session, "step", fail)
+  handle = session.submit(Request(prompt=[1, 2, 3], max_new_tokens=4))
+  session.start()
+  with pytest.raises(RuntimeError, match="boom"):
+    handle.result(timeout=30)
+  assert not session.alive and "boom" in session.failure
+  with pytest.raises(RuntimeError, match="the session has stopped"):
+    session.submit(Request(prompt=[1, 2, 3], max_new_tokens=4))
+  session.close()
+
+
+# -- one server -----------------------------------------------------------------------------
 
 
 PROMPTS = ["The quick brown fox", "héllo wörld ✓ — ünïcödé", "def f(x):\n  return"]
