@@ -460,6 +460,28 @@ def test_concurrent_clients_each_get_exactly_their_tokens(server, offline):
   assert 'ssd_jax_acceptance_by_position{position="1"}' in m
 
 
+def test_the_serving_benchmark_runs_over_http(server):
+  from ssd_jax.bench import serving  # noqa: PLC0415
+
+  options = serving.ServingOptions(
+    http=f"{server.url}/v1",
+    api_key=KEY,
+    target=MODEL,
+    modes=("ssd",),
+    prompt_sets=("bundled",),
+    num_prompts=2,
+    max_new_tokens=8,
+    concurrencies=(1, 2),
+    requests=3,
+    static=False,
+  )
+  result = serving.serving(options)
+  assert [p["load"] for p in result["points"]] == ["concurrency 1", "concurrency 2"]
+  for point in result["points"]:
+    assert point["requests"] == 3 and point["tokens"] > 0 and point["tokens_per_second"] > 0
+    assert point["ttft_ms_p50"] > 0
+
+
 def test_a_killed_speculator_fails_requests_clearly(server):
   """Last on this server: its speculator dies mid-stream; the stream ends with an error chunk,
   /health says 503 and new requests are refused with 503, nothing hangs."""
