@@ -211,6 +211,25 @@ def test_text_a_stop_string_may_complete_is_held_back():
   assert detok.add(tokenizer.encode("d"), final=True) == "ENd"  # it did not
 
 
+@pytest.mark.parametrize(
+  ("argv", "message"),
+  [
+    (["--max-batch-size", "0"], "--max-batch-size must be >= 1"),
+    (["--port", "-1"], "--port must be >= 0"),
+    (["--mode", "ar", "--fan-out", "3"], "--fan-out applies only to ssd"),
+    (["--top-p", "0"], "--top-p must be in (0, 1]"),
+  ],
+)
+def test_usage_errors_are_one_line(argv, message, capsys):
+  from ssd_jax.serve.__main__ import main  # noqa: PLC0415
+
+  with pytest.raises(SystemExit) as exit_:
+    main(argv)
+  assert exit_.value.code == 2
+  err = capsys.readouterr().err
+  assert message in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_a_failed_session_thread_ends_its_requests(offline, monkeypatch):
   """A session whose thread fails (a speculator that died, say) ends every request it holds
   with the error and refuses new ones: nothing waits forever (a server's /health says so)."""
@@ -458,6 +477,9 @@ def test_concurrent_clients_each_get_exactly_their_tokens(server, offline):
   assert m["ssd_jax_compiles_since_warmup_total"] == 0
   assert m["ssd_jax_rounds_total"] > 0 and m["ssd_jax_generation_tokens_total"] > 0
   assert 'ssd_jax_acceptance_by_position{position="1"}' in m
+  assert m["ssd_jax_time_to_first_token_seconds_count"] >= n
+  assert m["ssd_jax_time_per_output_token_seconds_count"] > 0
+  assert m['ssd_jax_requests_total{finish_reason="length"}'] > 0
 
 
 def test_the_serving_benchmark_runs_over_http(server):

@@ -114,9 +114,21 @@ def build_parser() -> arguments.Parser:
     metavar="N",
     help="max_tokens when a request gives none (default %(default)s)",
   )
-  d.add_argument("--temperature", type=arguments.finite_float, default=1.0, metavar="T")
-  d.add_argument("--top-k", type=int, default=0, metavar="K", help="0 = off")
-  d.add_argument("--top-p", type=arguments.finite_float, default=1.0, metavar="P")
+  d.add_argument(
+    "--temperature",
+    type=arguments.finite_float,
+    default=1.0,
+    metavar="T",
+    help="0 = greedy (default %(default)s, OpenAI's)",
+  )
+  d.add_argument("--top-k", type=int, default=0, metavar="K", help="0 = off (default)")
+  d.add_argument(
+    "--top-p",
+    type=arguments.finite_float,
+    default=1.0,
+    metavar="P",
+    help="in (0, 1], 1 = off (default)",
+  )
   d.add_argument("--seed", type=int, help="the seed of requests without one (default: random)")
   arguments.add_model_flags(p)
   p.set_defaults(**_FIXED)
