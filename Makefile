@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 
-.PHONY: run test quick lint format bench hf clean
+.PHONY: run serve test quick lint format bench hf clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ $(STAMP): pyproject.toml
 
 run: $(STAMP)
 	$(BIN)/python -m ssd_jax.run $(ARGS)
+
+# The OpenAI-compatible server on 127.0.0.1:8000 (README "Serving"); ARGS="--port 8001" etc.
+serve: $(STAMP)
+	$(BIN)/python -m ssd_jax.serve $(ARGS)
 
 # One worker per core, a file per worker (its module fixtures compile once): most of the suite's
 # time is XLA compilation, which runs on one thread. `ARGS="-n 0"` runs in this process. A worker

@@ -29,6 +29,7 @@ LAYERS = [
     "ssd_jax.bench.cli",
     "ssd_jax.bench.__main__",
     "ssd_jax.speculator.__main__",
+    "ssd_jax.serve",  # the HTTP server
   ),
   ("ssd_jax",),  # the package's own __init__: the public names
 ]
@@ -116,6 +117,15 @@ def test_the_inference_package_never_imports_optax():
     names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
     names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
     assert not [n for n in names if n.split(".")[0] == "optax"], name
+
+
+HTTP_STACK = ("fastapi", "starlette", "uvicorn", "prometheus_client", "pydantic")
+
+
+@pytest.mark.parametrize("name", sorted(m for m in GRAPH if not m.startswith("ssd_jax.serve")))
+def test_only_the_server_imports_the_http_stack(name):
+  used = stdlib_imports(modules()[name]) & set(HTTP_STACK)
+  assert not used, f"{name} imports {sorted(used)}: the HTTP stack belongs in ssd_jax.serve"
 
 
 def test_the_check_sees_lazy_imports():

@@ -250,6 +250,13 @@ def build_parser() -> Parser:
   v.add_argument(
     "--soak", type=int, default=0, help="then N short requests per mode: memory after 100 and N"
   )
+  v.add_argument(
+    "--http",
+    metavar="URL",
+    help="measure a running python -m ssd_jax.serve at URL instead (its mode as --modes MODE; "
+    "the same prompts and load points, over HTTP)",
+  )
+  v.add_argument("--api-key", help="with --http: the server's --api-key")
   _layout(v)
   f = _sub(sub, "forward")
   f.add_argument(
@@ -398,7 +405,9 @@ def main(argv: list[str] | None = None) -> int:
   layout = None
   if args.command in ("sweep", "ab", "serving"):
     try:
-      ssd = {"sweep": True, "serving": "ssd" in getattr(args, "modes", ())}.get(
+      # `serving --http` runs no model here: this process keeps every core.
+      serving_ssd = "ssd" in getattr(args, "modes", ()) and not getattr(args, "http", None)
+      ssd = {"sweep": True, "serving": serving_ssd}.get(
         args.command, any(c.mode == "ssd" for c in getattr(args, "configs", ()))
       )
       layout = apply_layout(resolve_layout(args.draft_placement, args.layout_cores, ssd=ssd))
@@ -423,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
   if args.command == "sweep":
     given["geometric"] = not args.no_geometric
   if args.command == "serving":
-    given["static"] = not args.no_static
+    given["static"] = not args.no_static and args.http is None
   try:
     config = options(kind, args, **given)
     if args.command == "sweep" and args.quick:

@@ -51,6 +51,8 @@ class ServingOptions:
   seed: int = 0
   static: bool = True  # beside each concurrency, the same requests as static batches (generate)
   soak: int = 0  # then this many short requests per mode, resident memory after 100 and all
+  http: str | None = None  # a running server's URL: its one mode over HTTP (`bench/http.py`)
+  api_key: str | None = None  # with http: the server's --api-key
   layout: Layout = dataclasses.field(default_factory=lambda: Layout("device", None))
 
 
@@ -65,9 +67,11 @@ class _Point:
 
 def serving(options: ServingOptions) -> dict[str, Any]:
   """Every mode at every load point (see the module docstring); JSON-ready."""
+  if options.http is not None:
+    return _over_http(options)
   with contextlib.ExitStack() as stack:
     sessions, engines = _sessions(options, stack)
-    prompts = _prompts(options, engines[options.modes[0]])
+    prompts = _prompts(options, engines[options.modes[0]].target.tokenizer)
     warm = {mode: session.warm_up() for mode, session in sessions.items()}
     for session in sessions.values():
       session.start()
@@ -124,9 +128,37 @@ def _model_len(options: ServingOptions) -> int:
   return 512 + options.max_new_tokens + 16
 
 
-def _prompts(options: ServingOptions, engine: Engine) -> list[list[int]]:
-  tokenizer, out = engine.target.tokenizer, []
-  longest = _model_len(options) - options.max_new_tokens - 8
+def _over_http(options: ServingOptions) -> dict[str, Any]:
+  """The load points against the server at `options.http` (which runs `options.modes[0]`):
+  the same prompts and requests, measured at the client."""
+  from ssd_jax.bench.http import HttpSession  # noqa: PLC0415
+
+  if len(options.modes) != 1:
+    raise ValueError("--http measures the one mode the server runs: give it as --modes MODE")
+  mode = options.modes[0]
+  session = HttpSession(options.http, api_key=options.api_key)
+  # Prompts cut as in process where the server's context is the same (run it with
+  # --max-model-len 512 + max_new_tokens + 16 to compare the two), else to fit its context.
+  model_len = min(session.max_model_len(), _model_len(options))
+  prompts = _prompts(options, load_model(options.target).tokenizer, model_len)
+  loads = [("concurrency", c) for c in options.concurrencies]
+  loads += [("rate", r) for r in options.rates]
+  points = []
+  for kind, value in loads:
+    points.append(_run_point(session, mode, kind, value, prompts, options))
+    print(_line(points[-1]), flush=True)
+  return {
+    "environment": runs.environment(),
+    "options": dataclasses.asdict(options) | {"layout": "the server's", "api_key": None},
+    "http": options.http,
+    "points": [_summary(p) for p in points],
+    "static": [],
+  }
+
+
+def _prompts(options: ServingOptions, tokenizer, model_len: int | None = None) -> list[list[int]]:
+  out = []
+  longest = (model_len or _model_len(options)) - options.max_new_tokens - 8
   for name in options.prompt_sets:
     texts = [p.text for p in load_prompts(name, options.num_prompts)]
     chat = bool(tokenizer.chat_template)

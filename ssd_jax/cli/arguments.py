@@ -101,6 +101,14 @@ def build_parser() -> Parser:
   return p
 
 
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+  """The model, speculation and layout groups of flags, for another command that decodes as
+  `python -m ssd_jax.run` does (the server)."""
+  _models(p.add_argument_group("models"))
+  _speculation(p.add_argument_group("speculation (sd and ssd)"))
+  _layout(p.add_argument_group("layout"))
+
+
 def _models(g) -> None:
   drafts = "; ".join(
     f"{target}: " + ", ".join(f"{m} {d}" for m, d in per.items())

@@ -131,6 +131,7 @@ class Session:
     self._inflight: collections.deque[tuple[Report, list[_Slot | None]]] = collections.deque()
     self._thread: threading.Thread | None = None
     self._stopping = False
+    self.failure: str | None = None  # why the session's thread stopped, if it failed
     self._draft = None
     self._no_draft: dict[int, Speculation] = {}
     self._open(self.buckets[0])
@@ -149,6 +150,8 @@ class Session:
     self.validate(request)
     handle = Handle(request, on_event)
     with self._lock:
+      if self.failure is not None:
+        raise RuntimeError(f"the session has stopped: {self.failure}")
       if len(self._waiting) >= self.max_queue:
         raise QueueFullError(
           f"the wait queue is full ({self.max_queue} requests wait for {self.buckets[-1]} slots);"
@@ -511,11 +514,30 @@ class Session:
       self._thread.start()
 
   def _serve(self) -> None:
-    while not self._stopping:
-      if not self.step():
-        with self._lock:
-          if not self._waiting and not self._cancelled and not self._stopping:
-            self._lock.wait(timeout=0.5)
+    try:
+      while not self._stopping:
+        if not self.step():
+          with self._lock:
+            if not self._waiting and not self._cancelled and not self._stopping:
+              self._lock.wait(timeout=0.5)
+    except Exception as e:  # a dead speculator, say: every request ends, none waits forever
+      self._fail(f"{type(e).__name__}: {e}")
+
+  def _fail(self, why: str) -> None:
+    """The session thread cannot go on: each request it holds or queues ends with `why`, and
+    `submit` refuses new ones with it."""
+    with self._lock:
+      self.failure = why
+      waiting, self._waiting = list(self._waiting), collections.deque()
+    for handle in [*waiting, *self.running()]:
+      if not handle.done:
+        handle._emit(Event(handle.id, [], "error", error=why))
+
+  @property
+  def alive(self) -> bool:
+    """The session's thread runs (or was never started) and has not failed."""
+    started = self._thread is not None
+    return self.failure is None and (not started or self._thread.is_alive())
 
   def close(self) -> SpeculatorStats | None:
     """Stop the thread (if started), end what runs and waits (cancelled), and the draft side;
