@@ -36,9 +36,7 @@ KEY = "test-key"
 LOOKAHEAD = 3
 MAX_MODEL_LEN = 128
 # The small draft, which the target rarely agrees with: about a token a round, so that a long
-# stream is still open when a test drops it or signals. (The target as its own draft, a round of
-# lookahead + 1 tokens, hit a speculator protocol error under cancellations: see the report of
-# issue 39.)
+# stream is still open when a test drops it or signals.
 TINY = ["--target", "tiny-llama", "--draft", "tiny-llama-draft", "--mode", "ssd"]
 COMMON = [*TINY, "--lookahead", str(LOOKAHEAD), "--max-model-len", str(MAX_MODEL_LEN)]
 START = 900  # seconds for a server to compile and listen (a loaded two-core machine)
