@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hmac
 from collections.abc import AsyncIterator
 
 from fastapi import Depends, FastAPI
@@ -92,7 +93,9 @@ def create_app(runner: Runner, served: Served, metrics) -> FastAPI:
   async def authorized(request: HttpRequest) -> None:
     if served.api_key is None:
       return
-    if request.headers.get("authorization", "") != f"Bearer {served.api_key}":
+    # compare_digest: a comparison whose time does not tell how much of a guess was right.
+    given = request.headers.get("authorization", "").encode()
+    if not hmac.compare_digest(given, f"Bearer {served.api_key}".encode()):
       raise ApiError(401, "a valid API key is needed: Authorization: Bearer KEY")
 
   def check_model(model: str | None) -> None:
