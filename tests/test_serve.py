@@ -48,7 +48,7 @@ _CACHE = tempfile.mkdtemp(prefix="ssd-jax-serve-xla-")
 class Server:
   """A server process: its base URL, and how to stop it leaving nothing behind."""
 
-  def __init__(self, tmp: Path, *flags: str):
+  def __init__(self, tmp: Path, *flags: str, common: tuple[str, ...] = tuple(COMMON)):
     self.log = tmp / "server.log"
     env = os.environ | {
       "JAX_PLATFORMS": "cpu",
@@ -58,7 +58,7 @@ class Server:
     }
     with self.log.open("w") as out:
       self.process = subprocess.Popen(
-        [sys.executable, "-m", "ssd_jax.serve", *COMMON, "--port", "0", *flags],
+        [sys.executable, "-m", "ssd_jax.serve", *common, "--port", "0", *flags],
         stdout=out,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
@@ -531,6 +531,34 @@ def test_a_killed_speculator_fails_requests_clearly(server):
   r = post(server, "/v1/completions", json={"prompt": "x", "max_tokens": 2})
   assert r.status_code == 503 and "speculator" in r.json()["error"]["message"]
   assert server.stop() < 15  # and it still stops on SIGTERM
+
+
+# -- ar and sd: the same server without a speculator process -----------------------------------
+
+
+@pytest.mark.parametrize("mode", ["ar", "sd"])
+def test_ar_and_sd_servers_answer_as_offline_decoding(tmp_path, server, offline, mode):
+  """Without ssd's speculator process there is no speculator to watch: /health says 200 and
+  concurrent greedy requests get offline decoding's tokens."""
+  del server  # after the main server: its compilations are in the shared cache
+  common = ("--target", MODEL, "--max-model-len", str(MAX_MODEL_LEN), "--mode", mode)
+  if mode == "sd":
+    common += ("--draft", "tiny-llama-draft", "--lookahead", str(LOOKAHEAD))
+  s = Server(tmp_path, "--max-batch-size", "2", common=common)
+  try:
+    assert httpx.get(f"{s.url}/health", timeout=30).status_code == 200
+    ids = [offline.tokenizer.encode(p) for p in PROMPTS]
+    want = offline(ids, [16] * len(ids))
+    client = s.client()
+    extra = {"return_token_ids": True}
+    send = lambda prompt: client.completions.create(
+      model=MODEL, prompt=prompt, max_tokens=16, temperature=0, extra_body=extra
+    )
+    with concurrent.futures.ThreadPoolExecutor(len(ids)) as pool:
+      got = [c.choices[0].token_ids for c in pool.map(send, ids)]
+    assert got == want
+  finally:
+    s.stop()
 
 
 # -- a one-slot server: a full queue, and SIGTERM with streams open ----------------------------

@@ -71,7 +71,7 @@ def _serve(config: cli.ServeConfig, engine, session, stack: contextlib.ExitStack
   compiles = stack.enter_context(count_compiles())
   session.start()
   metrics = ServerMetrics(session, compiles)
-  runner = Runner(session, metrics, _speculator_check(engine) if config.mode == "ssd" else None)
+  runner = Runner(session, metrics, _speculator_check(engine) if config.mode == "ssd" else _none)
   d = config.run.decoding
   target = engine.target
   served = Served(
@@ -100,6 +100,10 @@ def _serve(config: cli.ServeConfig, engine, session, stack: contextlib.ExitStack
   server.run_until_signal([sock])
   _say("stopped")
   return 0
+
+
+def _none() -> None:
+  """ar and sd: no speculator process to watch (the session's own errors say what failed)."""
 
 
 def _speculator_check(engine):
