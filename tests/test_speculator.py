@@ -420,14 +420,16 @@ def test_stopping_finishes_every_step_when_one_fails(tmp_path):
 
 
 _PARENT = """
-import os, sys, time, jax
+import json, os, sys, time, jax
 jax.config.update("jax_num_cpu_devices", 2)
 from ssd_jax import Engine, Placement, SpecConfig, load_model
 engine = Engine(load_model("tiny-llama"), load_model("tiny-llama-draft"),
                 placement=Placement(kind="process", cores=(1,)))
 spec = SpecConfig(mode="ssd", lookahead=2, fan_out=(1, 1, 1))
 engine.generate([[1, 2, 3]], spec=spec, max_new_tokens=4)
-print(engine.site.process().pid, flush=True)
+process = engine.site.process()
+segments = [s.name for s in (*process.pipe._out.values(), *process.pipe._mapped.values())]
+print(json.dumps([process.pid, segments]), flush=True)
 if sys.argv[1] == "hang":
   time.sleep(600)
 else:
@@ -437,16 +439,19 @@ else:
 
 @pytest.mark.parametrize(("how", "what"), [("kill", "hang"), ("interrupt", "decode")])
 def test_the_speculator_never_outlives_its_parent(how, what):
-  """SIGKILL to an idle parent (nothing can clean up) and Ctrl-C to a decoding one."""
+  """SIGKILL to an idle parent (nothing can clean up) and Ctrl-C to a decoding one. Neither
+  leaves a shared-memory segment behind (after a SIGKILL the speculator unlinks the parent's)."""
   parent = subprocess.Popen(
     [sys.executable, "-c", _PARENT, what], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
   )
   pid = None
   try:
-    pid = int(parent.stdout.readline())
+    pid, segments = json.loads(parent.stdout.readline())
+    assert len(segments) >= 2  # the parent's and the speculator's
     os.kill(parent.pid, signal.SIGKILL if how == "kill" else signal.SIGINT)
     assert parent.wait(timeout=HANG) != 0
     assert gone(pid), f"speculator {pid} outlived its parent"
+    assert not [n for n in segments if os.path.exists(f"/dev/shm/{n}")]
   finally:
     parent.kill()
     parent.wait()

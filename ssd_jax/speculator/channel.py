@@ -22,12 +22,14 @@ branch), so that the target serves hits itself and waits only on misses.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
 import select
 import socket
 import time
+import weakref
 from collections.abc import Callable
 from multiprocessing import resource_tracker, shared_memory
 from typing import Any
@@ -172,6 +174,7 @@ class SharedMemoryPipe:
   def __init__(self):
     self._out: dict[str, shared_memory.SharedMemory] = {}
     self._mapped: dict[str, shared_memory.SharedMemory] = {}
+    _OPEN.add(self)
 
   def pack(self, arrays: dict[str, Any], slot: str = "") -> dict[str, Any]:
     host = {k: np.ascontiguousarray(_on_host(v)) for k, v in arrays.items()}
@@ -207,6 +210,19 @@ class SharedMemoryPipe:
       _unlink(segment)
     self._out.clear()
     self._mapped.clear()
+    _OPEN.discard(self)
+
+
+# The pipes of this process not closed yet: a process that must exit at once (its parent is
+# gone: `process.exit_with_parent`, which skips every cleanup) unlinks their segments first.
+_OPEN: weakref.WeakSet[SharedMemoryPipe] = weakref.WeakSet()
+
+
+def unlink_open_segments() -> None:
+  """Unlink every segment of this process's open pipes (for an exit that runs no cleanup)."""
+  for pipe in list(_OPEN):
+    with contextlib.suppress(Exception):  # exiting anyway: the rest still go
+      pipe.close()
 
 
 def _untracked(segment: shared_memory.SharedMemory) -> shared_memory.SharedMemory:

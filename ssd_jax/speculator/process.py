@@ -42,6 +42,7 @@ from ssd_jax.speculator.channel import (
   RefusedError,
   SharedMemoryPipe,
   TransferPipe,
+  unlink_open_segments,
 )
 from ssd_jax.speculator.remote import RemoteSpeculator
 from ssd_jax.timing import Timer
@@ -308,6 +309,7 @@ def exit_with_parent(parent: int, remove: str | None = None) -> None:
     if remove:
       with contextlib.suppress(OSError):
         os.unlink(remove)
+    unlink_open_segments()  # the parent, killed, could not: nothing else will
     os._exit(3)
 
   threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
