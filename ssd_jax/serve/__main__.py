@@ -71,7 +71,8 @@ def _serve(config: cli.ServeConfig, engine, session, stack: contextlib.ExitStack
   compiles = stack.enter_context(count_compiles())
   session.start()
   metrics = ServerMetrics(session, compiles)
-  runner = Runner(session, metrics, _speculator_check(engine) if config.mode == "ssd" else _none)
+  # ar and sd draft (if at all) in this process: only ssd has a speculator process to watch.
+  runner = Runner(session, metrics, engine.site.gone if config.mode == "ssd" else _none)
   d = config.run.decoding
   target = engine.target
   served = Served(
@@ -103,19 +104,7 @@ def _serve(config: cli.ServeConfig, engine, session, stack: contextlib.ExitStack
 
 
 def _none() -> None:
-  """ar and sd: no speculator process to watch (the session's own errors say what failed)."""
-
-
-def _speculator_check(engine):
-  """Why ssd's speculator process cannot serve (None while it runs, or where it is remote or
-  a device of this process: the session's own errors then say)."""
-
-  def gone() -> str | None:
-    process = getattr(engine.site, "_process", None)
-    check = getattr(process, "gone", None)
-    return None if check is None else check()
-
-  return gone
+  """No speculator process to watch (the session's own errors say what failed)."""
 
 
 if __name__ == "__main__":

@@ -227,6 +227,11 @@ class Site(Protocol):
     """Seconds a speculator process took to start and load its draft (None: none runs)."""
     ...
 
+  def gone(self) -> str | None:
+    """Why this site's speculator process cannot serve (it died), else None (none started, or
+    none to watch: a remote one's errors say, and a device of this process cannot die alone)."""
+    ...
+
   def close(self) -> None:
     """Stop what this site started (a later `speculator()` starts it again)."""
     ...

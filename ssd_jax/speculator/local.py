@@ -309,5 +309,8 @@ class LocalSite:
   def startup(self) -> None:
     return None
 
+  def gone(self) -> None:
+    return None
+
   def close(self) -> None:
     pass

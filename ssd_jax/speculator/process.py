@@ -265,6 +265,9 @@ class ProcessSite:
   def startup(self) -> dict[str, float] | None:
     return None if self._process is None else self._process.startup
 
+  def gone(self) -> str | None:
+    return None if self._process is None else self._process.gone()
+
   def close(self) -> None:
     if self._process is not None:
       self._process.close()
