@@ -25,6 +25,7 @@ from ssd_jax.config import SpecConfig
 from ssd_jax.decode.state import Outcome
 from ssd_jax.models.registry import LoadedModel, load_model
 from ssd_jax.models.weights import save_hf
+from ssd_jax.runtime.requests import Request
 from ssd_jax.speculator import auth, handshake
 from ssd_jax.speculator.base import Join, Reshape, seed_data
 from ssd_jax.speculator.channel import (
@@ -311,6 +312,7 @@ class _Wire:
 
   def __init__(self, answers):
     self.sent, self.answers = [], list(answers)
+    self.session_open = False
 
   def send(self, message):
     self.sent.append(message)
@@ -389,6 +391,25 @@ def test_an_interrupted_run_leaves_the_speculator_ready_for_the_next(process_eng
     process_engine.generate(
       PROMPTS, spec=spec, max_new_tokens=20, ignore_eos=True, on_tokens=interrupt
     )
+  out = process_engine.generate(PROMPTS, spec=spec, max_new_tokens=20, ignore_eos=True)
+  assert out.tokens == ar
+
+
+def test_a_second_session_on_one_speculator_is_refused_until_the_first_closes(process_engine, ar):
+  """A speculator process serves one session at a time: a second one opened beside it (a
+  `generate` while a server's session runs, say) is refused with a clear error instead of
+  mixing its messages with the first's ("expected the speculator's opened, got 'cache'"); the
+  first session still decodes exactly, and once it is closed the engine decodes again."""
+  spec = SpecConfig(mode="ssd", lookahead=3, fan_out=(2, 2, 1, 1))
+  session = process_engine.session(spec, max_batch_size=1, max_model_len=64)
+  try:
+    with pytest.raises(RuntimeError, match="one session at a time"):
+      process_engine.generate(PROMPTS, spec=spec, max_new_tokens=20, ignore_eos=True)
+    handle = session.submit(Request(prompt=PROMPTS[0], max_new_tokens=20, ignore_eos=True))
+    session.run()
+    assert handle.result() == ar[0]
+  finally:
+    session.close()
   out = process_engine.generate(PROMPTS, spec=spec, max_new_tokens=20, ignore_eos=True)
   assert out.tokens == ar
 

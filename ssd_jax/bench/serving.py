@@ -89,12 +89,14 @@ def serving(options: ServingOptions) -> dict[str, Any]:
       if options.soak
       else {}
     )
-    static = _static(options, engines, prompts) if options.static else []
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # The sessions end before the static batches: a speculator process serves one session at a
+    # time, and `generate` opens one of its own.
     for mode, session in sessions.items():
       stats = session.close()
       if stats is not None and stats.compiles is not None:
         compiles[f"{mode} speculator"] = stats.compiles
+    static = _static(options, engines, prompts) if options.static else []
   return {
     "environment": runs.environment(),
     "options": dataclasses.asdict(options) | {"layout": str(options.layout)},

@@ -70,6 +70,7 @@ class Connection:
     self.sock, self.alive = sock, alive
     self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     self._buffer = b""
+    self.session_open = False  # a speculator serves one session at a time (`RemoteSpeculator`)
 
   def send(self, message: dict[str, Any]) -> None:
     try:

@@ -44,6 +44,14 @@ class RemoteSpeculator:
   """
 
   def __init__(self, conn: Connection, pipe: Pipe, plans: dict[PlanKey, DraftPlan], timer: Timer):
+    # One session at a time on a speculator: a second one's messages would interleave with the
+    # first's on the same channel (seen as "expected the speculator's opened, got 'cache'").
+    if conn.session_open:
+      raise RuntimeError(
+        "this engine's speculator serves one session at a time and one is open: close it "
+        "(Session.close) before starting another, or give the second an engine of its own"
+      )
+    conn.session_open = True
     self.conn, self.pipe, self.plans, self.timer = conn, pipe, plans, timer
     self.served_here = 0  # rounds whose speculation came from a cache, without an answer
     self.greedy_rounds = 0  # rounds that could take that path (sampled ones never do)
@@ -136,12 +144,15 @@ class RemoteSpeculator:
   def close(self) -> SpeculatorStats:
     """End the session; the speculator's XLA compilations during it (None if it cannot say)."""
     served = self.served_here if self.greedy_rounds else None  # None: no round could
-    with contextlib.suppress(ChannelError):
-      self._call({"op": "stop"})
-      while (message := self.conn.receive(timeout=STEP_TIMEOUT))["op"] != "stopped":
-        pass  # the last expansion's cache, which no round needs any more
-      return SpeculatorStats(compiles=message["compiles"], served_by_target=served)
-    return SpeculatorStats(served_by_target=served)
+    try:
+      with contextlib.suppress(ChannelError):
+        self._call({"op": "stop"})
+        while (message := self.conn.receive(timeout=STEP_TIMEOUT))["op"] != "stopped":
+          pass  # the last expansion's cache, which no round needs any more
+        return SpeculatorStats(compiles=message["compiles"], served_by_target=served)
+      return SpeculatorStats(served_by_target=served)
+    finally:
+      self.conn.session_open = False
 
 
 def _on_host(arrays: dict[str, Any]) -> dict[str, np.ndarray]:
