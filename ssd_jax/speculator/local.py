@@ -190,11 +190,20 @@ class LocalSpeculator:
         self.reshape(Reshape(index=None, free=None, joins=joins, greedy=greedy))
         for P in prompt_buckets[b:]:  # prompt buckets the first joins left out
           self.reshape(Reshape(index=None, free=None, joins=(_warm_join(0, P),), greedy=greedy))
+        # Rows move with the pending speculation in either form a session may hold then: as
+        # `open` made it (host arrays) or as a program left it (device arrays, committed),
+        # which compile apart.
         for b2 in buckets:
-          self.reshape(Reshape(np.zeros(b2, np.int32), np.ones(b2, bool), (), greedy))
-          self.open(b, capacity)
-          self.greedy = greedy
-          self.pending = self.put(_as_plan(self.pending, self.plan))
+          for joined in (False, True):
+            self.open(b, capacity)
+            self.greedy = greedy
+            self.pending = self.put(_as_plan(self.pending, self.plan))
+            if joined:
+              self.reshape(Reshape(None, None, (_warm_join(0, prompt_buckets[0]),), greedy))
+            self.reshape(Reshape(np.zeros(b2, np.int32), np.ones(b2, bool), (), greedy))
+        self.open(b, capacity)  # the next variant's joins at this size again
+        self.greedy = greedy
+        self.pending = self.put(_as_plan(self.pending, self.plan))
       jax.block_until_ready(self.state)
     self.state, self.pending, self.greedy = live
     self._fresh = np.zeros(self.batch_size, bool)
