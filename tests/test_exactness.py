@@ -331,7 +331,6 @@ def test_eos_is_exact(stopping, spec):
 
 
 _emit = target_lib._emit
-_stop_reason = session_lib._stop_reason
 
 
 def _eos_not_absorbing(state, drafts, accepted, bonus, eos_ids):
@@ -340,10 +339,11 @@ def _eos_not_absorbing(state, drafts, accepted, bonus, eos_ids):
   return _emit(state, drafts, accepted, bonus, ())
 
 
-def _eos_not_stopping(handle, tokens, eos):
-  """The session's reading of a round with EOS an ordinary token (stop tokens still stop)."""
-  del eos
-  return _stop_reason(handle, tokens, set())
+def _eos_not_stopping(self, request):
+  """The tokens that end a request on the session's side, EOS left out (stop tokens still
+  stop)."""
+  del self
+  return frozenset(request.stop_token_ids)
 
 
 def test_eos_negative_control_fails(stopping, restore):
@@ -354,7 +354,7 @@ def test_eos_negative_control_fails(stopping, restore):
   either alone gives the law, so the mutant breaks both."""
   engine, eos = stopping
   broken(restore, target_lib, "_emit", _eos_not_absorbing)
-  restore.setattr(session_lib, "_stop_reason", _eos_not_stopping)
+  restore.setattr(session_lib.Session, "_stops", _eos_not_stopping)
   assert_broken(*decode_law(engine, sd_spec(1.0), SAMPLED, tokens=4, eos=eos)[:2])
 
 

@@ -252,6 +252,7 @@ class Engine:
       adapt=False,  # the fan-out asked for, as it is
     )
     handles: dict[int, Handle] = {}
+    seeds = row_seeds(seed, B).tolist()
     try:
       for i, budget in enumerate(batch.budgets.tolist()):
         if budget <= 0:  # a padding row: nothing to generate
@@ -262,7 +263,7 @@ class Engine:
           sampling=batch.samplings[i],
           max_new_tokens=budget,
           ignore_eos=ignore_eos,
-          seed=row_seed(seed, i),
+          seed=seeds[i],
         )
         handles[i] = session.submit(request, on_event=stream)
       metrics = self._decode(session, plan, batch, timer)
@@ -363,7 +364,17 @@ def _stream(on_tokens: OnTokens, row: int, event: Event) -> None:
     on_tokens(row, event.tokens)
 
 
-def row_seed(seed: int, row: int) -> int:
-  """Row `row`'s seed in a `generate(seed=seed)` call: a well-mixed 32-bit function of both, so
-  a call is deterministic per seed and no two rows share a random stream."""
-  return int(np.random.SeedSequence([seed, row]).generate_state(1)[0])
+def row_seeds(seed: int, rows: int) -> np.ndarray:
+  """The rows' seeds u32[rows] in a `generate(seed=seed)` call: deterministic per seed, and no
+  two rows of a call share a random stream. The call's seed is hashed once (numpy's
+  SeedSequence); row i takes that plus i through murmur3's 32-bit finalizer, a bijection of
+  u32, so rows differ by construction and neighbouring rows' seeds are well mixed. Vectorized:
+  a call of 50,000 rows pays microseconds, not a hash per row in Python."""
+  base = np.random.SeedSequence(seed).generate_state(1)[0]
+  h = base + np.arange(rows, dtype=np.uint32)  # u32 arithmetic wraps, as the finalizer needs
+  h ^= h >> np.uint32(16)
+  h *= np.uint32(0x85EBCA6B)
+  h ^= h >> np.uint32(13)
+  h *= np.uint32(0xC2B2AE35)
+  h ^= h >> np.uint32(16)
+  return h

@@ -65,6 +65,7 @@ def buckets_up_to(max_batch_size: int) -> tuple[int, ...]:
 @dataclasses.dataclass
 class _Slot:
   handle: Handle
+  stops: frozenset[int]  # the tokens that end it: its stop tokens, and EOS unless it ignores it
   device_done: bool = False  # the device knows the row ended (EOS, budget) or it was retired
 
 
@@ -300,25 +301,28 @@ class Session:
     the slots as the round saw them (rows may have moved since; a slot moves with its row)."""
     r = report if isinstance(report.count, np.ndarray) else jax.device_get(report)
     self.stats.add_round(r)
-    eos = set(self.engine.target.config.eos_token_ids)
-    for row in np.nonzero(r.count)[0]:
+    # Python lists, not numpy scalars, in the loop over rows: a `generate` of 50,000 rows reads
+    # each round's report row by row.
+    counts, done = r.count.tolist(), r.done.tolist()
+    rows = [row for row, count in enumerate(counts) if count]
+    emitted = r.tokens.tolist() if rows else []
+    for row in rows:
       slot = table[row]
       if slot is None or slot.handle.done:
         continue  # a free row's padding, or a request the host ended already
       handle = slot.handle
-      tokens = r.tokens[row, : r.count[row]].tolist()
+      tokens = emitted[row][: counts[row]]
       handle.rounds += 1
-      reason = _stop_reason(handle, tokens, eos if not handle.request.ignore_eos else set())
-      if reason is not None:
+      if (reason := _stop_reason(tokens, slot.stops)) is not None:
         tokens, finish = reason
-      elif r.done[row]:
+      elif done[row]:
         finish = "length"
       else:
         finish = None
       if finish != "stop" and handle.request.stop and (cut := self._stop_string(handle, tokens)):
         finish, tokens = "stop", cut
       if finish is not None:
-        slot.device_done |= bool(r.done[row])
+        slot.device_done |= done[row]
       handle._emit(Event(handle.id, tokens, finish))
       if finish is not None:
         self.stats.finished(handle)
@@ -369,7 +373,7 @@ class Session:
       for slot, s in enumerate(self._slots):
         if s is None and self._waiting:
           handle = self._waiting.popleft()
-          self._slots[slot] = _Slot(handle)
+          self._slots[slot] = _Slot(handle, self._stops(handle.request))
           joins.append(self._join(slot, handle))
     if not joins and index is None:
       return
@@ -382,6 +386,10 @@ class Session:
       if self.spec.mode == "ssd":
         self._pending = pending
     self.stats.joined += len(joins)
+
+  def _stops(self, request: Request) -> frozenset[int]:
+    eos = () if request.ignore_eos else self.engine.target.config.eos_token_ids
+    return frozenset((*eos, *request.stop_token_ids))
 
   def _bucket_for(self, rows: int) -> int:
     """The smallest bucket that holds `rows` (the largest if none does)."""
@@ -560,10 +568,11 @@ class Session:
     self.close()
 
 
-def _stop_reason(handle: Handle, tokens: list[int], eos: set[int]):
-  """(tokens kept, "stop") when a stop token or EOS ends the request in these tokens."""
-  stops = eos | set(handle.request.stop_token_ids)
-  for i, t in enumerate(tokens):
-    if t in stops:
-      return tokens[: i + 1], "stop"
+def _stop_reason(tokens: list[int], stops: frozenset[int]):
+  """(tokens kept, "stop") when one of `stops` (a stop token, or EOS) ends the request in these
+  tokens."""
+  if stops:
+    for i, t in enumerate(tokens):
+      if t in stops:
+        return tokens[: i + 1], "stop"
   return None
