@@ -4,8 +4,9 @@ what the client hides: statuses, raw chunks, /health, /metrics).
 
 One server (ssd, its speculator a process of its own, an API key) serves most tests; the last
 of them kills its speculator. A second, one slot and one queue place, takes a full queue and
-SIGTERM with streams open. Every greedy answer is compared token for token with offline decoding
-(`Engine.generate` on the same tiny target in this process).
+SIGTERM with streams open; the ar and sd servers, Ctrl-C with one open. Every greedy answer is
+compared token for token with offline decoding (`Engine.generate` on the same tiny target in
+this process).
 """
 
 import concurrent.futures
@@ -40,9 +41,9 @@ MAX_MODEL_LEN = 128
 TINY = ["--target", "tiny-llama", "--draft", "tiny-llama-draft", "--mode", "ssd"]
 COMMON = [*TINY, "--lookahead", str(LOOKAHEAD), "--max-model-len", str(MAX_MODEL_LEN)]
 START = 900  # seconds for a server to compile and listen (a loaded two-core machine)
-# One compilation cache for this module's servers (and their speculators): the second server
-# loads what the first compiled.
-_CACHE = tempfile.mkdtemp(prefix="ssd-jax-serve-xla-")
+# One compilation cache for this module's servers (and their speculators), the suite's where it
+# has one (conftest.py): the second server loads what the first compiled.
+_CACHE = os.environ.get("JAX_COMPILATION_CACHE_DIR") or tempfile.mkdtemp(prefix="ssd-jax-xla-")
 
 
 class Server:
@@ -539,7 +540,7 @@ def test_a_killed_speculator_fails_requests_clearly(server):
 @pytest.mark.parametrize("mode", ["ar", "sd"])
 def test_ar_and_sd_servers_answer_as_offline_decoding(tmp_path, server, offline, mode):
   """Without ssd's speculator process there is no speculator to watch: /health says 200 and
-  concurrent greedy requests get offline decoding's tokens."""
+  concurrent greedy requests get offline decoding's tokens. Then Ctrl-C with a stream open."""
   del server  # after the main server: its compilations are in the shared cache
   common = ("--target", MODEL, "--max-model-len", str(MAX_MODEL_LEN), "--mode", mode)
   if mode == "sd":
@@ -557,6 +558,23 @@ def test_ar_and_sd_servers_answer_as_offline_decoding(tmp_path, server, offline,
     with concurrent.futures.ThreadPoolExecutor(len(ids)) as pool:
       got = [c.choices[0].token_ids for c in pool.map(send, ids)]
     assert got == want
+    # Ctrl-C (SIGINT) with a stream open: the stream ends with its error chunk, the server
+    # exits cleanly, and nothing it started is left.
+    children = descendants(s.process.pid)
+    body = {"prompt": "c", "max_tokens": 120, "temperature": 0, "stream": True}
+    body["ignore_eos"] = True
+    with httpx.stream("POST", f"{s.url}/v1/completions", json=body, timeout=60) as r:
+      lines = r.iter_lines()
+      assert next(lines).startswith("data: ")
+      seconds = s.stop(signal.SIGINT)
+      rest = [line[6:] for line in lines if line.startswith("data: ")]
+    assert seconds < 15 and s.process.returncode == 0, s.log.read_text()
+    assert rest[-1] == "[DONE]" and "shutting down" in json.loads(rest[-2])["error"]["message"]
+    deadline = time.monotonic() + 5  # a resource tracker ends when it reads its parent's end
+    while (left := [pid for pid in children if alive(pid)]) and time.monotonic() < deadline:
+      time.sleep(0.05)
+    assert not left, [cmdline(pid) for pid in left]
+    assert "Traceback" not in s.log.read_text()
   finally:
     s.stop()
 
