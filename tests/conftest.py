@@ -20,28 +20,18 @@ _TMP = tempfile.mkdtemp(prefix="ssd-jax-tests-")
 os.environ["TMPDIR"] = tempfile.tempdir = _TMP
 atexit.register(shutil.rmtree, _TMP, ignore_errors=True)
 
-# One compilation cache for the whole run (a fresh directory, removed at its end; nothing is
-# carried between runs), shared through the environment by the xdist workers and every process
-# they start (CLI runs, speculators, servers): a program any of them compiled loads in the others,
-# and programs recompiled after `jax.clear_caches()` in a module or a negative control load
-# instead of compiling again. The process that made it (pytest's controller, or the one process
-# of a run without -n) removes it. Its size limit turns on JAX's file lock, so that processes
-# writing and reading one entry at once never see half of it.
-_CACHE_VAR = "SSD_JAX_TEST_XLA_CACHE"
-if os.environ.get("SSD_JAX_TEST_CACHE", "1") != "0":
-  if _CACHE_VAR not in os.environ:
-    os.environ[_CACHE_VAR] = tempfile.mkdtemp(prefix="ssd-jax-test-xla-")
-    atexit.register(shutil.rmtree, os.environ[_CACHE_VAR], ignore_errors=True)
-  os.environ |= {
-    "JAX_COMPILATION_CACHE_DIR": os.environ[_CACHE_VAR],
-    "JAX_COMPILATION_CACHE_MAX_SIZE": str(16 << 30),
-    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-  }
-
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
+
+# A compilation cache for this test process only (a fresh directory, removed at exit; nothing is
+# carried between runs): programs recompiled after `jax.clear_caches()` in the negative controls,
+# or rebuilt with identical HLO by another test, load instead of compiling again.
+if os.environ.get("SSD_JAX_TEST_CACHE", "1") != "0":
+  _cache = tempfile.mkdtemp(prefix="ssd-jax-test-xla-")
+  jax.config.update("jax_compilation_cache_dir", _cache)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 import glob  # noqa: E402
 import time  # noqa: E402

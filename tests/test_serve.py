@@ -41,9 +41,9 @@ MAX_MODEL_LEN = 128
 TINY = ["--target", "tiny-llama", "--draft", "tiny-llama-draft", "--mode", "ssd"]
 COMMON = [*TINY, "--lookahead", str(LOOKAHEAD), "--max-model-len", str(MAX_MODEL_LEN)]
 START = 900  # seconds for a server to compile and listen (a loaded two-core machine)
-# One compilation cache for this module's servers (and their speculators), the suite's where it
-# has one (conftest.py): the second server loads what the first compiled.
-_CACHE = os.environ.get("JAX_COMPILATION_CACHE_DIR") or tempfile.mkdtemp(prefix="ssd-jax-xla-")
+# One compilation cache for this module's servers (and their speculators): the second server
+# loads what the first compiled.
+_CACHE = tempfile.mkdtemp(prefix="ssd-jax-serve-xla-")
 
 
 class Server:
