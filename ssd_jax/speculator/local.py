@@ -181,6 +181,12 @@ class LocalSpeculator:
     bucket, a row entering at every batch size, rows moving between batch sizes, a pending
     speculation changing variant and taking first proposals."""
     capacity, live = self.state.cache.capacity, (self.state, self.pending, self.greedy)
+
+    def empty(b: int, greedy: bool) -> None:  # b free rows, the pending speculation in the variant
+      self.open(b, capacity)
+      self.greedy = greedy
+      self.pending = self.put(_as_plan(self.pending, self.plan))
+
     for b in buckets:
       self.open(b, capacity)
       for greedy in (True, False, True):
@@ -195,15 +201,11 @@ class LocalSpeculator:
         # which compile apart.
         for b2 in buckets:
           for joined in (False, True):
-            self.open(b, capacity)
-            self.greedy = greedy
-            self.pending = self.put(_as_plan(self.pending, self.plan))
+            empty(b, greedy)
             if joined:
               self.reshape(Reshape(None, None, (_warm_join(0, prompt_buckets[0]),), greedy))
             self.reshape(Reshape(np.zeros(b2, np.int32), np.ones(b2, bool), (), greedy))
-        self.open(b, capacity)  # the next variant's joins at this size again
-        self.greedy = greedy
-        self.pending = self.put(_as_plan(self.pending, self.plan))
+        empty(b, greedy)  # the next variant's joins at this size again
       jax.block_until_ready(self.state)
     self.state, self.pending, self.greedy = live
     self._fresh = np.zeros(self.batch_size, bool)
