@@ -5,6 +5,7 @@ layout. Every process a test starts is stopped by the test, also when it fails."
 
 import contextlib
 import dataclasses
+import glob
 import json
 import os
 import secrets
@@ -12,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -35,7 +37,7 @@ from ssd_jax.speculator.channel import (
   RefusedError,
   SharedMemoryPipe,
 )
-from ssd_jax.speculator.process import _stop
+from ssd_jax.speculator.process import SpeculatorOptions, SpeculatorProcess, _stop
 from ssd_jax.speculator.remote import RemoteSpeculator
 from ssd_jax.timing import NullTimer, count_compiles
 
@@ -438,6 +440,42 @@ def test_stopping_finishes_every_step_when_one_fails(tmp_path):
   assert conn.closed and pipe.closed
   assert process.returncode is not None  # reaped
   assert not log.exists()
+
+
+class _InterruptedListener:
+  """A listener whose wait for the speculator's connection meets a Ctrl-C."""
+
+  def __init__(self, listener: socket.socket):
+    self.listener = listener
+
+  def getsockname(self):
+    return self.listener.getsockname()
+
+  def settimeout(self, seconds):
+    pass
+
+  def accept(self):
+    raise KeyboardInterrupt
+
+  def close(self):
+    self.listener.close()
+
+
+def test_a_ctrl_c_while_the_speculator_starts_leaves_no_process_and_no_log(monkeypatch):
+  """A Ctrl-C while the child starts (before it connected: it is still importing JAX) kills it
+  and removes its log. Left running, it found the listener closed, died and kept its log."""
+  started, popen, create_server = [], subprocess.Popen, socket.create_server
+  logs = lambda: set(glob.glob(os.path.join(tempfile.gettempdir(), "ssd_jax-speculator-*.log")))
+  before = logs()
+  monkeypatch.setattr(
+    subprocess, "Popen", lambda *a, **k: started.append(popen(*a, **k)) or started[-1]
+  )
+  monkeypatch.setattr(socket, "create_server", lambda *a: _InterruptedListener(create_server(*a)))
+  with pytest.raises(KeyboardInterrupt):
+    SpeculatorProcess(SpeculatorOptions(draft="tiny-llama-draft"), jax.devices()[0])
+  [child] = started
+  assert child.returncode is not None  # killed and reaped, not left to start
+  assert logs() == before
 
 
 _PARENT = """

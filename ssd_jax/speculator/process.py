@@ -138,8 +138,13 @@ class SpeculatorProcess:
           return sock
         except TimeoutError:
           if (why := self.gone()) is not None or time.monotonic() > deadline:
-            self.close()
             raise ChannelError(why or "the speculator did not connect in time") from None
+    except BaseException:
+      # Not connected (it failed, or a Ctrl-C came while it started): nothing can say goodbye
+      # to it, and left alone it would find the listener closed and die keeping its log.
+      self.process.kill()
+      self.close()
+      raise
     finally:
       listener.close()
 
