@@ -21,12 +21,11 @@ ATTENDS = {
   "ar_step",
   "verify",
   "draft_prefill_window",
-  "propose_first",
   "propose",
   "expand",
   "lookup_neural_backup",
 }
-ROUNDS = ("ar_step", "verify", "propose_first", "propose", "expand", "lookup_fast_backup")
+ROUNDS = ("ar_step", "verify", "propose", "expand", "lookup_fast_backup")
 PAIR_FOR = {"cuda": "llama-70b/1b", "tpu": "qwen3-32b/0.6b"}
 
 

@@ -272,7 +272,7 @@ def test_an_expanded_proposal_leaves_its_last_key_to_the_glue(models):
     state, speculation = draft_lib.propose(
       draft.params,
       draft_state(draft, plan, B),
-      None,
+      Outcome.nothing(B),
       jnp.asarray([5, 9]),
       jnp.ones(B, bool),
       plan=plan,
@@ -363,7 +363,8 @@ def test_programs_run_on_disjoint_devices(models):
   dstate = draft_state(draft, plan, 1, mesh=engine.draft_mesh)
   (device,) = d_devices
   last, fresh = jax.device_put((jnp.ones((1,), jnp.int32), jnp.ones((1,), bool)), device)
-  dstate, proposal = draft_lib.propose(engine.draft_params, dstate, None, last, fresh, plan=plan)
+  nothing = jax.device_put(Outcome.nothing(1), device)
+  dstate, proposal = draft_lib.propose(engine.draft_params, dstate, nothing, last, fresh, plan=plan)
   _, speculations = speculate.expand(engine.draft_params, dstate, proposal, plan=plan)
   assert {d for x in jax.tree.leaves(speculations) for d in x.devices()} == d_devices
 

@@ -32,7 +32,7 @@ from ssd_jax.decode import draft as draft_lib
 from ssd_jax.decode import slots, speculate
 from ssd_jax.decode import target as target_lib
 from ssd_jax.decode.plan import Plan
-from ssd_jax.decode.state import Admission, Speculation
+from ssd_jax.decode.state import Admission, Outcome, Speculation
 from ssd_jax.models import placement
 from ssd_jax.models.kv_cache import KVCache
 from ssd_jax.models.prefill import prefill, prefill_window
@@ -179,7 +179,8 @@ def _rounds(plans: dict[str, Plan], x: _Sides, suffix: str):
   """The round programs of one sampling kind (table rows), and the proposal and outcome they
   exchange (for the slot programs)."""
   B, dmesh, tmesh = x.batch_size, x.dmesh, x.tmesh
-  draft_in = (x.dparams, x.dstate, None, _sds((B,), jnp.int32, dmesh), _sds((B,), bool, dmesh))
+  nothing = _on(jax.eval_shape(lambda: Outcome.nothing(B)), dmesh)  # a round's outcome's shape
+  draft_in = (x.dparams, x.dstate, nothing, _sds((B,), jnp.int32, dmesh), _sds((B,), bool, dmesh))
   sd, ssd = plans["sd"], plans["ssd_neural"].draft
   proposal = _on(jax.eval_shape(_bind(draft_lib.propose, sd.draft), *draft_in)[1], dmesh)
   verify_in = (x.tparams, x.tstate, _on(proposal, tmesh))
@@ -192,9 +193,8 @@ def _rounds(plans: dict[str, Plan], x: _Sides, suffix: str):
     ("ar_step", target_lib.step, (x.tparams, x.tstate, empty), {"plan": plans["ar"].target},
      tmesh, ("ar",)),
     ("verify", target_lib.step, verify_in, {"plan": sd.target}, tmesh, _DRAFTED),
-    ("propose_first", draft_lib.propose, draft_in, {"plan": sd.draft}, dmesh, _DRAFTED),
     ("propose", draft_lib.propose, (*draft_in[:2], outcome, *draft_in[3:]), {"plan": sd.draft},
-     dmesh, _SD),
+     dmesh, _DRAFTED),
     ("expand", speculate.expand, expand_in, {"plan": ssd}, dmesh, _SSD),
     *(
       (f"lookup_{b}_backup", speculate.lookup, (x.dparams, x.dstate, cache, outcome),

@@ -155,7 +155,8 @@ def time_programs(
   params, plan = engine.draft_params, setup.plan.draft
   out = {}
   fresh = jax.device_put(np.ones(batch_size, bool), sharding.replicated(engine.draft_mesh))
-  propose = lambda s: draft_lib.propose(params, s, None, setup.last(), fresh, plan=plan)
+  nothing = sharding.place(Outcome.nothing(batch_size), engine.draft_mesh)
+  propose = lambda s: draft_lib.propose(params, s, nothing, setup.last(), fresh, plan=plan)
   dstate, proposal, out["propose"] = _median_ms(propose, setup.draft_state(), reps)
   on_target = setup.to_target(proposal)
   tstate, _, out["verify"] = _median_ms(_verifier(setup, on_target), setup.target_state(), reps)
@@ -224,8 +225,9 @@ def overlap(
   lookahead = spec.lookahead
   params, plan = engine.draft_params, setup.plan.draft
   fresh = jax.device_put(np.ones(1, bool), sharding.replicated(engine.draft_mesh))
+  nothing = sharding.place(Outcome.nothing(1), engine.draft_mesh)
   dstate, proposal = draft_lib.propose(
-    params, setup.draft_state(), None, setup.last(), fresh, plan=plan
+    params, setup.draft_state(), nothing, setup.last(), fresh, plan=plan
   )
   on_target = setup.to_target(proposal)
   verify = _verifier(setup, on_target)

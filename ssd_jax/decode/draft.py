@@ -115,23 +115,20 @@ def decode_steps(
 def propose(
   params: Params,
   state: DraftState,
-  outcome: Outcome | None,
+  outcome: Outcome,
   pending: jax.Array,
   fresh: jax.Array,
   *,
   plan: DraftPlan,
 ) -> tuple[DraftState, Speculation]:
-  """Commit the previous outcome (if any), then draft from each row's pending token: the
-  outcome's bonus, or `pending` (i32[B]) for `fresh` rows (bool[B]: requests that entered their
-  slot since, whose outcome belongs to the slot's previous occupant; all rows without an
-  outcome). `state` is donated.
+  """Commit the previous outcome, then draft from each row's pending token: the outcome's
+  bonus, or `pending` (i32[B]) for `fresh` rows (bool[B]: requests that entered their slot
+  since, whose outcome belongs to the slot's previous occupant; every row before the first
+  round, whose outcome is `Outcome.nothing`). `state` is donated.
   """
-  if outcome is None:
-    last = pending
-  else:
-    outcome = dataclasses.replace(outcome, committed=jnp.where(fresh, 0, outcome.committed))
-    state = state.advance(outcome)
-    last = jnp.where(fresh, pending, outcome.bonus)
+  outcome = dataclasses.replace(outcome, committed=jnp.where(fresh, 0, outcome.committed))
+  state = state.advance(outcome)
+  last = jnp.where(fresh, pending, outcome.bonus)
   keys = row_keys(state.seed, state.cache.lengths, PROPOSE)
   tokens, probs, cache = decode_steps(params, state.cache, last, state.warp, keys, plan=plan)
   B = last.shape[0]

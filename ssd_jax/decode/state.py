@@ -79,6 +79,13 @@ class Outcome:
   committed: jax.Array  # i32[B]
   done: jax.Array  # bool[B]
 
+  @classmethod
+  def nothing(cls, batch_size: int) -> Outcome:
+    """An outcome that commits nothing (host arrays): what a first proposal, before any
+    round, commits. One program then drafts both the first proposal and every later one."""
+    zeros = np.zeros(batch_size, np.int32)
+    return cls(accepted=zeros, bonus=zeros, committed=zeros, done=np.zeros(batch_size, bool))
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -164,7 +164,7 @@ class LocalSpeculator:
       self.state, first = draft_lib.propose(
         self.params,
         self.state,
-        None,
+        self._nothing(),
         self.put(self._pending_tokens),
         self.put(np.ones(self.batch_size, bool)),
         plan=self.plan,
@@ -174,6 +174,11 @@ class LocalSpeculator:
       self.pending = slots.patch_speculation(self.pending, first, self.put(joined))
       self._fresh[:] = False
     return self.pending
+
+  def _nothing(self) -> Outcome:
+    """`Outcome.nothing` as a round's outcome reaches `propose` (device arrays on the draft
+    mesh, not host ones, which would compile a program of their own)."""
+    return jax.device_put(Outcome.nothing(self.batch_size), sharding.replicated(self.mesh))
 
   def warm_up(self, buckets: tuple[int, ...], prompt_buckets: tuple[int, ...]) -> None:
     """Compile the draft side's between-rounds programs at every shape they may meet (its
@@ -218,9 +223,10 @@ class LocalSpeculator:
   def propose(self, outcome: Outcome | None) -> Speculation:
     """sd: commit `outcome` (None before the first round) and draft from each row's bonus token
     (a joined row's from its prompt's last token)."""
-    fresh = self._fresh if outcome is not None else np.ones(self.batch_size, bool)
-    if outcome is not None:
-      outcome = self.put(outcome)
+    if outcome is None:  # the first proposal: every row starts from its prompt
+      outcome, fresh = self._nothing(), np.ones(self.batch_size, bool)
+    else:
+      outcome, fresh = self.put(outcome), self._fresh
     self.state, speculation = draft_lib.propose(
       self.params,
       self.state,
