@@ -56,7 +56,7 @@ def _prompts(prompts, vocab_size: int) -> list[np.ndarray]:
   out = []
   for i, prompt in enumerate(prompts):
     ids = np.asarray(prompt)
-    if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
+    if ids.ndim != 1 or ids.size == 0 or ids.dtype.kind not in "iu":
       raise ValueError(f"prompt {i} must be a non-empty list of int token ids, got {prompt!r:.60}")
     bad = ids[(ids < 0) | (ids >= vocab_size)]
     if bad.size:

@@ -159,7 +159,8 @@ class Session:
           " retry later"
         )
       self._waiting.append(handle)
-      self._lock.notify_all()
+      if self._thread is not None:  # the session's thread may be waiting for work
+        self._lock.notify_all()
     return handle
 
   def cancel(self, handle: Handle | int) -> None:
@@ -173,7 +174,7 @@ class Session:
     """Raise ValueError naming what this session cannot serve in `request`."""
     vocab = self.engine.target.config.vocab_size
     ids = np.asarray(request.prompt)
-    if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
+    if ids.ndim != 1 or ids.size == 0 or ids.dtype.kind not in "iu":  # kind: ~10x issubdtype
       raise ValueError(
         f"the prompt must be a non-empty list of int token ids, got {request.prompt!r:.60}"
       )
@@ -313,8 +314,8 @@ class Session:
       handle = slot.handle
       tokens = emitted[row][: counts[row]]
       handle.rounds += 1
-      if (reason := _stop_reason(tokens, slot.stops)) is not None:
-        tokens, finish = reason
+      if slot.stops and not slot.stops.isdisjoint(tokens):
+        tokens, finish = _through_first_stop(tokens, slot.stops), "stop"
       elif done[row]:
         finish = "length"
       else:
@@ -410,15 +411,14 @@ class Session:
 
   def _join(self, slot: int, handle: Handle) -> Join:
     r = handle.request
-    prompt = np.asarray(r.prompt, np.int32)
-    P = bucket_length(prompt.size, self.max_model_len)
-    tokens = np.zeros((1, P), np.int32)
-    tokens[0, : prompt.size] = prompt
+    n = len(r.prompt)
+    tokens = np.zeros((1, bucket_length(n, self.max_model_len)), np.int32)
+    tokens[0, :n] = r.prompt
     seed = r.seed if r.seed is not None else int(np.random.SeedSequence().generate_state(1)[0])
     return Join(
       slot=slot,
       tokens=tokens,
-      length=int(prompt.size),
+      length=n,
       max_new=int(r.max_new_tokens),
       temperature=float(r.sampling.temperature),
       top_k=int(r.sampling.top_k),
@@ -568,11 +568,7 @@ class Session:
     self.close()
 
 
-def _stop_reason(tokens: list[int], stops: frozenset[int]):
-  """(tokens kept, "stop") when one of `stops` (a stop token, or EOS) ends the request in these
-  tokens."""
-  if stops:
-    for i, t in enumerate(tokens):
-      if t in stops:
-        return tokens[: i + 1], "stop"
-  return None
+def _through_first_stop(tokens: list[int], stops: frozenset[int]) -> list[int]:
+  """`tokens` through the first of `stops` (a stop token, or EOS) among them, which ends the
+  request (it is kept, as EOS is)."""
+  return tokens[: next(i for i, t in enumerate(tokens) if t in stops) + 1]

@@ -125,29 +125,38 @@ def admissions(
   if not joins:
     return []
   if not bulk:
-    return [(j.tokens, _admission((j,))) for j in joins]
+    return [(j.tokens, _admission((j,), j.tokens)) for j in joins]
   joins = joins + joins[-1:] * max(0, rows - len(joins))
   P = max(j.tokens.shape[1] for j in joins)
   tokens = np.zeros((len(joins), P), np.int32)
   for i, j in enumerate(joins):
     tokens[i, : j.tokens.shape[1]] = j.tokens[0]
-  return [(tokens, _admission(joins))]
+  return [(tokens, _admission(joins, tokens))]
 
 
-def _admission(joins: tuple[Join, ...]) -> Admission:
-  column = lambda name, dtype: np.asarray([getattr(j, name) for j in joins], dtype)
+def _admission(joins: tuple[Join, ...], tokens: np.ndarray) -> Admission:
+  """The joins' columns (one pass over them: a `generate` call admits 50,000), with `tokens`
+  their prompts i32[k, P]."""
+  slot, length, max_new, temperature, top_k, top_p, ignore_eos, seed = zip(
+    *[
+      (j.slot, j.length, j.max_new, j.temperature, j.top_k, j.top_p, j.ignore_eos, j.seed)
+      for j in joins
+    ],
+    strict=True,
+  )
+  length = np.asarray(length, np.int32)
   return Admission(
-    slot=column("slot", np.int32),
-    length=column("length", np.int32),
-    last=np.asarray([j.last for j in joins], np.int32),
-    max_new=column("max_new", np.int32),
+    slot=np.asarray(slot, np.int32),
+    length=length,
+    last=tokens[np.arange(len(joins)), length - 1],
+    max_new=np.asarray(max_new, np.int32),
     warp=Warp(
-      temperature=column("temperature", np.float32),
-      top_k=column("top_k", np.int32),
-      top_p=column("top_p", np.float32),
+      temperature=np.asarray(temperature, np.float32),
+      top_k=np.asarray(top_k, np.int32),
+      top_p=np.asarray(top_p, np.float32),
     ),
-    seed=np.stack([np.asarray(j.seed, np.uint32) for j in joins]),
-    ignore_eos=column("ignore_eos", bool),
+    seed=np.asarray(seed, np.uint32).reshape(len(joins), 2),
+    ignore_eos=np.asarray(ignore_eos, bool),
   )
 
 
