@@ -416,6 +416,41 @@ def test_a_second_session_on_one_speculator_is_refused_until_the_first_closes(pr
   assert out.tokens == ar
 
 
+def test_after_warm_up_neither_process_compiles_as_requests_come_and_go(process_engine):
+  """A session's warm-up compiles every program both processes may run: requests of mixed
+  prompt lengths, sampling settings and budgets, arriving while the session's thread runs
+  rounds (joining and leaving across batch sizes, some cancelled), then compile nothing here
+  and nothing in the speculator (which counts its own). Its warm-up once missed rows moving
+  between batch sizes after a join, whose pending speculation a program had left on the
+  device: a soak found it compiling there, and with that warm-up this test fails (the
+  speculator counts 1)."""
+  rng = np.random.default_rng(0)
+  session = process_engine.session(SpecConfig(mode="ssd"), max_batch_size=4, max_model_len=160)
+  try:
+    session.warm_up()
+    with count_compiles() as compiles:
+      session.start()
+      handles = []
+      for i in range(40):
+        request = Request(
+          prompt=rng.integers(0, 256, rng.integers(1, 100)).tolist(),
+          sampling=Sampling(temperature=(0.0, 0.7)[i % 2]),
+          max_new_tokens=int(rng.integers(1, 33)),
+          seed=i,
+        )
+        handles.append(session.submit(request))
+        if i % 7 == 3:
+          session.cancel(handles[-2])
+        while len(session.waiting()) >= 4:
+          time.sleep(0.01)
+      for handle in handles:
+        handle.result(timeout=HANG)
+  finally:
+    speculator = session.close()
+  assert not compiles, len(compiles)
+  assert speculator.compiles == 0
+
+
 class _Failing:
   """A connection or pipe whose every step fails."""
 
