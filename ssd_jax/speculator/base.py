@@ -98,14 +98,16 @@ def join_arrays(joins: tuple[Join, ...]) -> dict[str, np.ndarray]:
 def joins_of(arrays: dict[str, np.ndarray]) -> tuple[Join, ...]:
   """The joins `join_arrays` made (host arrays)."""
   a = {k: np.asarray(v) for k, v in arrays.items()}
-  ends = np.cumsum(a["bucket"])
+  columns = [a[name].tolist() for name in _JOIN_COLUMNS]  # Python values, a column at a time
+  buckets, tokens, seeds = a["bucket"].tolist(), a["tokens"], a["seed"]
+  ends = np.cumsum(a["bucket"]).tolist()
   return tuple(
     Join(
-      **{name: a[name][i].item() for name in _JOIN_COLUMNS},
-      tokens=a["tokens"][end - a["bucket"][i] : end][None],
-      seed=a["seed"][i],
+      **dict(zip(_JOIN_COLUMNS, row, strict=True)),
+      tokens=tokens[end - bucket : end][None],
+      seed=seeds[i],
     )
-    for i, end in enumerate(ends.tolist())
+    for i, (end, bucket, *row) in enumerate(zip(ends, buckets, *columns, strict=True))
   )
 
 
