@@ -65,10 +65,6 @@ class Join:
   seed: np.ndarray
   ignore_eos: bool = False
 
-  @property
-  def last(self) -> int:
-    return int(self.tokens[0, self.length - 1])
-
 
 # A Join's scalar fields and their dtypes, as columns of arrays (`join_arrays`).
 _JOIN_COLUMNS = {
