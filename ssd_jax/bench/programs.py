@@ -155,7 +155,8 @@ def time_programs(
   params, plan = engine.draft_params, setup.plan.draft
   out = {}
   fresh = jax.device_put(np.ones(batch_size, bool), sharding.replicated(engine.draft_mesh))
-  nothing = sharding.place(Outcome.nothing(batch_size), engine.draft_mesh)
+  # Placed as a round's outcome reaches `propose` (host arrays would time a program of their own).
+  nothing = jax.device_put(Outcome.nothing(batch_size), sharding.replicated(engine.draft_mesh))
   propose = lambda s: draft_lib.propose(params, s, nothing, setup.last(), fresh, plan=plan)
   dstate, proposal, out["propose"] = _median_ms(propose, setup.draft_state(), reps)
   on_target = setup.to_target(proposal)
@@ -225,7 +226,7 @@ def overlap(
   lookahead = spec.lookahead
   params, plan = engine.draft_params, setup.plan.draft
   fresh = jax.device_put(np.ones(1, bool), sharding.replicated(engine.draft_mesh))
-  nothing = sharding.place(Outcome.nothing(1), engine.draft_mesh)
+  nothing = jax.device_put(Outcome.nothing(1), sharding.replicated(engine.draft_mesh))
   dstate, proposal = draft_lib.propose(
     params, setup.draft_state(), nothing, setup.last(), fresh, plan=plan
   )
