@@ -11,6 +11,7 @@ import pytest
 
 from ssd_jax import Engine, Sampling
 from ssd_jax.config import SpecConfig
+from ssd_jax.decode.state import Outcome, Report
 from ssd_jax.models.registry import LoadedModel, load_model
 from ssd_jax.timing import count_compiles
 
@@ -245,3 +246,35 @@ def test_count_compiles_counts_a_fresh_compile(models):
   with count_compiles() as compiles:
     run([4] * 20)  # the prefill of a 32-token bucket: compiled now
   assert len(compiles) >= 1
+
+
+def test_a_report_reads_to_the_host_as_one_array_with_every_field():
+  """A round's report packs every field into one array on the device (one copy to the host),
+  and the host's views give back each field as the round computed it."""
+  rng = np.random.default_rng(0)
+  B, L = 5, 3
+  fields = dict(
+    tokens=rng.integers(0, 50_000, (B, L + 1)).astype(np.int32),
+    count=rng.integers(0, L + 2, B).astype(np.int32),
+    done=rng.random(B) < 0.5,
+    hit=rng.random(B) < 0.5,
+  )
+  outcome = Outcome(
+    accepted=rng.integers(0, L + 1, B).astype(np.int32),
+    bonus=rng.integers(0, 50_000, B).astype(np.int32),
+    committed=rng.integers(0, L + 2, B).astype(np.int32),
+    done=fields["done"],
+  )
+  for drafted in (False, True):
+    report = jax.jit(Report.pack)(**fields, drafted=np.bool_(drafted), outcome=outcome)
+    assert jax.tree.leaves(report.outcome)[0].shape == (B,)  # the device's outcome, for the draft
+    host = report.on_host()
+    assert isinstance(host.packed, np.ndarray) and host.on_host() is host
+    for name, value in fields.items():
+      got = getattr(host, name)
+      assert got.dtype == value.dtype and np.array_equal(got, value), name
+    assert host.drafted == drafted
+    for name in ("accepted", "bonus", "committed", "done"):
+      got, want = getattr(host.outcome, name), getattr(outcome, name)
+      assert got.dtype == want.dtype and np.array_equal(got, want), name
+      assert got.flags.c_contiguous  # sent to a speculator process as it is

@@ -123,11 +123,13 @@ def test_one_host_read_per_round_through_a_process(process_engine, monkeypatch):
   run = lambda: process_engine.generate(PROMPTS, spec=spec, max_new_tokens=16, ignore_eos=True)
   run()  # warm
   reads, device_get = [], jax.device_get
-  monkeypatch.setattr(jax, "device_get", lambda x: reads.append(1) or device_get(x))
+  monkeypatch.setattr(jax, "device_get", lambda x: reads.append(x) or device_get(x))
   with jax.transfer_guard_device_to_host("disallow"):
     out = run()
   assert out.metrics.loop_rounds >= 4
-  assert len(reads) <= out.metrics.loop_rounds + 4, (len(reads), out.metrics.loop_rounds)
+  # One read per round, of one array (the packed report), and nothing after the loop.
+  assert len(reads) == out.metrics.loop_rounds, (len(reads), out.metrics.loop_rounds)
+  assert all(isinstance(r, jax.Array) for r in reads), [type(r) for r in reads]
 
 
 def test_eos_and_budgets_through_a_process(models):

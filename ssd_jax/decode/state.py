@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ssd_jax.decode.sampling import Warp
@@ -140,28 +141,85 @@ class Admission:
   ignore_eos: jax.Array  # bool[k]
 
 
+# The columns of a report after its tokens, in order (see `Report`).
+_COLUMNS = ("count", "done", "hit", "drafted", "accepted", "bonus", "committed")
+_COLUMN = {name: i - len(_COLUMNS) for i, name in enumerate(_COLUMNS)}
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Report:
-  """What the host reads after a round (the only device-to-host transfer per round).
+  """What the host reads after a round: one array, so one device-to-host copy per round (a
+  leaf each would be nine, each with its own synchronisation on an accelerator).
 
   Attributes:
+    packed: i32[B, lookahead + 8], per row: the tokens emitted this round (lookahead + 1
+      columns), then count, done, hit, drafted, accepted, bonus, committed.
+    outcome: the verification outcome, on the device, for the draft side's programs (in this
+      process). The host reads it from `packed` with the rest; a speculator in another process
+      gets it from there, so the report stays the one host read per round.
+
+  Read on the host with `on_host()`. Its views, on either side:
     tokens: i32[B, lookahead + 1], tokens emitted this round, valid up to `count`.
     count: i32[B], how many (0 for sequences already finished).
     done: bool[B], sequences finished after this round.
     hit: bool[B], active sequences whose speculation this round came from the cache.
     drafted: bool[], some active sequence's speculation this round was not from the cache: in
       ssd, the round's speculation needed the first proposal or a backup.
-    outcome: the verification outcome the draft side needs; a speculator in another process
-      gets it from this report, so the report stays the one host read per round.
   """
 
-  tokens: jax.Array  # i32[B, lookahead + 1]
-  count: jax.Array  # i32[B]
-  done: jax.Array  # bool[B]
-  hit: jax.Array  # bool[B]
-  drafted: jax.Array  # bool[]
+  packed: jax.Array  # i32[B, lookahead + 8]
   outcome: Outcome
+
+  @classmethod
+  def pack(cls, *, tokens, count, done, hit, drafted, outcome: Outcome) -> Report:
+    """The report of a round (inside the target's jitted step)."""
+    columns = {
+      "count": count,
+      "done": done,
+      "hit": hit,
+      "drafted": jnp.broadcast_to(drafted, count.shape),
+      "accepted": outcome.accepted,
+      "bonus": outcome.bonus,
+      "committed": outcome.committed,
+    }
+    stacked = jnp.stack([columns[name].astype(jnp.int32) for name in _COLUMNS], axis=1)
+    return cls(packed=jnp.concatenate([tokens, stacked], axis=1), outcome=outcome)
+
+  def on_host(self) -> Report:
+    """This report read to the host as one array (a report already there, as it is)."""
+    if isinstance(self.packed, np.ndarray):
+      return self
+    packed = np.asarray(jax.device_get(self.packed))
+    # Contiguous copies (a few ints a row): a speculator process is sent these.
+    column = lambda name, dtype: np.ascontiguousarray(packed[:, _COLUMN[name]], dtype)
+    outcome = Outcome(
+      accepted=column("accepted", np.int32),
+      bonus=column("bonus", np.int32),
+      committed=column("committed", np.int32),
+      done=column("done", bool),
+    )
+    return Report(packed=packed, outcome=outcome)
+
+  @property
+  def tokens(self) -> jax.Array:
+    return self.packed[:, : -len(_COLUMNS)]
+
+  @property
+  def count(self) -> jax.Array:
+    return self.packed[:, _COLUMN["count"]]
+
+  @property
+  def done(self) -> jax.Array:
+    return self.packed[:, _COLUMN["done"]].astype(bool)
+
+  @property
+  def hit(self) -> jax.Array:
+    return self.packed[:, _COLUMN["hit"]].astype(bool)
+
+  @property
+  def drafted(self) -> jax.Array:
+    return self.packed[:, _COLUMN["drafted"]].any()
 
 
 @jax.tree_util.register_dataclass

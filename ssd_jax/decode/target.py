@@ -84,7 +84,7 @@ def step(
     num_out=state.num_out + count,
     done=done,
   )
-  report = Report(
+  report = Report.pack(
     tokens=emitted,
     count=count,
     done=done,

@@ -300,7 +300,7 @@ class Session:
   def _read(self, report: Report, table: list[_Slot | None]) -> None:
     """A round's report on the host: tokens to their requests, which rows ended. `table` is
     the slots as the round saw them (rows may have moved since; a slot moves with its row)."""
-    r = report if isinstance(report.count, np.ndarray) else jax.device_get(report)
+    r = report.on_host()
     self.stats.add_round(r)
     # Python lists, not numpy scalars, in the loop over rows: a `generate` of 50,000 rows reads
     # each round's report row by row.

@@ -114,7 +114,7 @@ class RemoteSpeculator:
     """The speculator expands each speculation right after sending it, so only the outcome is
     left to send: the round's report (which carries it) is read to the host now, the round's
     one host read, and returned so the session does not read it again."""
-    report = jax.device_get(report)
+    report = report.on_host()
     outcome = report.outcome
     # The cache of the speculation just verified (greedy), copied out before the speculator
     # may write the next one: it writes that only after this outcome.
