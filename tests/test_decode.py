@@ -256,25 +256,25 @@ def test_a_report_reads_to_the_host_as_one_array_with_every_field():
   fields = dict(
     tokens=rng.integers(0, 50_000, (B, L + 1)).astype(np.int32),
     count=rng.integers(0, L + 2, B).astype(np.int32),
-    done=rng.random(B) < 0.5,
     hit=rng.random(B) < 0.5,
   )
-  outcome = Outcome(
+  decided = dict(
     accepted=rng.integers(0, L + 1, B).astype(np.int32),
     bonus=rng.integers(0, 50_000, B).astype(np.int32),
     committed=rng.integers(0, L + 2, B).astype(np.int32),
-    done=fields["done"],
+    done=rng.random(B) < 0.5,
   )
+  outcome = jax.jit(lambda d: Outcome.of(**d))(decided)
   for drafted in (False, True):
     report = jax.jit(Report.pack)(**fields, drafted=np.bool_(drafted), outcome=outcome)
-    assert jax.tree.leaves(report.outcome)[0].shape == (B,)  # the device's outcome, for the draft
     host = report.on_host()
     assert isinstance(host.packed, np.ndarray) and host.on_host() is host
     for name, value in fields.items():
       got = getattr(host, name)
       assert got.dtype == value.dtype and np.array_equal(got, value), name
-    assert host.drafted == drafted
-    for name in ("accepted", "bonus", "committed", "done"):
-      got, want = getattr(host.outcome, name), getattr(outcome, name)
-      assert got.dtype == want.dtype and np.array_equal(got, want), name
-      assert got.flags.c_contiguous  # sent to a speculator process as it is
+    assert host.drafted == drafted and np.array_equal(host.done, decided["done"])
+    for name, value in decided.items():
+      for side in (report.outcome, host.outcome):  # the device's (for the draft), the host's
+        got = np.asarray(getattr(side, name))
+        assert got.dtype == value.dtype and np.array_equal(got, value), name
+    assert host.outcome.packed.flags.c_contiguous  # sent to a speculator process as it is

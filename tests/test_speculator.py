@@ -24,7 +24,7 @@ import pytest
 
 from ssd_jax import ChannelError, Engine, Placement, Sampling
 from ssd_jax.config import SpecConfig
-from ssd_jax.decode.state import Outcome
+from ssd_jax.decode.state import Outcome, Report
 from ssd_jax.models.registry import LoadedModel, load_model
 from ssd_jax.models.weights import save_hf
 from ssd_jax.runtime.requests import Request
@@ -353,13 +353,19 @@ def test_a_round_served_here_keeps_its_outcome_until_the_speculator_reads_it():
     plans = {(1, True): dataclasses.make_dataclass("Plan", [("greedy", bool)])(True)}
     remote = RemoteSpeculator(wire, here, plans, NullTimer())
     remote.batch_size, remote.greedy = 1, True
-    outcome = Outcome(
+    outcome = Outcome.of(
       accepted=np.array([2], np.int32),
       bonus=np.array([8], np.int32),
       committed=np.array([3], np.int32),
       done=np.array([False]),
     )
-    report = dataclasses.make_dataclass("Report", ["outcome"])(outcome)
+    report = Report.pack(  # a round's report: its outcome and the rest, in one array
+      tokens=np.array([[8, 0, 0]], np.int32),
+      count=np.array([1], np.int32),
+      hit=np.array([True]),
+      drafted=np.bool_(False),
+      outcome=outcome,
+    )
     speculation, _ = remote.next(report)
     assert remote.served_here == 1 and speculation.tokens.tolist() == [[8, 3, 4]]
     join = Join(

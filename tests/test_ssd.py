@@ -153,7 +153,7 @@ def test_hits_served_from_a_sent_cache_are_the_lookups(models, seed):
   rows = np.arange(B)
   bonus = np.asarray(cache.keys)[rows, branch]
   bonus[1] = 99 if seed % 2 else bonus[1]
-  outcome = Outcome(
+  outcome = Outcome.of(
     accepted=jnp.asarray(np.asarray(cache.depth)[rows, branch], jnp.int32),
     bonus=jnp.asarray(bonus, jnp.int32),
     committed=jnp.ones(B, jnp.int32),
@@ -225,7 +225,7 @@ def test_lookup_hit_miss_partial_batch_and_all_accepted(models):
   B, lookahead = 3, 2
   # Row 0: depth 1, bonus 8 -> hit. Row 1: depth 1, bonus 7 -> miss (7 is a depth-0 key).
   # Row 2: all accepted (depth 2 = lookahead), bonus 9 -> hit.
-  outcome = Outcome(
+  outcome = Outcome.of(
     accepted=jnp.asarray([1, 1, 2]),
     bonus=jnp.asarray([8, 7, 9]),
     committed=jnp.asarray([2, 2, 3]),
@@ -311,7 +311,7 @@ def test_finished_rows_do_not_force_the_neural_backup(models, drafting_runs):
   batch wait for a backup."""
   draft = models["tiny-llama-draft"]
   plan = draft_plan(draft.config, 2)
-  outcome = Outcome(
+  outcome = Outcome.of(
     accepted=jnp.asarray([1, 1, 2]),
     bonus=jnp.asarray([8, 7, 9]),  # row 1 misses
     committed=jnp.asarray([2, 2, 3]),
@@ -320,7 +320,12 @@ def test_finished_rows_do_not_force_the_neural_backup(models, drafting_runs):
   state = draft_state(draft, plan, 3)
   jax.block_until_ready(speculate.lookup(draft.params, state, _cache(), outcome, plan=plan))
   assert drafting_runs == []
-  active_miss = dataclasses.replace(outcome, done=jnp.zeros(3, bool))
+  active_miss = Outcome.of(
+    accepted=outcome.accepted,
+    bonus=outcome.bonus,
+    committed=outcome.committed,
+    done=jnp.zeros(3, bool),
+  )
   state = draft_state(draft, plan, 3)
   jax.block_until_ready(speculate.lookup(draft.params, state, _cache(), active_miss, plan=plan))
   assert drafting_runs == [1]

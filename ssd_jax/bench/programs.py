@@ -193,7 +193,7 @@ def _time_ssd(setup: Setup, tstate, dstate, proposal, on_target, reps) -> dict[s
 def _outcome_for(cache, branch: int) -> Outcome:
   """An outcome that hits branch `branch` of every row (committing nothing, so it repeats)."""
   B = cache.keys.shape[0]
-  return Outcome(
+  return Outcome.of(
     accepted=cache.depth[:, branch],
     bonus=cache.keys[:, branch],
     committed=jnp.zeros((B,), jnp.int32),

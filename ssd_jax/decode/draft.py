@@ -126,7 +126,7 @@ def propose(
   since, whose outcome belongs to the slot's previous occupant; every row before the first
   round, whose outcome is `Outcome.nothing`). `state` is donated.
   """
-  outcome = dataclasses.replace(outcome, committed=jnp.where(fresh, 0, outcome.committed))
+  outcome = outcome.with_committed(jnp.where(fresh, 0, outcome.committed))
   state = state.advance(outcome)
   last = jnp.where(fresh, pending, outcome.bonus)
   keys = row_keys(state.seed, state.cache.lengths, PROPOSE)

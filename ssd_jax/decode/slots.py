@@ -133,7 +133,7 @@ def take_speculation(speculation: Speculation, index: jax.Array) -> Speculation:
 def take_outcome(outcome: Outcome, index: jax.Array, free: jax.Array) -> Outcome:
   """sd: the last outcome's rows `index` (a free row commits nothing)."""
   outcome = _take(outcome, index)
-  return dataclasses.replace(outcome, committed=jnp.where(free, 0, outcome.committed))
+  return outcome.with_committed(jnp.where(free, 0, outcome.committed))
 
 
 @jax.jit

@@ -61,12 +61,26 @@ class Speculation:
     )
 
 
+_OUTCOME = ("accepted", "bonus", "committed", "done")  # the columns of `Outcome.packed`
+
+
+def _stack(columns) -> jax.Array:
+  """Columns as one i32[B, len(columns)] array (numpy where they all are, else traced)."""
+  xp = np if all(isinstance(c, np.ndarray) for c in columns) else jnp
+  return xp.stack([xp.asarray(c).astype(np.int32) for c in columns], axis=1)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Outcome:
-  """What one verification decided, per sequence.
+  """What one verification decided, per sequence: one array, so that moving it to the draft's
+  devices each round is one transfer (a `device_put` costs per array, about 40-60 us of host
+  time each on CPU).
 
   Attributes:
+    packed: i32[B, 4], per row: accepted, bonus, committed, done.
+
+  Its views, on either side (`Outcome.of` builds one from them):
     accepted: i32[B], draft tokens accepted (0..lookahead): the accept depth.
     bonus: i32[B], the token sampled after them (residual or p_lookahead).
     committed: i32[B], tokens committed to the KV caches this round (accepted + 1, or 0 for
@@ -75,17 +89,37 @@ class Outcome:
       the draft need not speculate for them).
   """
 
-  accepted: jax.Array  # i32[B]
-  bonus: jax.Array  # i32[B]
-  committed: jax.Array  # i32[B]
-  done: jax.Array  # bool[B]
+  packed: jax.Array  # i32[B, 4]
+
+  @classmethod
+  def of(cls, *, accepted, bonus, committed, done) -> Outcome:
+    return cls(packed=_stack([accepted, bonus, committed, done]))
 
   @classmethod
   def nothing(cls, batch_size: int) -> Outcome:
-    """An outcome that commits nothing (host arrays): what a first proposal, before any
+    """An outcome that commits nothing (a host array): what a first proposal, before any
     round, commits. One program then drafts both the first proposal and every later one."""
-    zeros = np.zeros(batch_size, np.int32)
-    return cls(accepted=zeros, bonus=zeros, committed=zeros, done=np.zeros(batch_size, bool))
+    return cls(packed=np.zeros((batch_size, len(_OUTCOME)), np.int32))
+
+  def with_committed(self, committed: jax.Array) -> Outcome:
+    """This outcome with `committed` replaced (traced)."""
+    return Outcome(packed=self.packed.at[:, _OUTCOME.index("committed")].set(committed))
+
+  @property
+  def accepted(self) -> jax.Array:
+    return self.packed[:, 0]
+
+  @property
+  def bonus(self) -> jax.Array:
+    return self.packed[:, 1]
+
+  @property
+  def committed(self) -> jax.Array:
+    return self.packed[:, 2]
+
+  @property
+  def done(self) -> jax.Array:
+    return self.packed[:, 3].astype(bool)
 
 
 @jax.tree_util.register_dataclass
@@ -141,8 +175,8 @@ class Admission:
   ignore_eos: jax.Array  # bool[k]
 
 
-# The columns of a report after its tokens, in order (see `Report`).
-_COLUMNS = ("count", "done", "hit", "drafted", "accepted", "bonus", "committed")
+# The columns of a report after its tokens, in order (see `Report`): then the outcome's.
+_COLUMNS = ("count", "hit", "drafted", *_OUTCOME)
 _COLUMN = {name: i - len(_COLUMNS) for i, name in enumerate(_COLUMNS)}
 
 
@@ -154,7 +188,7 @@ class Report:
 
   Attributes:
     packed: i32[B, lookahead + 8], per row: the tokens emitted this round (lookahead + 1
-      columns), then count, done, hit, drafted, accepted, bonus, committed.
+      columns), then count, hit, drafted, and the outcome's accepted, bonus, committed, done.
     outcome: the verification outcome, on the device, for the draft side's programs (in this
       process). The host reads it from `packed` with the rest; a speculator in another process
       gets it from there, so the report stays the one host read per round.
@@ -172,33 +206,18 @@ class Report:
   outcome: Outcome
 
   @classmethod
-  def pack(cls, *, tokens, count, done, hit, drafted, outcome: Outcome) -> Report:
+  def pack(cls, *, tokens, count, hit, drafted, outcome: Outcome) -> Report:
     """The report of a round (inside the target's jitted step)."""
-    columns = {
-      "count": count,
-      "done": done,
-      "hit": hit,
-      "drafted": jnp.broadcast_to(drafted, count.shape),
-      "accepted": outcome.accepted,
-      "bonus": outcome.bonus,
-      "committed": outcome.committed,
-    }
-    stacked = jnp.stack([columns[name].astype(jnp.int32) for name in _COLUMNS], axis=1)
-    return cls(packed=jnp.concatenate([tokens, stacked], axis=1), outcome=outcome)
+    columns = _stack([count, hit, jnp.broadcast_to(drafted, count.shape)])
+    return cls(packed=jnp.concatenate([tokens, columns, outcome.packed], axis=1), outcome=outcome)
 
   def on_host(self) -> Report:
     """This report read to the host as one array (a report already there, as it is)."""
     if isinstance(self.packed, np.ndarray):
       return self
     packed = np.asarray(jax.device_get(self.packed))
-    # Contiguous copies (a few ints a row): a speculator process is sent these.
-    column = lambda name, dtype: np.ascontiguousarray(packed[:, _COLUMN[name]], dtype)
-    outcome = Outcome(
-      accepted=column("accepted", np.int32),
-      bonus=column("bonus", np.int32),
-      committed=column("committed", np.int32),
-      done=column("done", bool),
-    )
+    # A contiguous copy of a few ints a row: a speculator process is sent it.
+    outcome = Outcome(packed=np.ascontiguousarray(packed[:, -len(_OUTCOME) :]))
     return Report(packed=packed, outcome=outcome)
 
   @property

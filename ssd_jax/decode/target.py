@@ -87,9 +87,8 @@ def step(
   report = Report.pack(
     tokens=emitted,
     count=count,
-    done=done,
     hit=speculation.hit & active,
     drafted=jnp.any(active & ~speculation.hit),
-    outcome=Outcome(accepted=accepted, bonus=bonus, committed=committed, done=done),
+    outcome=Outcome.of(accepted=accepted, bonus=bonus, committed=committed, done=done),
   )
   return new_state, report

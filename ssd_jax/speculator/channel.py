@@ -15,9 +15,10 @@ Two layers, both small:
               and a header back into arrays.
 
 What crosses per SSD round is small: the verification outcome (`Outcome`: three ints and a flag
-per row) one way; the other way the next speculation (tokens, and q when sampling, plus hit and
-point-mass flags), and in greedy runs each expansion's cache (keys, depths and tokens of every
-branch), so that the target serves hits itself and waits only on misses.
+per row, in one array) one way; the other way the next speculation (tokens, and q when
+sampling, plus hit and point-mass flags), and in greedy runs each expansion's cache (keys,
+depths and tokens of every branch), so that the target serves hits itself and waits only on
+misses.
 """
 
 from __future__ import annotations
