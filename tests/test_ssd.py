@@ -102,7 +102,7 @@ def test_fork_hand_computed():
       ]
     )
   )
-  speculation = Speculation.of(
+  speculation = Speculation(
     tokens=jnp.asarray([[9 % V, 0, 3]]),
     probs=None,
     point_mass=jnp.zeros(1, bool),
@@ -113,7 +113,7 @@ def test_fork_hand_computed():
   np.testing.assert_array_equal(depth, [[0, 0, 1, 2, 2]])
   assert valid.all()
   # A row whose speculation was a miss uses the miss list; tokens of zero mass are invalid.
-  speculation = speculation.with_flags(hit=jnp.asarray([False]))
+  speculation = dataclasses.replace(speculation, hit=jnp.asarray([False]))
   keys, depth, valid = speculate.fork(glue, speculation, (2, 1, 2), (1, 1, 3))
   np.testing.assert_array_equal(keys[0, :3], [1, 2, 5])
   np.testing.assert_array_equal(depth, [[0, 1, 2, 2, 2]])

@@ -132,7 +132,7 @@ def propose(
   keys = row_keys(state.seed, state.cache.lengths, PROPOSE)
   tokens, probs, cache = decode_steps(params, state.cache, last, state.warp, keys, plan=plan)
   B = last.shape[0]
-  speculation = Speculation.of(
+  speculation = Speculation(
     tokens=jnp.concatenate([last[:, None], tokens], axis=1),
     probs=probs,
     point_mass=jnp.zeros((B,), bool),

@@ -180,7 +180,7 @@ def lookup(
   if speculations.probs is not None:
     cached = speculations.probs[rows, index]  # f32[B, lookahead, V]
     probs = cached if probs is None else jnp.where(hit[:, None, None], cached, probs)
-  speculation = Speculation.of(
+  speculation = Speculation(
     tokens=jnp.concatenate([outcome.bonus[:, None], tokens], axis=1),
     probs=probs,
     point_mass=point_mass & ~hit,

@@ -31,73 +31,43 @@ __all__ = [
 ]
 
 
-def _stack(columns) -> jax.Array:
-  """Columns as one i32[B, len(columns)] array (numpy where they all are, else traced)."""
-  xp = np if all(isinstance(c, np.ndarray) for c in columns) else jnp
-  return xp.stack([xp.asarray(c).astype(np.int32) for c in columns], axis=1)
-
-
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Speculation:
-  """What the target verifies next: its integers in one array, so that moving it to the
-  target's devices each round is one transfer for them (two with q), not one per field.
+  """What the target verifies next.
 
   Attributes:
-    packed: i32[B, lookahead + 3], per row: the pending (bonus) token it was built for, the
-      `lookahead` draft tokens, then point_mass and hit.
+    tokens: i32[B, lookahead + 1], the pending (bonus) token it was built for, then the
+      `lookahead` draft tokens.
     probs: f32[B, lookahead, V], the proposal distributions that produced the draft tokens;
       None in greedy runs (verification compares argmaxes and needs no q).
-
-  Its views, on either side (`Speculation.of` builds one from them):
-    tokens: i32[B, lookahead + 1], the pending token, then the draft tokens.
     point_mass: bool[B], rows whose draft tokens are deterministic (the fast backup).
     hit: bool[B], rows served from the speculation cache (False for sync SD and backups).
   """
 
-  packed: jax.Array  # i32[B, lookahead + 3]
+  tokens: jax.Array  # i32[B, lookahead + 1]
   probs: jax.Array | None  # f32[B, lookahead, V]
+  point_mass: jax.Array  # bool[B]
+  hit: jax.Array  # bool[B]
 
   @classmethod
-  def of(cls, *, tokens, probs, point_mass, hit) -> Speculation:
-    xp = np if all(isinstance(x, np.ndarray) for x in (tokens, point_mass, hit)) else jnp
-    flags = _stack([point_mass, hit])
-    return cls(packed=xp.concatenate([xp.asarray(tokens).astype(np.int32), flags], 1), probs=probs)
-
-  @classmethod
-  def empty(cls, batch_size: int, lookahead: int = 0) -> Speculation:
-    """No draft tokens (host arrays): with lookahead 0, what autoregressive decoding verifies
-    (only the pending token)."""
-    return cls(packed=np.zeros((batch_size, lookahead + 3), np.int32), probs=None)
-
-  def with_flags(self, *, point_mass=None, hit=None) -> Speculation:
-    """This speculation with point_mass and/or hit replaced."""
-    return Speculation.of(
-      tokens=self.tokens,
-      probs=self.probs,
-      point_mass=self.point_mass if point_mass is None else point_mass,
-      hit=self.hit if hit is None else hit,
+  def empty(cls, batch_size: int) -> Speculation:
+    """No draft tokens: what autoregressive decoding verifies (only the pending token)."""
+    return cls(
+      tokens=np.zeros((batch_size, 1), np.int32),
+      probs=None,
+      point_mass=np.zeros(batch_size, bool),
+      hit=np.zeros(batch_size, bool),
     )
-
-  def all_hit(self) -> bool:
-    """Whether every row was served from the cache, read on the host: one copy of `packed`
-    and no program (the `hit` view of a device array would dispatch two)."""
-    return bool(np.asarray(self.packed)[:, -1].all())
-
-  @property
-  def tokens(self) -> jax.Array:
-    return self.packed[:, :-2]
-
-  @property
-  def point_mass(self) -> jax.Array:
-    return self.packed[:, -2].astype(bool)
-
-  @property
-  def hit(self) -> jax.Array:
-    return self.packed[:, -1].astype(bool)
 
 
 _OUTCOME = ("accepted", "bonus", "committed", "done")  # the columns of `Outcome.packed`
+
+
+def _stack(columns) -> jax.Array:
+  """Columns as one i32[B, len(columns)] array (numpy where they all are, else traced)."""
+  xp = np if all(isinstance(c, np.ndarray) for c in columns) else jnp
+  return xp.stack([xp.asarray(c).astype(np.int32) for c in columns], axis=1)
 
 
 @jax.tree_util.register_dataclass

@@ -497,7 +497,11 @@ class Session:
       state = slots.retire(state, e._to_target(np.zeros(b, bool)))
       outcome = None
       if self.spec.mode == "sd":  # a real round's outcome (its shardings), of free rows
-        spec = e._to_target(Speculation.empty(b, self.lookahead))
+        spec = e._to_target(
+          dataclasses.replace(
+            Speculation.empty(b), tokens=np.zeros((b, self.lookahead + 1), np.int32)
+          )
+        )
         state, report = target_lib.step(
           e.target_params, state, spec, plan=self.plans[(b, True)].target
         )

@@ -286,7 +286,12 @@ def _warm_join(slot: int, prompt_bucket: int) -> Join:
 
 def empty_speculation(batch_size: int, plan: DraftPlan) -> Speculation:
   """No proposal yet: what free rows carry (they are done, so nothing verifies it)."""
-  return Speculation.empty(batch_size, plan.lookahead)
+  return Speculation(
+    tokens=np.zeros((batch_size, plan.lookahead + 1), np.int32),
+    probs=None,
+    point_mass=np.zeros(batch_size, bool),
+    hit=np.zeros(batch_size, bool),
+  )
 
 
 def _as_plan(speculation: Speculation, plan: DraftPlan) -> Speculation:
@@ -297,10 +302,11 @@ def _as_plan(speculation: Speculation, plan: DraftPlan) -> Speculation:
     return dataclasses.replace(speculation, probs=None)
   if speculation.probs is not None:
     return speculation
-  B, lookahead = speculation.packed.shape[0], plan.lookahead
+  B, lookahead = speculation.tokens.shape[0], plan.lookahead
   return dataclasses.replace(
-    speculation.with_flags(point_mass=jnp.ones((B,), bool)),
+    speculation,
     probs=jnp.zeros((B, lookahead, plan.config.vocab_size), jnp.float32),
+    point_mass=jnp.ones((B,), bool),
   )
 
 

@@ -169,7 +169,7 @@ def served_from(cache: dict[str, np.ndarray], outcome: Outcome) -> Speculation |
     return None
   rows = np.arange(match.shape[0])
   tokens = np.concatenate([bonus[:, None], cache["tokens"][rows, match.argmax(axis=1)]], axis=1)
-  return Speculation.of(
+  return Speculation(
     tokens=tokens.astype(np.int32),
     probs=None,
     point_mass=np.zeros(rows.size, bool),

@@ -140,7 +140,7 @@ class _Session:
     a = self.pipe.unpack(message["arrays"])
     speculation = self.speculator.lookup(Outcome(**{f: a[f] for f in OUTCOME_FIELDS}))
     # Greedy: where every row hit, the target has served this speculation from the cache.
-    if not (self.speculator.plan.greedy and speculation.all_hit()):
+    if not (self.speculator.plan.greedy and np.asarray(speculation.hit).all()):
       self._answer("speculation", speculation)
     self._expand()
 
