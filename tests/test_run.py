@@ -604,3 +604,32 @@ def test_bench_serving_writes_the_curve_and_compiles_nothing_after_warm_up(tmp_p
   assert {s["batch_size"] for s in result["static"]} == {1, 2}
   assert set(result["memory"]["ssd"]) == {"rss_mib_after_4"}
   assert (tmp_path / "serving.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_rounds_reports_each_configurations_round(tmp_path):
+  from ssd_jax.bench import cli  # noqa: PLC0415
+
+  argv = ["rounds", "--out", str(tmp_path), "--batch-sizes", "1", "2", "--max-new-tokens", "12"]
+  assert cli.main([*argv, "--repeats", "1", "--lookahead", "2"]) == 0
+  result = json.loads((tmp_path / "rounds.json").read_text())
+  got = [(r["mode"], r["placement"], r["batch_size"]) for r in result["rows"]]
+  here = "this process"
+  assert got == [
+    ("ar", here, 1), ("ar", here, 2), ("sd", here, 1), ("sd", here, 2),
+    ("ssd", "device", 1), ("ssd", "device", 2), ("ssd", "process", 1), ("ssd", "process", 2),
+  ]  # fmt: skip
+  ar = {r["batch_size"]: r["rounds"] for r in result["rows"] if r["mode"] == "ar"}
+  for row in result["rows"]:
+    # 12 tokens a row: ar commits one a round, speculation one to three (lookahead 2).
+    most = 1 if row["mode"] == "ar" else 3
+    assert 12 / most <= row["rounds"] <= ar[row["batch_size"]], row
+    assert row["round_ms"] > 0 and row["main_thread_ms"] > 0, row
+  assert result["command"].startswith("python -m ssd_jax.bench rounds")
+
+
+def test_bench_rounds_refuses_bad_options(capsys):
+  from ssd_jax.bench import cli  # noqa: PLC0415
+
+  with pytest.raises(SystemExit):
+    cli.main(["rounds", "--repeats", "0"])
+  assert "--repeats" in capsys.readouterr().err

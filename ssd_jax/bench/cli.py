@@ -21,6 +21,8 @@
             4-way tensor-parallel target and a 1-device draft on virtual CPU devices, abstract
             weights of real models' shapes in bfloat16; the weights and KV cache per device;
             exits non-zero if any program fails to lower.
+  rounds    what one decode round costs and the host's part of it: per mode, draft placement
+            and batch size, ms a round and the driving thread's CPU time a round.
   device    one bounded run on an accelerator (8 minutes by default): versions, the GPU tests,
             ar/sd/ssd decoding, tree attention and round-program timings, theory's predictions;
             JSON and a markdown summary. --cpu-smoke: the same at tiny shapes on this CPU.
@@ -57,6 +59,7 @@ _EXAMPLES = """examples:
   python -m ssd_jax.bench exchange --pipes shm --batch-sizes 1
   python -m ssd_jax.bench serving --concurrencies 1 2 4 8 --rates 0.5 1 --requests 16
   python -m ssd_jax.bench lower --pairs llama-70b/1b --batch-sizes 16 --platforms tpu
+  python -m ssd_jax.bench rounds --batch-sizes 1 8                 # the host's part of a round
   python -m ssd_jax.bench device --out runs/device                 # on a GPU machine
   python -m ssd_jax.bench device --cpu-smoke --out runs/device-smoke"""
 
@@ -279,6 +282,23 @@ def build_parser() -> Parser:
     "--branches", type=int, nargs="+", default=[8, 24], help="tree branches (default %(default)s)"
   )
   f.add_argument("--reps", type=int, default=12, help="default %(default)s")
+  r = _sub(sub, "rounds")
+  r.add_argument("--target", default="tiny-llama", help="default %(default)s")
+  r.add_argument("--draft", default="tiny-llama-draft", help="default %(default)s")
+  r.add_argument(
+    "--modes", nargs="+", choices=MODES, default=list(MODES), help="default %(default)s"
+  )
+  r.add_argument(
+    "--placements",
+    nargs="+",
+    choices=("device", "process"),
+    default=["device", "process"],
+    help="where ssd's draft runs; ar and sd run with the first (default %(default)s)",
+  )
+  r.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="default %(default)s")
+  r.add_argument("--max-new-tokens", type=int, default=400, help="per row (default %(default)s)")
+  r.add_argument("--repeats", type=int, default=3, help="runs kept best of (default %(default)s)")
+  r.add_argument("--lookahead", type=int, default=3, help="default %(default)s")
   _lower_flags(_sub(sub, "lower"))
   d = _sub(sub, "device")
   d.add_argument(
@@ -416,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
   set_cpu_devices(getattr(args, "target_devices", 1))
   args.out.mkdir(parents=True, exist_ok=True)
   # After the device set-up: these import JAX's programs.
-  from ssd_jax.bench import ab, exchange, forward, serving, sweep  # noqa: PLC0415
+  from ssd_jax.bench import ab, exchange, forward, rounds, serving, sweep  # noqa: PLC0415
 
   commands = {
     "sweep": (sweep.sweep, sweep.SweepOptions),
@@ -426,6 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     "exchange": (exchange.exchange, exchange.ExchangeOptions),
     "ab": (ab.ab, ab.AbOptions),
     "serving": (serving.serving, serving.ServingOptions),
+    "rounds": (rounds.rounds, rounds.RoundsOptions),
   }
   run, kind = commands[args.command]
   given = {} if layout is None else {"layout": layout}
