@@ -558,11 +558,13 @@ def test_ar_and_sd_servers_answer_as_offline_decoding(tmp_path, server, offline,
     with concurrent.futures.ThreadPoolExecutor(len(ids)) as pool:
       got = [c.choices[0].token_ids for c in pool.map(send, ids)]
     assert got == want
-    # Ctrl-C (SIGINT) with a stream open: the stream ends with its error chunk, the server
-    # exits cleanly, and nothing it started is left.
+    # Ctrl-C (SIGINT) with a stream open: the stream ends with its error chunk, the server exits
+    # cleanly, and nothing it started is left. The stream is one call of 64 prompts (the queue's
+    # default size) of 120 tokens each, queued at once for two slots: 32 waves, seconds of work
+    # here where one prompt's 120 tokens took 50 ms and could end before the signal landed.
     children = descendants(s.process.pid)
-    body = {"prompt": "c", "max_tokens": 120, "temperature": 0, "stream": True}
-    body["ignore_eos"] = True
+    body = {"prompt": [f"c{i}" for i in range(64)], "max_tokens": 120, "temperature": 0}
+    body |= {"stream": True, "ignore_eos": True}
     with httpx.stream("POST", f"{s.url}/v1/completions", json=body, timeout=60) as r:
       lines = r.iter_lines()
       assert next(lines).startswith("data: ")
