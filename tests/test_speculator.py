@@ -651,6 +651,7 @@ def test_a_speculator_another_host_runs(models, ar, tmp_path):
   with _listening(tmp_path, *flags) as server:
     with _remote(models, server.address, token) as engine:
       assert engine.site.options.pipe == "transfer"
+      assert engine.site.child_pid is None  # not this process's child: its memory is its host's
       out = engine.generate(PROMPTS, spec=REMOTE_SPEC, max_new_tokens=20, ignore_eos=True)
     assert out.tokens == _local_tokens(models) == ar
     assert server.process.wait(timeout=60) == 0  # --once: it exits after its target said bye
@@ -822,6 +823,8 @@ def test_the_engines_own_speculator_gets_a_fresh_token_off_its_command_line(proc
   assert link.token and all(link.token.encode() not in part for part in command)
   assert f"{auth.TOKEN_ENV}={link.token}".encode() in environment
   assert command[command.index(b"--draft") + 1] == b"tiny-llama-draft"
+  # Its pid as this process knows it (what the serving bench's soak reads the memory of).
+  assert process_engine.site.child_pid == link.pid == link.process.pid
 
 
 def _tcp_pair() -> tuple[socket.socket, socket.socket]:

@@ -283,15 +283,16 @@ def _static(options: ServingOptions, engines: dict[str, Engine], prompts) -> lis
   return out
 
 
-def rss_mib() -> float:
-  """This process's resident memory now (not its peak)."""
-  with open("/proc/self/statm") as f:
+def rss_mib(pid: int | str = "self") -> float:
+  """A process's resident memory now (not its peak): this one's by default."""
+  with open(f"/proc/{pid}/statm") as f:
     return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def soak(session, prompts, options: ServingOptions, n: int) -> dict[str, float]:
   """`n` short requests through `session` at full concurrency: resident memory after the
-  first 100 and after all (a leak grows it with every request)."""
+  first 100 and after all (a leak grows it with every request), of this process and of the
+  speculator process where the session has one."""
   if n <= 0:
     return {}
   short = dataclasses.replace(options, max_new_tokens=8)
@@ -304,6 +305,8 @@ def soak(session, prompts, options: ServingOptions, n: int) -> dict[str, float]:
       for h in handles:
         h.result(timeout=3600)
       marks[f"rss_mib_after_{i + 1}"] = rss_mib()
+      if (child := getattr(session.engine.site, "child_pid", None)) is not None:
+        marks[f"speculator_rss_mib_after_{i + 1}"] = rss_mib(child)
   return marks
 
 

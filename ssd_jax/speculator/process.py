@@ -273,6 +273,13 @@ class ProcessSite:
   def gone(self) -> str | None:
     return None if self._process is None else self._process.gone()
 
+  @property
+  def child_pid(self) -> int | None:
+    """The speculator's pid where it is a child of this process (None: not started, or a
+    remote one, whose memory is its host's)."""
+    child = None if self._process is None else self._process.process
+    return None if child is None else child.pid
+
   def close(self) -> None:
     if self._process is not None:
       self._process.close()
