@@ -62,6 +62,7 @@ class Speculation:
 
 
 _OUTCOME = ("accepted", "bonus", "committed", "done")  # the columns of `Outcome.packed`
+_ACCEPTED, _BONUS, _COMMITTED, _DONE = range(len(_OUTCOME))
 
 
 def _stack(columns) -> jax.Array:
@@ -103,23 +104,23 @@ class Outcome:
 
   def with_committed(self, committed: jax.Array) -> Outcome:
     """This outcome with `committed` replaced (traced)."""
-    return Outcome(packed=self.packed.at[:, _OUTCOME.index("committed")].set(committed))
+    return Outcome(packed=self.packed.at[:, _COMMITTED].set(committed))
 
   @property
   def accepted(self) -> jax.Array:
-    return self.packed[:, 0]
+    return self.packed[:, _ACCEPTED]
 
   @property
   def bonus(self) -> jax.Array:
-    return self.packed[:, 1]
+    return self.packed[:, _BONUS]
 
   @property
   def committed(self) -> jax.Array:
-    return self.packed[:, 2]
+    return self.packed[:, _COMMITTED]
 
   @property
   def done(self) -> jax.Array:
-    return self.packed[:, 3].astype(bool)
+    return self.packed[:, _DONE].astype(bool)
 
 
 @jax.tree_util.register_dataclass
