@@ -362,6 +362,53 @@ def test_token_id_prompts_and_several_prompts(server, offline):
   assert both.usage.completion_tokens == sum(map(len, want))
 
 
+def test_n_choices_per_prompt(server, offline):
+  """`n`: each prompt's choices in OpenAI's order (prompt k's choice j at index k * n + j),
+  greedy ones all offline decoding's; each prompt's tokens counted once in usage."""
+  client = server.client()
+  ids = [offline.tokenizer.encode(p) for p in PROMPTS[:2]]
+  want = offline(ids, [10, 10])
+  extra = {"return_token_ids": True}
+  many = client.completions.create(
+    model=MODEL, prompt=PROMPTS[:2], max_tokens=10, temperature=0, n=3, extra_body=extra
+  )
+  assert [c.index for c in many.choices] == list(range(6))
+  assert [c.token_ids for c in many.choices] == [want[0]] * 3 + [want[1]] * 3
+  assert [c.prompt_token_ids for c in many.choices] == [ids[0]] * 3 + [ids[1]] * 3
+  assert many.usage.prompt_tokens == sum(map(len, ids))
+  assert many.usage.completion_tokens == 3 * sum(map(len, want))
+
+
+def test_sampled_choices_differ_and_repeat_with_their_seed(server):
+  """At temperature 1 with a seed, a prompt's choices differ from one another, choice j is the
+  one choice of seed + j, and the same call gives the same choices, streamed or not."""
+  client = server.client()
+  extra = {"return_token_ids": True, "ignore_eos": True}
+  args = dict(model=MODEL, prompt="Once", max_tokens=16, temperature=1.0, extra_body=extra)
+  three = [c.token_ids for c in client.completions.create(**args, n=3, seed=7).choices]
+  assert len({tuple(t) for t in three}) == 3, three
+  alone = [client.completions.create(**args, seed=7 + j).choices[0].token_ids for j in range(3)]
+  assert alone == three
+  streamed: dict[int, list[int]] = {0: [], 1: [], 2: []}
+  for chunk in client.completions.create(**args, n=3, seed=7, stream=True):
+    for c in chunk.choices:
+      streamed[c.index] += c.token_ids
+  assert [streamed[j] for j in range(3)] == three
+  # Chat: every choice opens with its role; the streamed text of each is the whole one's.
+  chat = dict(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=12)
+  chat |= dict(temperature=1.0, seed=3, n=2, extra_body=extra)
+  whole = client.chat.completions.create(**chat)
+  assert [c.index for c in whole.choices] == [0, 1]
+  assert whole.usage.completion_tokens == sum(len(c.token_ids) for c in whole.choices)
+  texts, roles = {0: "", 1: ""}, set()
+  for chunk in client.chat.completions.create(**chat, stream=True):
+    for c in chunk.choices:
+      roles |= {c.index} if c.delta.role == "assistant" else set()
+      texts[c.index] += c.delta.content or ""
+  assert roles == {0, 1}
+  assert [texts[0], texts[1]] == [c.message.content for c in whole.choices]
+
+
 def test_stop_strings_end_the_text_before_them(server, offline):
   client = server.client()
   args = dict(model=MODEL, prompt="abc", max_tokens=40, temperature=0)
@@ -390,7 +437,10 @@ BAD = [
   ({"prompt": [300]}, 400, "prompt"),
   ({"prompt": [-1]}, 400, "prompt"),
   ({"prompt": []}, 400, "prompt"),
-  ({"prompt": "x", "n": 2}, 400, "n"),
+  ({"prompt": "x", "n": 0}, 400, "n"),
+  ({"prompt": "x", "n": 129}, 400, "n"),
+  ({"prompt": ["x", "y"], "n": 33}, 400, "n"),  # 66 requests: more than the queue's 64
+  ({"prompt": "x", "best_of": 2}, 400, "best_of"),
   ({"prompt": "x", "logprobs": 2}, 400, None),
   ({"prompt": "x", "model": "nope"}, 404, "model"),
   ({"temperature": 0}, 400, "prompt"),

@@ -126,8 +126,9 @@ def create_app(runner: Runner, served: Served, metrics) -> FastAPI:
       raise ApiError(400, str(e), "prompt") from None
     call = _submit(runner, served, prompts, body, body.max_tokens)
     cid, model = p.new_id("cmpl"), served.name
+    prompt = sum(map(len, prompts))  # each prompt counted once, however many choices it has
     if body.stream:
-      return _sse(_completion_chunks(runner, call, served, body, cid))
+      return _sse(_completion_chunks(runner, call, served, body, cid, prompt))
     events = await _collect(runner, call, http)
     choices, completion = [], 0
     for i, handle in enumerate(call.handles):
@@ -140,10 +141,9 @@ def create_app(runner: Runner, served: Served, metrics) -> FastAPI:
           text=detok.text() if served.tokenizer is not None else "",
           finish_reason=events[i].finish_reason,
           token_ids=list(handle.tokens) if body.return_token_ids else None,
-          prompt_token_ids=list(prompts[i]) if body.return_token_ids else None,
+          prompt_token_ids=list(prompts[i // body.n]) if body.return_token_ids else None,
         )
       )
-    prompt = sum(map(len, prompts))
     return p.Completion(id=cid, model=model, choices=choices, usage=p.usage(prompt, completion))
 
   @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
@@ -157,18 +157,21 @@ def create_app(runner: Runner, served: Served, metrics) -> FastAPI:
     if body.stream:
       return _sse(_chat_chunks(runner, call, served, body, cid))
     events = await _collect(runner, call, http)
-    handle = call.handles[0]
-    detok = Detokenizer(served.tokenizer, served.eos_ids, body.stops)
-    detok.ids = list(handle.tokens)
-    choice = p.ChatChoice(
-      index=0,
-      message=p.ChatMessage(content=detok.text()),
-      finish_reason=events[0].finish_reason,
-      token_ids=list(handle.tokens) if body.return_token_ids else None,
-      prompt_token_ids=list(ids) if body.return_token_ids else None,
-    )
-    usage = p.usage(len(ids), len(handle.tokens))
-    return p.ChatCompletion(id=cid, model=served.name, choices=[choice], usage=usage)
+    choices = []
+    for i, handle in enumerate(call.handles):
+      detok = Detokenizer(served.tokenizer, served.eos_ids, body.stops)
+      detok.ids = list(handle.tokens)
+      choices.append(
+        p.ChatChoice(
+          index=i,
+          message=p.ChatMessage(content=detok.text()),
+          finish_reason=events[i].finish_reason,
+          token_ids=list(handle.tokens) if body.return_token_ids else None,
+          prompt_token_ids=list(ids) if body.return_token_ids else None,
+        )
+      )
+    usage = p.usage(len(ids), sum(len(h.tokens) for h in call.handles))
+    return p.ChatCompletion(id=cid, model=served.name, choices=choices, usage=usage)
 
   return app
 
@@ -201,7 +204,11 @@ def _chat_prompt(served: Served, messages: list[p.Message]) -> list[int]:
   return served.tokenizer.encode(text)
 
 
-def _request(served: Served, ids: list[int], body: p._Sampled, budget: int | None) -> Request:
+def _request(
+  served: Served, ids: list[int], body: p._Sampled, budget: int | None, choice: int = 0
+) -> Request:
+  """Choice `choice` of a prompt: with a seed (the request's or the server's), choice j draws
+  with seed + j, so that a prompt's choices differ and the same call gives the same ones."""
   d = served.sampling
   top_k = d.top_k if body.top_k is None else max(body.top_k, 0)
   try:
@@ -216,19 +223,25 @@ def _request(served: Served, ids: list[int], body: p._Sampled, budget: int | Non
     budget = max(
       1, min(served.max_new_tokens, served.max_model_len - len(ids) - served.lookahead - 1)
     )
+  seed = body.seed if body.seed is not None else served.seed
   return Request(
     prompt=ids,
     sampling=sampling,
     max_new_tokens=budget,
     stop=body.stops,
     ignore_eos=body.ignore_eos,
-    seed=body.seed if body.seed is not None else served.seed,
+    seed=None if seed is None else seed + choice,
   )
 
 
 def _submit(runner: Runner, served: Served, prompts, body: p._Sampled, budget) -> Call:
-  """Every prompt's request queued, or none (the first that cannot be is the error)."""
-  requests = [_request(served, ids, body, budget) for ids in prompts]
+  """Every prompt's `n` requests queued, or none (the first that cannot be is the error): the
+  call's request k is prompt k // n's choice k % n, its choice index k (OpenAI's order)."""
+  if (k := len(prompts) * body.n) > (room := runner.session.max_queue):
+    raise ApiError(
+      400, f"this call makes {k} requests (prompts x n) but at most {room} may wait here", "n"
+    )
+  requests = [_request(served, ids, body, budget, j) for ids in prompts for j in range(body.n)]
   try:
     for r in requests:
       runner.session.validate(r)
@@ -300,7 +313,7 @@ async def _rounds(runner: Runner, call: Call, served: Served, stops) -> AsyncIte
       yield i, text, event.tokens, finish
 
 
-async def _completion_chunks(runner, call: Call, served: Served, body, cid: str):
+async def _completion_chunks(runner, call: Call, served: Served, body, cid: str, prompt: int):
   async for i, text, tokens, finish in _rounds(runner, call, served, body.stops):
     if finish == "error":
       yield _data(p.error(503, text))
@@ -316,7 +329,6 @@ async def _completion_chunks(runner, call: Call, served: Served, body, cid: str)
     yield _data(p.Completion(id=cid, model=served.name, choices=[choice]))
   else:
     if body.include_usage:
-      prompt = sum(len(h.request.prompt) for h in call.handles)
       completion = sum(len(h.tokens) for h in call.handles)
       usage = p.usage(prompt, completion)
       yield _data(p.Completion(id=cid, model=served.name, choices=[], usage=usage))
@@ -327,7 +339,8 @@ async def _chat_chunks(runner, call: Call, served: Served, body, cid: str):
   chunk = lambda choices, usage=None: p.ChatCompletionChunk(
     id=cid, model=served.name, choices=choices, usage=usage
   )
-  yield _data(chunk([p.ChatChunkChoice(index=0, delta=p.Delta(role="assistant", content=""))]))
+  role = p.Delta(role="assistant", content="")
+  yield _data(chunk([p.ChatChunkChoice(index=i, delta=role) for i in range(len(call.handles))]))
   async for i, text, tokens, finish in _rounds(runner, call, served, body.stops):
     if finish == "error":
       yield _data(p.error(503, text))
@@ -343,6 +356,6 @@ async def _chat_chunks(runner, call: Call, served: Served, body, cid: str):
     yield _data(chunk([choice]))
   else:
     if body.include_usage:
-      handle = call.handles[0]
-      yield _data(chunk([], p.usage(len(handle.request.prompt), len(handle.tokens))))
+      completion = sum(len(h.tokens) for h in call.handles)
+      yield _data(chunk([], p.usage(len(call.handles[0].request.prompt), completion)))
   yield "data: [DONE]\n\n"

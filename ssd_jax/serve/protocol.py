@@ -1,9 +1,9 @@
 """The wire shapes of the OpenAI API this server speaks (the fields it reads and writes), as
 pydantic models: a request that does not fit is a 400 naming its field, before anything runs.
 
-Fields OpenAI defines that this server does not build (logprobs, echo, best_of, suffix, penalties,
-logit_bias, tools) are refused when set to anything but their neutral value, never silently
-ignored; unknown fields are ignored (as OpenAI's own server and vLLM's do).
+Fields OpenAI defines that this server does not build (logprobs, echo, best_of > 1, suffix,
+penalties, logit_bias, tools) are refused when set to anything but their neutral value, never
+silently ignored; unknown fields are ignored (as OpenAI's own server and vLLM's do).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 Temperature = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
 TopP = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
 Count = Annotated[int, Field(ge=1)]
+MAX_CHOICES = 128  # `n`'s bound, as OpenAI's
 TokenIds = Annotated[list[Annotated[int, Field(strict=True)]], Field(min_length=1)]
 
 
@@ -39,7 +40,7 @@ class _Sampled(BaseModel):
   stop: str | list[str] | None = None
   stream: bool = False
   stream_options: StreamOptions | None = None
-  n: Annotated[int, Field(ge=1, le=1)] = 1  # several choices are not built
+  n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] = 1  # choices per prompt
   ignore_eos: bool = False
   return_token_ids: bool = False
   # Refused unless neutral (see the module docstring).
