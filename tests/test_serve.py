@@ -679,15 +679,21 @@ def test_sigterm_with_streams_open_stops_everything_in_seconds(small):
     assert started.wait(60)  # in the slot
     queued.clear()
     waiting = pool.submit(stream, 1)
-    assert queued.wait(60)  # in the queue: signalled at once, while the first still runs
+    assert queued.wait(60)  # in the queue (or in the slot, if the first has just ended)
     seconds = small.stop(signal.SIGTERM)
     running.result(timeout=30)
     waiting.result(timeout=30)
   assert seconds < 15
   assert small.process.returncode == 0, small.log.read_text()
-  for lines in results.values():
-    assert lines[-1] == "[DONE]"
-    assert "shutting down" in json.loads(lines[-2])["error"]["message"]
+  # The second stream, signalled as soon as it was queued, ends with the error chunk. The first
+  # too, unless its 120 tokens ran out before the signal landed (on a loaded host): then whole.
+  ends = [json.loads(results[i][-2]) for i in (0, 1)]
+  assert all(results[i][-1] == "[DONE]" for i in (0, 1))
+  assert "shutting down" in ends[1]["error"]["message"]
+  if "error" not in ends[0]:
+    assert ends[0]["choices"][0]["finish_reason"] == "length", ends[0]
+  else:
+    assert "shutting down" in ends[0]["error"]["message"]
   # Its children (the speculator, reaped; Python's resource tracker, which ends when it reads
   # its parent's end) are gone within moments.
   deadline = time.monotonic() + 5

@@ -535,23 +535,44 @@ print(json.dumps([process.pid, segments]), flush=True)
 if sys.argv[1] == "hang":
   time.sleep(600)
 else:
-  engine.generate([[1, 2, 3]], spec=spec, max_new_tokens=100_000, ignore_eos=True, capacity=8192)
+  engine.generate([[1, 2, 3]], spec=spec, max_new_tokens=8_000, ignore_eos=True, capacity=8192)
+  sys.exit("the decode ended before the interrupt")
 """
+
+
+@contextlib.contextmanager
+def sigint_at_its_default():
+  """Children started here begin with SIGINT at its default, as a terminal's foreground job
+  does. A suite started in the background of a non-interactive shell (`sh -c '... &'`) ignores
+  SIGINT, which children inherit, and Python then installs no KeyboardInterrupt handler: a
+  Ctrl-C test would send a signal that nothing can hear. (A handler, unlike an ignored signal,
+  is reset to the default in the child.)"""
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGINT, previous)
 
 
 @pytest.mark.parametrize(("how", "what"), [("kill", "hang"), ("interrupt", "decode")])
 def test_the_speculator_never_outlives_its_parent(how, what):
   """SIGKILL to an idle parent (nothing can clean up) and Ctrl-C to a decoding one. Neither
   leaves a shared-memory segment behind (after a SIGKILL the speculator unlinks the parent's)."""
-  parent = subprocess.Popen(
-    [sys.executable, "-c", _PARENT, what], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-  )
+  with sigint_at_its_default():
+    parent = subprocess.Popen(
+      [sys.executable, "-c", _PARENT, what],
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
   pid = None
   try:
     pid, segments = json.loads(parent.stdout.readline())
     assert len(segments) >= 2  # the parent's and the speculator's
-    os.kill(parent.pid, signal.SIGKILL if how == "kill" else signal.SIGINT)
-    assert parent.wait(timeout=HANG) != 0
+    sig = signal.SIGKILL if how == "kill" else signal.SIGINT
+    os.kill(parent.pid, sig)
+    # Ended by the signal (an uncaught KeyboardInterrupt ends Python by SIGINT), not otherwise.
+    assert parent.wait(timeout=HANG) == -sig, parent.stderr.read()
     assert gone(pid), f"speculator {pid} outlived its parent"
     assert not [n for n in segments if os.path.exists(f"/dev/shm/{n}")]
   finally:
@@ -1049,13 +1070,14 @@ def test_ctrl_c_to_the_cli_stops_it_and_its_speculator_cleanly():
   `python -m ssd_jax.run`: exit status 130, one line saying so and no traceback, the
   speculator gone."""
   before = speculator_pids()
-  proc = subprocess.Popen(
-    [sys.executable, "-m", "ssd_jax.run", *_LONG_TINY_SSD_RUN],
-    stdout=subprocess.PIPE,
-    stderr=subprocess.PIPE,
-    text=True,
-    start_new_session=True,  # its own group, as a terminal's foreground job
-  )
+  with sigint_at_its_default():
+    proc = subprocess.Popen(
+      [sys.executable, "-m", "ssd_jax.run", *_LONG_TINY_SSD_RUN],
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+      start_new_session=True,  # its own group, as a terminal's foreground job
+    )
   spawned: set[int] = set()
   try:
     deadline = time.monotonic() + 300
