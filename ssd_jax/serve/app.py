@@ -132,13 +132,11 @@ def create_app(runner: Runner, served: Served, metrics) -> FastAPI:
     events = await _collect(runner, call, http)
     choices, completion = [], 0
     for i, handle in enumerate(call.handles):
-      detok = Detokenizer(served.tokenizer, served.eos_ids, body.stops)
-      detok.ids = list(handle.tokens)
       completion += len(handle.tokens)
       choices.append(
         p.CompletionChoice(
           index=i,
-          text=detok.text() if served.tokenizer is not None else "",
+          text=_text(served, handle.tokens, body.stops),
           finish_reason=events[i].finish_reason,
           token_ids=list(handle.tokens) if body.return_token_ids else None,
           prompt_token_ids=list(prompts[i // body.n]) if body.return_token_ids else None,
@@ -159,12 +157,10 @@ def create_app(runner: Runner, served: Served, metrics) -> FastAPI:
     events = await _collect(runner, call, http)
     choices = []
     for i, handle in enumerate(call.handles):
-      detok = Detokenizer(served.tokenizer, served.eos_ids, body.stops)
-      detok.ids = list(handle.tokens)
       choices.append(
         p.ChatChoice(
           index=i,
-          message=p.ChatMessage(content=detok.text()),
+          message=p.ChatMessage(content=_text(served, handle.tokens, body.stops)),
           finish_reason=events[i].finish_reason,
           token_ids=list(handle.tokens) if body.return_token_ids else None,
           prompt_token_ids=list(ids) if body.return_token_ids else None,
@@ -280,6 +276,15 @@ async def _collect(runner: Runner, call: Call, http: HttpRequest) -> dict[int, E
     if event.finish_reason not in ("stop", "length"):
       raise ApiError(503, _failure(event))
   return last
+
+
+def _text(served: Served, tokens, stops) -> str:
+  """A finished request's whole text (none without a tokenizer: token ids in, token ids out)."""
+  if served.tokenizer is None:
+    return ""
+  detok = Detokenizer(served.tokenizer, served.eos_ids, stops)
+  detok.ids = list(tokens)
+  return detok.text()
 
 
 def _failure(event: Event) -> str:
